@@ -1,0 +1,16 @@
+//! State every connection shares: configuration, the store, the online registry and
+//! the metrics.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::store::Store;
+
+pub struct App {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub router: Router,
+    pub metrics: Metrics,
+}

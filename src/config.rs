@@ -1,0 +1,311 @@
+//! Configuration: the `config.toml` schema with its defaults, `PIGEON_<SECTION>_<KEY>`
+//! environment overrides, and warnings for keys Pigeon does not know.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub limits: LimitsConfig,
+    pub websocket: WebSocketConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// Directory served at `/` (the web client).
+    pub static_dir: PathBuf,
+    /// Most connections (HTTP and WebSocket) open at once; further ones wait in the
+    /// kernel's backlog.
+    pub max_connections: usize,
+    /// On shutdown, how long sessions get to say goodbye before the process exits.
+    pub shutdown_grace_secs: u64,
+    /// How long a new login waits for the session it replaces to finish.
+    pub takeover_wait_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            static_dir: PathBuf::from("static"),
+            max_connections: 10_000,
+            shutdown_grace_secs: 5,
+            takeover_wait_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StorageConfig {
+    /// "sqlite" (embedded, default).
+    pub backend: String,
+    /// Where the embedded store keeps its files.
+    pub data_dir: PathBuf,
+    /// SQLite `synchronous` pragma: "normal" survives a process crash (kill -9),
+    /// "full" also survives power loss at some cost in throughput.
+    pub sqlite_synchronous: String,
+    /// How long a (sender, client id) pair is remembered to drop retried sends.
+    pub dedupe_window_secs: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: "sqlite".into(),
+            data_dir: PathBuf::from("data"),
+            sqlite_synchronous: "normal".into(),
+            dedupe_window_secs: 86_400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Largest text frame accepted as a message; larger ones get a `too_large` error.
+    pub max_text_bytes: usize,
+    /// Largest WebSocket message or frame at all; larger ones close the socket with 1009.
+    pub max_message_bytes: usize,
+    /// Frames queued to one session's writer before live traffic is diverted to its
+    /// mailbox (it then catches up from the store).
+    pub session_queue: usize,
+    /// Unacknowledged messages one user's mailbox may hold.
+    pub mailbox_max: u64,
+    /// Bad frames in a row before the session is closed with 4002.
+    pub max_consecutive_errors: u32,
+    /// Messages read from the store per batch when flushing a mailbox.
+    pub flush_batch: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_text_bytes: 64 * 1024,
+            max_message_bytes: 1024 * 1024,
+            session_queue: 256,
+            mailbox_max: 10_000,
+            max_consecutive_errors: 20,
+            flush_batch: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WebSocketConfig {
+    /// tokio-tungstenite read buffer per connection.
+    pub read_buffer_bytes: usize,
+    /// Bytes gathered before the writer writes to the socket (a flush always writes).
+    pub write_buffer_bytes: usize,
+    /// Most bytes buffered for writing before a write fails (slow reader).
+    pub max_write_buffer_bytes: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            read_buffer_bytes: 4096,
+            write_buffer_bytes: 4096,
+            max_write_buffer_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// "pretty" or "json".
+    pub format: String,
+    /// A tracing filter, e.g. "info" or "pigeon=debug".
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "pretty".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+const SECTIONS: [&str; 5] = ["server", "storage", "limits", "websocket", "log"];
+
+impl Config {
+    /// Reads `path` (if given and present), applies `PIGEON_*` overrides from `env`, and
+    /// returns the config with the list of unknown keys (for the caller to warn about).
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut unknown = Vec::new();
+        apply_env(&mut table, env, &mut unknown);
+        let config: Config = toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        unknown.extend(unknown_keys(&table, &config));
+        config.validate()?;
+        Ok((config, unknown))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if l.max_text_bytes == 0 || l.max_text_bytes > l.max_message_bytes {
+            return bad("limits.max_text_bytes must be between 1 and limits.max_message_bytes");
+        }
+        if l.session_queue == 0 || l.flush_batch == 0 || l.mailbox_max == 0 {
+            return bad("limits.session_queue, flush_batch and mailbox_max must be positive");
+        }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections must be positive");
+        }
+        if !["normal", "full"].contains(&self.storage.sqlite_synchronous.as_str()) {
+            return bad("storage.sqlite_synchronous must be \"normal\" or \"full\"");
+        }
+        if !["pretty", "json"].contains(&self.log.format.as_str()) {
+            return bad("log.format must be \"pretty\" or \"json\"");
+        }
+        Ok(())
+    }
+}
+
+/// `PIGEON_LIMITS_MAILBOX_MAX=5` sets `[limits] mailbox_max = 5`. Values are read as
+/// TOML (numbers, booleans) and fall back to strings.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    unknown: &mut Vec<String>,
+) {
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("PIGEON_") else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let Some((section, key)) = rest.split_once('_') else {
+            continue;
+        };
+        if !SECTIONS.contains(&section) {
+            continue; // PIGEON_TEST_* and friends belong to other tools
+        }
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(value));
+        match table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => {
+                t.insert(key.to_string(), parsed);
+            }
+            _ => unknown.push(format!("{name} (section {section} is not a table)")),
+        }
+    }
+}
+
+fn unknown_keys(input: &toml::Table, config: &Config) -> Vec<String> {
+    let known = match toml::Value::try_from(config) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => return Vec::new(),
+    };
+    let mut out = Vec::new();
+    for (section, value) in input {
+        match (known.get(section), value) {
+            (Some(toml::Value::Table(k)), toml::Value::Table(v)) => {
+                out.extend(
+                    v.keys()
+                        .filter(|key| !k.contains_key(*key))
+                        .map(|key| format!("{section}.{key}")),
+                );
+            }
+            (Some(_), _) => {}
+            (None, _) => out.push(section.clone()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn env_overrides_and_types() {
+        let (c, unknown) = Config::load(
+            None,
+            env(&[
+                ("PIGEON_LIMITS_MAILBOX_MAX", "7"),
+                ("PIGEON_SERVER_BIND", "127.0.0.1:0"),
+                ("PIGEON_TEST_MONGODB_URI", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.mailbox_max, 7);
+        assert_eq!(c.server.bind.port(), 0);
+        assert!(unknown.is_empty(), "{unknown:?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_reported() {
+        let (_, unknown) = Config::load(
+            None,
+            env(&[("PIGEON_LIMITS_BOGUS", "1"), ("PIGEON_LOG_LEVEL", "debug")]),
+        )
+        .unwrap();
+        assert_eq!(unknown, vec!["limits.bogus".to_string()]);
+    }
+
+    #[test]
+    fn invalid_values_are_errors() {
+        assert!(Config::load(None, env(&[("PIGEON_LIMITS_MAILBOX_MAX", "0")])).is_err());
+        assert!(Config::load(None, env(&[("PIGEON_LOG_FORMAT", "xml")])).is_err());
+    }
+
+    #[test]
+    fn shipped_config_parses_without_unknown_keys() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let (_, unknown) = Config::load(Some(&path), Vec::new()).unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+    }
+}

@@ -1,0 +1,25 @@
+//! Pigeon: a point-to-point WebSocket messenger with store-and-forward delivery.
+//!
+//! `server::run` serves an already bound listener; everything else hangs off it:
+//! `http` (routes and the WebSocket upgrade), `session` (one connection's life),
+//! `router` (who is online, take-over), `protocol` (the three wire dialects),
+//! `store` (the offline mailbox), `config`, `metrics`, and `client` (the terminal client).
+
+pub mod app;
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod store;
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

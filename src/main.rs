@@ -1,0 +1,125 @@
+//! The `pigeon` binary: command-line parsing and logging set-up only.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pigeon::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "pigeon",
+    version,
+    about = "Point-to-point WebSocket messenger with store-and-forward delivery"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// Configuration file (default: ./config.toml when it exists).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding [server] bind.
+        #[arg(long)]
+        bind: Option<std::net::SocketAddr>,
+        /// Data directory of the embedded store, overriding [storage] data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// "pretty" or "json", overriding [log] format.
+        #[arg(long)]
+        log_format: Option<String>,
+    },
+    /// Chat from the terminal: type `bob: hello`.
+    Chat {
+        #[arg(long, short)]
+        user: String,
+        /// Server base URL.
+        #[arg(long, default_value = "ws://127.0.0.1:8080")]
+        server: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    match cli.command {
+        Command::Serve {
+            config,
+            bind,
+            data_dir,
+            log_format,
+        } => {
+            let path = config.or_else(|| {
+                let default = PathBuf::from("config.toml");
+                default.exists().then_some(default)
+            });
+            let (mut cfg, unknown) = Config::load(path.as_deref(), std::env::vars())?;
+            if let Some(b) = bind {
+                cfg.server.bind = b;
+            }
+            if let Some(d) = data_dir {
+                cfg.storage.data_dir = d;
+            }
+            if let Some(f) = log_format {
+                cfg.log.format = f;
+            }
+            init_logging(&cfg)?;
+            for key in unknown {
+                tracing::warn!(%key, "unknown configuration key ignored");
+            }
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(cfg.server.bind)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", cfg.server.bind))?;
+                pigeon::server::run(listener, cfg, shutdown_signal()).await?;
+                anyhow::Ok(())
+            })
+        }
+        Command::Chat { user, server } => {
+            runtime.block_on(pigeon::client::chat(&server, &user))?;
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+        .context("invalid log level")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match cfg.log.format.as_str() {
+        "json" => builder.json().init(),
+        "pretty" => builder.init(),
+        other => anyhow::bail!("unknown log format {other:?} (pretty or json)"),
+    }
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,272 @@
+//! The wire: what a client may ask (`Request`), what the server tells (`Event`), and the
+//! three dialects that put them into text frames. Everything here is pure: parse and
+//! format functions with no I/O, so each dialect is unit-tested on its own.
+
+pub mod hash;
+pub mod pigeon;
+pub mod seed_json;
+
+use crate::store::{Body, StoredMessage};
+
+/// Longest username, in characters.
+pub const MAX_USERNAME_CHARS: usize = 32;
+/// Longest client message id, in bytes.
+pub const MAX_CLIENT_ID_BYTES: usize = 128;
+
+/// The wire dialect of one session, fixed once the session knows who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `from#body#to` text frames (seed tutorial).
+    Hash,
+    /// `{"to_user","msg"}` JSON frames on `/ws/<user>` (seed tutorial).
+    SeedJson,
+    /// Pigeon's own typed JSON frames.
+    Pigeon,
+}
+
+impl Dialect {
+    /// Legacy dialects cannot acknowledge: their messages count as received once written.
+    pub fn acks_on_write(self) -> bool {
+        !matches!(self, Dialect::Pigeon)
+    }
+}
+
+/// 1–32 characters, each a Unicode letter or digit, `_`, `.` or `-`.
+pub fn valid_username(name: &str) -> bool {
+    let mut n = 0;
+    for c in name.chars() {
+        n += 1;
+        if n > MAX_USERNAME_CHARS || !(c.is_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+            return false;
+        }
+    }
+    n > 0
+}
+
+/// Why a frame was refused. Each maps to a stable wire code (see docs/PROTOCOL.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadFrame,
+    UnknownType,
+    MissingField,
+    EmptyField,
+    InvalidUser,
+    NotIdentified,
+    AlreadyIdentified,
+    WrongSender,
+    TooLarge,
+    Unsupported,
+    MailboxFull,
+    StoreUnavailable,
+    BadAck,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::MissingField => "missing_field",
+            ErrorCode::EmptyField => "empty_field",
+            ErrorCode::InvalidUser => "invalid_user",
+            ErrorCode::NotIdentified => "not_identified",
+            ErrorCode::AlreadyIdentified => "already_identified",
+            ErrorCode::WrongSender => "wrong_sender",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::MailboxFull => "mailbox_full",
+            ErrorCode::StoreUnavailable => "store_unavailable",
+            ErrorCode::BadAck => "bad_ack",
+        }
+    }
+}
+
+/// A refused frame: the code, a human sentence, and the client id it answers if known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub id: Option<String>,
+    pub to: Option<String>,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ProtocolError {
+        ProtocolError {
+            code,
+            message: message.into(),
+            id: None,
+            to: None,
+        }
+    }
+
+    pub fn with_id(mut self, id: Option<String>) -> ProtocolError {
+        self.id = id;
+        self
+    }
+
+    pub fn with_to(mut self, to: Option<String>) -> ProtocolError {
+        self.to = to;
+        self
+    }
+}
+
+/// A client's request, whatever dialect carried it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Login {
+        user: String,
+    },
+    Send {
+        /// The sender named in the frame (hash dialect only).
+        from: Option<String>,
+        id: Option<String>,
+        to: String,
+        body: Body,
+    },
+    Ack {
+        upto: u64,
+    },
+    Ping,
+}
+
+/// What the server tells a send's sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Delivered,
+    Stored,
+}
+
+impl Fate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fate::Delivered => "delivered",
+            Fate::Stored => "stored",
+        }
+    }
+}
+
+/// Something the server tells a session; each dialect formats it (or stays silent).
+#[derive(Debug, Clone)]
+pub enum Event<'a> {
+    Welcome {
+        user: &'a str,
+        session: u64,
+        pending: u64,
+    },
+    Message {
+        msg: &'a StoredMessage,
+        offline: bool,
+    },
+    Synced,
+    Sent {
+        id: Option<&'a str>,
+        to: &'a str,
+        seq: u64,
+        fate: Fate,
+        duplicate: bool,
+    },
+    Error(&'a ProtocolError),
+    Kicked,
+    Pong,
+}
+
+/// The reason sent with a take-over.
+pub const KICKED_MESSAGE: &str = "logged in from another connection";
+
+/// Formats `event` for `dialect`, handing each text frame to `emit` (none when the
+/// dialect has no frame for it, two for the hash dialect's `Out Line` + `send success`).
+pub fn format(dialect: Dialect, event: &Event<'_>, mut emit: impl FnMut(String)) {
+    match dialect {
+        Dialect::Hash => {
+            if let Event::Sent {
+                fate: Fate::Stored, ..
+            } = event
+            {
+                emit(hash::OUT_LINE.to_string());
+            }
+            if let Some(f) = hash::format(event) {
+                emit(f);
+            }
+        }
+        Dialect::SeedJson => {
+            if let Some(f) = seed_json::format(event) {
+                emit(f);
+            }
+        }
+        Dialect::Pigeon => emit(pigeon::format(event)),
+    }
+}
+
+/// Checks the fields every send needs, whatever its dialect.
+pub fn check_send(to: &str, id: Option<&str>) -> Result<(), ProtocolError> {
+    if to.is_empty() {
+        return Err(ProtocolError::new(
+            ErrorCode::EmptyField,
+            "recipient is empty",
+        ));
+    }
+    if !valid_username(to) {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidUser,
+            format!("recipient {to:?} is not a valid username (1-32 letters, digits, _ . -)"),
+        ));
+    }
+    if let Some(id) = id {
+        if id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES {
+            return Err(ProtocolError::new(
+                ErrorCode::EmptyField,
+                format!("id must be 1-{MAX_CLIENT_ID_BYTES} bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames() {
+        for ok in [
+            "alice",
+            "a",
+            "Zoë",
+            "用户",
+            "a.b-c_d",
+            "12345678901234567890123456789012",
+        ] {
+            assert!(valid_username(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a#b",
+            "!x",
+            "a/b",
+            "123456789012345678901234567890123",
+            "é\u{0301}x\n",
+        ] {
+            assert!(!valid_username(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn check_send_rejects_bad_fields() {
+        assert!(check_send("bob", Some("1")).is_ok());
+        assert_eq!(
+            check_send("", None).unwrap_err().code,
+            ErrorCode::EmptyField
+        );
+        assert_eq!(
+            check_send("b b", None).unwrap_err().code,
+            ErrorCode::InvalidUser
+        );
+        let long = "x".repeat(MAX_CLIENT_ID_BYTES + 1);
+        assert_eq!(
+            check_send("bob", Some(&long)).unwrap_err().code,
+            ErrorCode::EmptyField
+        );
+    }
+}

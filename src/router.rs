@@ -1,0 +1,158 @@
+//! The online registry: which user has a live session, and how to reach it. Owns the
+//! single-session rule: registering a user who is already online returns the session it
+//! replaced, which the caller then stops (take-over).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, watch};
+
+use crate::protocol::{Dialect, Fate};
+use crate::store::StoredMessage;
+
+/// Why a session is being stopped from outside its own loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The same user logged in elsewhere (close code 4000).
+    Replaced,
+    /// The server is shutting down (close code 1001).
+    Shutdown,
+    /// The session's own reader ended (client closed, protocol close): no notice to send.
+    Closed,
+}
+
+/// What a session's writer task is fed, in order.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A message for this session's user (already in the store).
+    Deliver(Arc<StoredMessage>),
+    /// A text frame answering this session's own requests, already formatted.
+    Reply(String),
+    /// The session now knows its user: wait for the session it replaced (if any) to
+    /// finish, then flush the mailbox, then deliver live traffic.
+    Start {
+        user: String,
+        dialect: Dialect,
+        generation: u64,
+        replaced: Option<Arc<SessionShared>>,
+    },
+    /// Close the socket with this code and reason, then stop.
+    Close(u16, &'static str),
+}
+
+/// State one session shares with the router and with the sessions that replace it.
+#[derive(Debug)]
+pub struct SessionShared {
+    /// Set when a delivery found the queue full: the writer re-reads the mailbox.
+    pub lagging: AtomicBool,
+    /// Highest seq written to the socket (acks are clamped to it).
+    pub last_sent: AtomicU64,
+    stop: watch::Sender<Option<StopReason>>,
+    done: watch::Sender<bool>,
+}
+
+impl SessionShared {
+    pub fn new() -> Arc<SessionShared> {
+        Arc::new(SessionShared {
+            lagging: AtomicBool::new(false),
+            last_sent: AtomicU64::new(0),
+            stop: watch::channel(None).0,
+            done: watch::channel(false).0,
+        })
+    }
+
+    /// Asks the session to stop; the first reason wins.
+    pub fn stop(&self, reason: StopReason) {
+        self.stop.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn stop_signal(&self) -> watch::Receiver<Option<StopReason>> {
+        self.stop.subscribe()
+    }
+
+    /// Marks the session finished: its writer has stopped and its acks are recorded.
+    pub fn mark_done(&self) {
+        self.done.send_replace(true);
+    }
+
+    /// Waits until `mark_done` (or until the session is gone).
+    pub async fn wait_done(&self) {
+        let mut rx = self.done.subscribe();
+        // An error means the sender is gone, which also means done.
+        let _ = rx.wait_for(|d| *d).await;
+    }
+}
+
+/// How to reach one live session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub generation: u64,
+    pub tx: mpsc::Sender<Outgoing>,
+    pub shared: Arc<SessionShared>,
+}
+
+#[derive(Default)]
+pub struct Router {
+    sessions: DashMap<String, SessionHandle>,
+    next_generation: AtomicU64,
+}
+
+impl Router {
+    pub fn new() -> Router {
+        Router::default()
+    }
+
+    /// A fresh, never reused session generation number.
+    pub fn next_generation(&self) -> u64 {
+        self.next_generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Makes `handle` the user's live session; returns the session it replaced, if any.
+    pub fn register(&self, user: &str, handle: SessionHandle) -> Option<SessionHandle> {
+        self.sessions.insert(user.to_string(), handle)
+    }
+
+    /// Removes the user's entry only if it is still this generation's.
+    pub fn unregister(&self, user: &str, generation: u64) {
+        self.sessions
+            .remove_if(user, |_, h| h.generation == generation);
+    }
+
+    pub fn is_online(&self, user: &str) -> bool {
+        self.sessions.contains_key(user)
+    }
+
+    pub fn online_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Hands a stored message to its recipient's live session without waiting. When the
+    /// recipient is offline or its queue is full the message stays in the mailbox (a full
+    /// queue marks the session lagging, so it re-reads the mailbox when it catches up).
+    pub fn deliver(&self, msg: Arc<StoredMessage>) -> Fate {
+        let Some(handle) = self.sessions.get(&msg.recipient).map(|h| h.clone()) else {
+            return Fate::Stored;
+        };
+        match handle.tx.try_send(Outgoing::Deliver(msg)) {
+            Ok(()) => Fate::Delivered,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                handle.shared.lagging.store(true, Ordering::Release);
+                Fate::Stored
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Fate::Stored,
+        }
+    }
+
+    /// Every live session (for shutdown).
+    pub fn all(&self) -> Vec<SessionHandle> {
+        self.sessions.iter().map(|e| e.value().clone()).collect()
+    }
+}

@@ -1,0 +1,182 @@
+//! Accepts connections and shuts down. A `Semaphore` caps open connections (a WebSocket
+//! session keeps its connection's permit); on shutdown the server stops accepting, tells
+//! every session to close with 1001 (going away), and waits for the session tasks it
+//! tracks itself, up to `server.shutdown_grace_secs`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::app::App;
+use crate::config::Config;
+use crate::http::{self, ConnGuard, Ctx};
+use crate::metrics::{dec, inc};
+use crate::router::Router;
+use crate::store::{self, StoreError};
+
+/// Slowloris guard: how long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The tungstenite settings every session uses, from `[websocket]` and `[limits]`.
+pub fn websocket_config(config: &Config) -> WebSocketConfig {
+    let ws = &config.websocket;
+    WebSocketConfig::default()
+        .read_buffer_size(ws.read_buffer_bytes)
+        .write_buffer_size(ws.write_buffer_bytes)
+        .max_write_buffer_size(ws.max_write_buffer_bytes.max(ws.write_buffer_bytes + 1))
+        .max_message_size(Some(config.limits.max_message_bytes))
+        .max_frame_size(Some(config.limits.max_message_bytes))
+}
+
+/// Opens the configured store and serves `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let store = store::open(&config.storage, config.limits.mailbox_max).await?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        store = store.backend(),
+        "pigeon listening"
+    );
+    let app = Arc::new(App {
+        config,
+        store,
+        router: Router::new(),
+        metrics: Default::default(),
+    });
+    serve(listener, app, shutdown).await;
+    Ok(())
+}
+
+/// A connection's hold on the connection limit; also keeps the open-connections gauge.
+struct Permit {
+    _permit: OwnedSemaphorePermit,
+    app: Arc<App>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        dec(&self.app.metrics.connections_open);
+    }
+}
+
+async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let tracker = TaskTracker::new();
+    let ctx = Arc::new(Ctx {
+        app: app.clone(),
+        tracker: tracker.clone(),
+        shutdown: shutdown_rx.clone(),
+        ws_config: websocket_config(&app.config),
+    });
+    let routes = http::routes(ctx);
+    let limit = Arc::new(Semaphore::new(app.config.server.max_connections));
+    tokio::pin!(shutdown);
+
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // the semaphore is never closed
+            },
+        };
+        let (socket, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = accept(&listener) => accepted,
+        };
+        inc(&app.metrics.connections_total);
+        inc(&app.metrics.connections_open);
+        let permit = Permit {
+            _permit: permit,
+            app: app.clone(),
+        };
+        let routes = routes.clone();
+        let shutdown = shutdown_rx.clone();
+        tracker.spawn(connection(socket, peer, permit, routes, shutdown));
+    }
+
+    tracing::info!("shutting down: closing sessions");
+    shutdown_tx.send_replace(true);
+    drop(listener);
+    tracker.close();
+    let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("some connections did not finish within the grace period");
+    }
+    tracing::info!("shut down");
+}
+
+/// Completes once shutdown has been requested (or the server is gone).
+pub async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone: the server is over either way.
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Accepts the next connection; on errors (EMFILE and friends) backs off and retries.
+async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok(pair) => return pair,
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+async fn connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    permit: Permit,
+    routes: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = socket.set_nodelay(true);
+    let guard = ConnGuard(Arc::new(permit));
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(guard.clone());
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        routes.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(socket), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            }
+        }
+        _ = shutdown_requested(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
+    }
+}

@@ -1,0 +1,630 @@
+//! One WebSocket connection's life: learn who the user is (login frame, path, query or
+//! the first hash frame), take over any older session of that user, then read requests
+//! while a separate writer task owns the socket's sink.
+//!
+//! The writer is fed by one bounded channel (`Outgoing`): replies to this client and live
+//! deliveries from the router. Because every message is in the store before it is routed,
+//! the writer can always fall back on the mailbox: at login it flushes it, when the
+//! router found the queue full (`lagging`) it re-reads it, and when a live delivery
+//! arrives out of order it reads the gap from it. It never sends a seq twice in a session.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::app::App;
+use crate::metrics::{dec, inc};
+use crate::protocol::{
+    self, hash, pigeon, seed_json, valid_username, Dialect, ErrorCode, Event, Fate, ProtocolError,
+    Request,
+};
+use crate::router::{Outgoing, SessionHandle, SessionShared, StopReason};
+use crate::store::{Enqueued, NewMessage, StoreError, StoredMessage};
+
+pub const CLOSE_REPLACED: u16 = 4000;
+pub const CLOSE_INVALID_USER: u16 = 4001;
+pub const CLOSE_PROTOCOL_ERROR: u16 = 4002;
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Queued frames the writer handles before it flushes the socket and looks around.
+const WRITE_BATCH: usize = 256;
+
+/// How the connection said who it is, before any frame arrived.
+#[derive(Debug, Clone)]
+pub enum Greeting {
+    /// Nothing yet: a login frame or the first hash frame will tell.
+    Anonymous,
+    /// From the path or query; `valid_username` not yet checked.
+    Named { user: String, dialect: Dialect },
+}
+
+/// Runs the session to its end.
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    app: Arc<App>,
+    greeting: Greeting,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    inc(&app.metrics.sessions_open);
+    let (sink, stream) = ws.split();
+    let (tx, rx) = mpsc::channel(app.config.limits.session_queue);
+    let shared = SessionShared::new();
+    let writer = Writer {
+        sink,
+        app: app.clone(),
+        shared: shared.clone(),
+        user: None,
+        dialect: Dialect::Pigeon,
+        last_sent: 0,
+        flushed: 0,
+        acked: 0,
+    };
+    let writer = tokio::spawn(writer.run(rx, shared.stop_signal()));
+
+    let mut reader = Reader {
+        app: app.clone(),
+        tx,
+        shared: shared.clone(),
+        user: None,
+        dialect: None,
+        generation: 0,
+        errors_in_row: 0,
+    };
+    let mut stop = shared.stop_signal();
+    let flow = match greeting {
+        Greeting::Anonymous => Flow::Continue,
+        Greeting::Named { user, dialect } => reader.identify(user, dialect, true).await,
+    };
+    if flow == Flow::Continue {
+        reader.read_loop(stream, &mut stop, &mut shutdown).await;
+    }
+    shared.stop(StopReason::Closed);
+
+    // The writer says goodbye (kick notice, close frame) and records its acks.
+    let grace = Duration::from_millis(app.config.server.takeover_wait_ms);
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(grace, writer).await.is_err() {
+        tracing::debug!(user = ?reader.user, "writer did not finish in time; aborting it");
+        abort.abort();
+    }
+    if let Some(user) = &reader.user {
+        app.router.unregister(user, reader.generation);
+    }
+    shared.mark_done();
+    dec(&app.metrics.sessions_open);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Reader {
+    app: Arc<App>,
+    tx: mpsc::Sender<Outgoing>,
+    shared: Arc<SessionShared>,
+    user: Option<String>,
+    dialect: Option<Dialect>,
+    generation: u64,
+    errors_in_row: u32,
+}
+
+impl Reader {
+    async fn read_loop<S>(
+        &mut self,
+        mut stream: SplitStream<WebSocketStream<S>>,
+        stop: &mut watch::Receiver<Option<StopReason>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = stop.changed() => return,
+                _ = crate::server::shutdown_requested(shutdown) => {
+                    self.shared.stop(StopReason::Shutdown);
+                    return;
+                }
+                frame = stream.next() => frame,
+            };
+            let flow = match frame {
+                None => return,
+                Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
+                Some(Ok(Message::Binary(_))) => {
+                    let e = ProtocolError::new(
+                        ErrorCode::Unsupported,
+                        "binary frames are not supported on this session",
+                    );
+                    self.refuse(self.dialect.unwrap_or(Dialect::Pigeon), e)
+                        .await
+                }
+                // Pings are answered by tungstenite itself; close frames end the stream.
+                Some(Ok(_)) => Flow::Continue,
+                Some(Err(tungstenite::Error::Capacity(e))) => {
+                    tracing::debug!(user = ?self.user, error = %e, "message too big");
+                    self.close(CLOSE_TOO_BIG, "message too big").await
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(user = ?self.user, error = %e, "read error");
+                    return;
+                }
+            };
+            if flow == Flow::Close {
+                return;
+            }
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Flow {
+        let limit = self.app.config.limits.max_text_bytes;
+        let dialect = self.dialect.unwrap_or_else(|| guess_dialect(text));
+        if text.len() > limit {
+            let e = ProtocolError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "text frame of {} bytes is above the limit of {limit}",
+                    text.len()
+                ),
+            );
+            return self.refuse(dialect, e).await;
+        }
+        let parsed = match dialect {
+            Dialect::Hash => hash::parse(text),
+            Dialect::SeedJson => seed_json::parse(text),
+            Dialect::Pigeon => pigeon::parse(text),
+        };
+        let request = match parsed {
+            Ok(r) => r,
+            Err(e) => return self.refuse(dialect, e).await,
+        };
+        match (self.user.clone(), request) {
+            // An anonymous session's first hash frame names its user.
+            (
+                None,
+                Request::Send {
+                    from: Some(from),
+                    id,
+                    to,
+                    body,
+                },
+            ) => {
+                if !valid_username(&from) {
+                    let e = ProtocolError::new(
+                        ErrorCode::InvalidUser,
+                        format!("sender {from:?} is not a valid username"),
+                    );
+                    return self.refuse(Dialect::Hash, e).await;
+                }
+                if self.identify(from.clone(), Dialect::Hash, false).await == Flow::Close {
+                    return Flow::Close;
+                }
+                self.send(&from, id, to, body).await
+            }
+            (None, Request::Login { user }) => self.identify(user, Dialect::Pigeon, false).await,
+            (None, Request::Ping) => self.reply(dialect, &Event::Pong).await,
+            (None, _) => {
+                let e = ProtocolError::new(
+                    ErrorCode::NotIdentified,
+                    "log in first: {\"type\":\"login\",\"user\":...}, /ws/<user>, or from#msg#to",
+                );
+                self.refuse(dialect, e).await
+            }
+            (Some(_), Request::Login { .. }) => {
+                let e = ProtocolError::new(
+                    ErrorCode::AlreadyIdentified,
+                    "this session is already logged in",
+                );
+                self.refuse(dialect, e).await
+            }
+            (Some(user), Request::Send { from, id, to, body }) => {
+                if from.as_ref().is_some_and(|f| *f != user) {
+                    let e = ProtocolError::new(
+                        ErrorCode::WrongSender,
+                        format!("this session belongs to {user}"),
+                    );
+                    return self.refuse(dialect, e).await;
+                }
+                self.send(&user, id, to, body).await
+            }
+            (Some(user), Request::Ack { upto }) => {
+                let upto = upto.min(self.shared.last_sent.load(Ordering::Acquire));
+                if let Err(e) = self.app.store.ack(&user, upto).await {
+                    inc(&self.app.metrics.store_errors);
+                    tracing::warn!(%user, error = %e, "ack failed");
+                    let e = ProtocolError::new(ErrorCode::StoreUnavailable, e.to_string());
+                    return self.refuse(dialect, e).await;
+                }
+                self.errors_in_row = 0;
+                Flow::Continue
+            }
+            (Some(_), Request::Ping) => self.reply(dialect, &Event::Pong).await,
+        }
+    }
+
+    /// Claims `user` for this session: registers it (taking over any older session) and
+    /// tells the writer to start delivering.
+    async fn identify(&mut self, user: String, dialect: Dialect, from_url: bool) -> Flow {
+        if !valid_username(&user) {
+            let e = ProtocolError::new(
+                ErrorCode::InvalidUser,
+                format!("{user:?} is not a valid username (1-32 letters, digits, _ . -)"),
+            );
+            if from_url {
+                self.refuse(dialect, e).await;
+                return self.close(CLOSE_INVALID_USER, "invalid_user").await;
+            }
+            return self.refuse(dialect, e).await;
+        }
+        self.generation = self.app.router.next_generation();
+        let handle = SessionHandle {
+            generation: self.generation,
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+        };
+        let replaced = self.app.router.register(&user, handle).map(|old| {
+            inc(&self.app.metrics.takeovers);
+            tracing::info!(%user, old = old.generation, new = self.generation, "session taken over");
+            old.shared.stop(StopReason::Replaced);
+            old.shared
+        });
+        tracing::debug!(%user, generation = self.generation, ?dialect, "session identified");
+        self.user = Some(user.clone());
+        self.dialect = Some(dialect);
+        self.errors_in_row = 0;
+        let start = Outgoing::Start {
+            user,
+            dialect,
+            generation: self.generation,
+            replaced,
+        };
+        self.push(start).await
+    }
+
+    /// Accepts one message: store first, then route, then tell the sender its fate.
+    async fn send(
+        &mut self,
+        user: &str,
+        id: Option<String>,
+        to: String,
+        body: crate::store::Body,
+    ) -> Flow {
+        let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
+        if let Err(e) = protocol::check_send(&to, id.as_deref()) {
+            return self.refuse(dialect, e.with_id(id).with_to(Some(to))).await;
+        }
+        let msg = NewMessage {
+            sender: user.to_string(),
+            recipient: to.clone(),
+            client_id: id.clone(),
+            body: body.clone(),
+            accepted_at: crate::now_ms(),
+        };
+        let (seq, fate, duplicate) = match self.app.store.enqueue(msg).await {
+            Ok(Enqueued::New { seq }) => {
+                let stored = Arc::new(StoredMessage {
+                    seq,
+                    sender: user.to_string(),
+                    recipient: to.clone(),
+                    client_id: id.clone(),
+                    body,
+                    accepted_at: crate::now_ms(),
+                });
+                let fate = self.app.router.deliver(stored);
+                match fate {
+                    Fate::Delivered => inc(&self.app.metrics.messages_delivered),
+                    Fate::Stored => inc(&self.app.metrics.messages_stored),
+                }
+                (seq, fate, false)
+            }
+            Ok(Enqueued::Duplicate { seq }) => {
+                inc(&self.app.metrics.messages_duplicate);
+                (seq, Fate::Stored, true)
+            }
+            Err(e) => {
+                let code = match e {
+                    StoreError::MailboxFull { .. } => ErrorCode::MailboxFull,
+                    _ => {
+                        inc(&self.app.metrics.store_errors);
+                        tracing::warn!(%user, error = %e, "enqueue failed");
+                        ErrorCode::StoreUnavailable
+                    }
+                };
+                let e = ProtocolError::new(code, e.to_string())
+                    .with_id(id)
+                    .with_to(Some(to));
+                return self.refuse(dialect, e).await;
+            }
+        };
+        self.errors_in_row = 0;
+        let sent = Event::Sent {
+            id: id.as_deref(),
+            to: &to,
+            seq,
+            fate,
+            duplicate,
+        };
+        self.reply(dialect, &sent).await
+    }
+
+    async fn reply(&mut self, dialect: Dialect, event: &Event<'_>) -> Flow {
+        let mut frames = Vec::with_capacity(2);
+        protocol::format(dialect, event, |f| frames.push(f));
+        for f in frames {
+            if self.push(Outgoing::Reply(f)).await == Flow::Close {
+                return Flow::Close;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Answers a bad request with an error frame; too many in a row close the session.
+    async fn refuse(&mut self, dialect: Dialect, e: ProtocolError) -> Flow {
+        tracing::debug!(user = ?self.user, code = e.code.as_str(), message = %e.message, "refused frame");
+        inc(&self.app.metrics.errors);
+        if self.reply(dialect, &Event::Error(&e)).await == Flow::Close {
+            return Flow::Close;
+        }
+        self.errors_in_row += 1;
+        if self.errors_in_row >= self.app.config.limits.max_consecutive_errors {
+            return self.close(CLOSE_PROTOCOL_ERROR, "protocol_error").await;
+        }
+        Flow::Continue
+    }
+
+    async fn close(&mut self, code: u16, reason: &'static str) -> Flow {
+        self.push(Outgoing::Close(code, reason)).await;
+        Flow::Close
+    }
+
+    async fn push(&mut self, out: Outgoing) -> Flow {
+        match self.tx.send(out).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close, // the writer is gone: the socket is dead
+        }
+    }
+}
+
+/// Before a session knows its dialect, a frame's shape tells which one it speaks.
+fn guess_dialect(text: &str) -> Dialect {
+    if hash::looks_like(text) {
+        Dialect::Hash
+    } else if pigeon::is_pigeon_frame(text) {
+        Dialect::Pigeon
+    } else {
+        Dialect::SeedJson
+    }
+}
+
+/// The writer ends for one of these.
+enum Exit {
+    /// The socket failed; nothing more can be written.
+    Broken,
+    /// A close frame was sent.
+    Closed,
+}
+
+struct Writer<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
+    app: Arc<App>,
+    shared: Arc<SessionShared>,
+    /// Set by `Start`; deliveries before it are left to the mailbox flush.
+    user: Option<String>,
+    dialect: Dialect,
+    /// Highest seq written in this session.
+    last_sent: u64,
+    /// Highest seq known to be flushed to the socket.
+    flushed: u64,
+    /// Highest seq acknowledged on write (legacy dialects).
+    acked: u64,
+}
+
+impl<S> Writer<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Outgoing>,
+        mut stop: watch::Receiver<Option<StopReason>>,
+    ) {
+        let end = self.serve(&mut rx, &mut stop).await;
+        if let Ok(()) = end {
+            let reason = *stop.borrow();
+            let _ = match reason {
+                Some(StopReason::Replaced) => match self.write_event(&Event::Kicked).await {
+                    Ok(()) => self.close(CLOSE_REPLACED, "session_replaced").await,
+                    Err(e) => Err(e),
+                },
+                Some(StopReason::Shutdown) => {
+                    self.close(CLOSE_GOING_AWAY, "server shutting down").await
+                }
+                Some(StopReason::Closed) | None => self.flush().await,
+            };
+        }
+        self.ack_written().await;
+    }
+
+    /// Writes until asked to stop (`Ok`) or the socket ends (`Err`).
+    async fn serve(
+        &mut self,
+        rx: &mut mpsc::Receiver<Outgoing>,
+        stop: &mut watch::Receiver<Option<StopReason>>,
+    ) -> Result<(), Exit> {
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = stop.changed() => return Ok(()),
+                out = rx.recv() => out,
+            };
+            let Some(first) = first else { return Ok(()) };
+            self.handle(first).await?;
+            for _ in 1..WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(out) => self.handle(out).await?,
+                    Err(_) => break,
+                }
+            }
+            if self.user.is_some() && self.shared.lagging.swap(false, Ordering::AcqRel) {
+                self.catch_up(false).await?;
+            }
+            self.flush().await?;
+            self.ack_written().await;
+        }
+    }
+
+    async fn handle(&mut self, out: Outgoing) -> Result<(), Exit> {
+        match out {
+            Outgoing::Reply(text) => self.write(Message::text(text)).await,
+            Outgoing::Deliver(msg) => {
+                if self.user.is_none() || msg.seq <= self.last_sent {
+                    return Ok(()); // the mailbox flush covers it, or it was sent already
+                }
+                if msg.seq != self.last_sent + 1 {
+                    // Something before it is still on its way or was diverted: read the gap
+                    // (and this message) from the mailbox, in order.
+                    return self.catch_up(false).await;
+                }
+                self.write_message(&msg, false).await
+            }
+            Outgoing::Start {
+                user,
+                dialect,
+                generation,
+                replaced,
+            } => self.start(user, dialect, generation, replaced).await,
+            Outgoing::Close(code, reason) => {
+                self.close(code, reason).await?;
+                Err(Exit::Closed)
+            }
+        }
+    }
+
+    async fn start(
+        &mut self,
+        user: String,
+        dialect: Dialect,
+        generation: u64,
+        replaced: Option<Arc<SessionShared>>,
+    ) -> Result<(), Exit> {
+        if let Some(old) = replaced {
+            let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
+            if tokio::time::timeout(wait, old.wait_done()).await.is_err() {
+                tracing::warn!(%user, "replaced session did not finish in time");
+            }
+        }
+        self.dialect = dialect;
+        if dialect == Dialect::Pigeon {
+            let pending = self.app.store.pending(&user).await.unwrap_or(0);
+            let welcome = Event::Welcome {
+                user: &user,
+                session: generation,
+                pending,
+            };
+            self.write_event(&welcome).await?;
+        }
+        self.user = Some(user);
+        self.catch_up(true).await?;
+        if dialect == Dialect::Pigeon {
+            self.write_event(&Event::Synced).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes every mailbox message after `last_sent`, in order, batch by batch.
+    async fn catch_up(&mut self, offline: bool) -> Result<(), Exit> {
+        let Some(user) = self.user.clone() else {
+            return Ok(());
+        };
+        let batch = self.app.config.limits.flush_batch;
+        loop {
+            let msgs = match self.app.store.fetch(&user, self.last_sent, batch).await {
+                Ok(m) => m,
+                Err(e) => {
+                    // Try again after the next event; the messages stay in the mailbox.
+                    inc(&self.app.metrics.store_errors);
+                    tracing::warn!(%user, error = %e, "mailbox read failed");
+                    self.shared.lagging.store(true, Ordering::Release);
+                    return Ok(());
+                }
+            };
+            let n = msgs.len();
+            for m in &msgs {
+                self.write_message(m, offline).await?;
+                inc(&self.app.metrics.messages_flushed);
+            }
+            if n < batch {
+                return Ok(());
+            }
+            self.flush().await?;
+            self.ack_written().await;
+        }
+    }
+
+    async fn write_message(&mut self, msg: &StoredMessage, offline: bool) -> Result<(), Exit> {
+        self.write_event(&Event::Message { msg, offline }).await?;
+        self.last_sent = msg.seq;
+        self.shared.last_sent.store(msg.seq, Ordering::Release);
+        Ok(())
+    }
+
+    async fn write_event(&mut self, event: &Event<'_>) -> Result<(), Exit> {
+        let mut frames = Vec::with_capacity(2);
+        protocol::format(self.dialect, event, |f| frames.push(f));
+        for f in frames {
+            self.write(Message::text(f)).await?;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, msg: Message) -> Result<(), Exit> {
+        self.sink.feed(msg).await.map_err(|_| Exit::Broken)
+    }
+
+    async fn flush(&mut self) -> Result<(), Exit> {
+        self.sink.flush().await.map_err(|_| Exit::Broken)?;
+        self.flushed = self.last_sent;
+        Ok(())
+    }
+
+    async fn close(&mut self, code: u16, reason: &'static str) -> Result<(), Exit> {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        self.sink
+            .send(Message::Close(Some(frame)))
+            .await
+            .map_err(|_| Exit::Broken)?;
+        self.flushed = self.last_sent;
+        Ok(())
+    }
+
+    /// Legacy dialects cannot ack: what was flushed to the socket counts as received.
+    async fn ack_written(&mut self) {
+        let Some(user) = &self.user else { return };
+        if !self.dialect.acks_on_write() || self.flushed <= self.acked {
+            return;
+        }
+        match self.app.store.ack(user, self.flushed).await {
+            Ok(_) => self.acked = self.flushed,
+            Err(e) => {
+                inc(&self.app.metrics.store_errors);
+                tracing::warn!(%user, error = %e, "ack on write failed; will retry");
+            }
+        }
+    }
+}

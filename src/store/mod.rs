@@ -1,0 +1,141 @@
+//! The offline mailbox: the `Store` trait every backend implements, and the types it
+//! speaks. Pigeon writes every accepted message here *before* routing it (write-ahead), so
+//! the store is the single source of truth for what a user has not yet acknowledged.
+//!
+//! Contract every backend keeps (the conformance tests in `tests/store_conformance.rs`
+//! check it against each backend):
+//! - `enqueue` allocates the recipient's next sequence number (1, 2, 3 … per recipient,
+//!   strictly increasing, never reused, also across restarts and across server processes
+//!   sharing one database) and makes the message durable before it returns.
+//! - `(sender, client_id)` is unique within the dedupe window: a second `enqueue` with the
+//!   same pair returns `Enqueued::Duplicate` with the first copy's recipient and seq.
+//! - `enqueue` refuses with `StoreError::MailboxFull` when the recipient already holds
+//!   `mailbox_max` unacknowledged messages.
+//! - `fetch` returns messages in increasing seq order; `ack` deletes every message of the
+//!   recipient with `seq <= upto`.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::StorageConfig;
+
+/// What a message carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// Plain text (hash dialect, seed JSON string `msg`, Pigeon JSON string `body`).
+    Text(String),
+    /// A JSON value other than a string, kept as its compact serialized text.
+    Json(String),
+}
+
+impl Body {
+    /// Storage tag: 0 text, 1 JSON.
+    pub fn kind(&self) -> i64 {
+        match self {
+            Body::Text(_) => 0,
+            Body::Json(_) => 1,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Body::Text(s) | Body::Json(s) => s,
+        }
+    }
+
+    /// Rebuilds a body from its storage tag and text.
+    pub fn from_parts(kind: i64, text: String) -> Body {
+        if kind == 1 {
+            Body::Json(text)
+        } else {
+            Body::Text(text)
+        }
+    }
+}
+
+/// A message as a sender submits it.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub sender: String,
+    pub recipient: String,
+    /// The sender's own id for the message; used to make retries idempotent.
+    pub client_id: Option<String>,
+    pub body: Body,
+    /// Acceptance time, Unix milliseconds.
+    pub accepted_at: i64,
+}
+
+/// A message held in a recipient's mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub sender: String,
+    pub recipient: String,
+    pub client_id: Option<String>,
+    pub body: Body,
+    pub accepted_at: i64,
+}
+
+/// The outcome of `enqueue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Newly stored under this seq.
+    New { seq: u64 },
+    /// `(sender, client_id)` was seen before: nothing new was stored.
+    Duplicate { seq: u64 },
+}
+
+impl Enqueued {
+    pub fn seq(self) -> u64 {
+        match self {
+            Enqueued::New { seq } | Enqueued::Duplicate { seq } => seq,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("mailbox of {recipient} is full ({limit} messages)")]
+    MailboxFull { recipient: String, limit: u64 },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store error: {0}")]
+    Backend(String),
+}
+
+/// The offline mailbox. Implementations are cheap to share (`Arc<dyn Store>`).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Persists `msg` for its recipient and returns its seq (see the module contract).
+    async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError>;
+
+    /// Up to `limit` messages for `recipient` with `seq > after`, in seq order.
+    async fn fetch(
+        &self,
+        recipient: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Deletes every message for `recipient` with `seq <= upto`; returns how many.
+    async fn ack(&self, recipient: &str, upto: u64) -> Result<u64, StoreError>;
+
+    /// How many unacknowledged messages `recipient` holds.
+    async fn pending(&self, recipient: &str) -> Result<u64, StoreError>;
+
+    /// A short name for logs and metrics ("sqlite", "mongodb").
+    fn backend(&self) -> &'static str;
+}
+
+/// Opens the backend the configuration names.
+pub async fn open(cfg: &StorageConfig, mailbox_max: u64) -> Result<Arc<dyn Store>, StoreError> {
+    match cfg.backend.as_str() {
+        "sqlite" => Ok(Arc::new(sqlite::SqliteStore::open(cfg, mailbox_max)?)),
+        other => Err(StoreError::Backend(format!(
+            "unknown storage backend {other:?} (expected \"sqlite\")"
+        ))),
+    }
+}

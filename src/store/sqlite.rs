@@ -1,0 +1,436 @@
+//! The embedded default store: SQLite (bundled) in WAL mode, in `<data_dir>/pigeon.db`.
+//!
+//! One dedicated OS thread owns the connection. Requests arrive over a channel and are
+//! executed in batches, one transaction per batch (group commit): under load many senders
+//! share one commit. If any statement of a batch fails, the batch is rolled back and
+//! replayed one request per transaction, so one failure never fails its neighbours and
+//! no caller is told "stored" for a write that did not commit.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Body, Enqueued, NewMessage, Store, StoreError, StoredMessage};
+use crate::config::StorageConfig;
+
+/// Requests per transaction at most.
+const MAX_BATCH: usize = 512;
+/// Requests waiting for the store thread at most; callers wait beyond that.
+const QUEUE: usize = 8192;
+/// How often expired dedupe entries are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS mailbox (
+    recipient TEXT PRIMARY KEY,
+    last_seq  INTEGER NOT NULL,
+    pending   INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS message (
+    recipient   TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    sender      TEXT NOT NULL,
+    client_id   TEXT,
+    kind        INTEGER NOT NULL,
+    body        TEXT NOT NULL,
+    accepted_at INTEGER NOT NULL,
+    PRIMARY KEY (recipient, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS client_id (
+    sender      TEXT NOT NULL,
+    client_id   TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    accepted_at INTEGER NOT NULL,
+    PRIMARY KEY (sender, client_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS client_id_age ON client_id (accepted_at);
+";
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Request {
+    Enqueue(NewMessage, Reply<Enqueued>),
+    Fetch {
+        recipient: String,
+        after: u64,
+        limit: usize,
+        reply: Reply<Vec<StoredMessage>>,
+    },
+    Ack {
+        recipient: String,
+        upto: u64,
+        reply: Reply<u64>,
+    },
+    Pending {
+        recipient: String,
+        reply: Reply<u64>,
+    },
+}
+
+/// Handle to the store thread. Dropping the last handle stops the thread.
+pub struct SqliteStore {
+    tx: mpsc::Sender<Request>,
+}
+
+impl SqliteStore {
+    pub fn open(cfg: &StorageConfig, mailbox_max: u64) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", cfg.data_dir.display()))
+        })?;
+        let path = cfg.data_dir.join("pigeon.db");
+        let conn = open_connection(&path, &cfg.sqlite_synchronous)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let worker = Worker {
+            conn,
+            mailbox_max,
+            dedupe_window_ms: (cfg.dedupe_window_secs as i64).saturating_mul(1000),
+            last_prune: Instant::now() - PRUNE_EVERY,
+        };
+        std::thread::Builder::new()
+            .name("pigeon-sqlite".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start store thread: {e}")))?;
+        Ok(SqliteStore { tx })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Unavailable("store thread stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("store thread stopped".into()))?
+    }
+}
+
+fn open_connection(path: &PathBuf, synchronous: &str) -> Result<Connection, StoreError> {
+    let unavailable = |e: rusqlite::Error| {
+        StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
+    };
+    let conn = Connection::open(path).map_err(unavailable)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(unavailable)?;
+    conn.execute_batch(SCHEMA).map_err(unavailable)?;
+    Ok(conn)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError> {
+        self.call(|reply| Request::Enqueue(msg, reply)).await
+    }
+
+    async fn fetch(
+        &self,
+        recipient: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let recipient = recipient.to_string();
+        self.call(|reply| Request::Fetch {
+            recipient,
+            after,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    async fn ack(&self, recipient: &str, upto: u64) -> Result<u64, StoreError> {
+        let recipient = recipient.to_string();
+        self.call(|reply| Request::Ack {
+            recipient,
+            upto,
+            reply,
+        })
+        .await
+    }
+
+    async fn pending(&self, recipient: &str) -> Result<u64, StoreError> {
+        let recipient = recipient.to_string();
+        self.call(|reply| Request::Pending { recipient, reply })
+            .await
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+struct Worker {
+    conn: Connection,
+    mailbox_max: u64,
+    dedupe_window_ms: i64,
+    last_prune: Instant,
+}
+
+/// A request's answer, held until its transaction commits.
+enum Answer {
+    Enqueue(Result<Enqueued, StoreError>),
+    Fetch(Result<Vec<StoredMessage>, StoreError>),
+    Count(Result<u64, StoreError>),
+}
+
+impl Worker {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(&mut batch);
+            self.prune_if_due();
+        }
+    }
+
+    /// Runs `batch` in one transaction; on any SQL error, rolls back and runs each
+    /// request in a transaction of its own.
+    fn run_batch(&mut self, batch: &mut Vec<Request>) {
+        match self.transaction(batch) {
+            Ok(answers) => {
+                for (req, answer) in batch.drain(..).zip(answers) {
+                    answer_request(req, answer);
+                }
+            }
+            Err(_) if batch.len() > 1 => {
+                for req in batch.drain(..) {
+                    let one = [req];
+                    match self.transaction(&one) {
+                        Ok(mut answers) => {
+                            let [req] = one;
+                            if let Some(a) = answers.pop() {
+                                answer_request(req, a);
+                            }
+                        }
+                        Err(e) => {
+                            let [req] = one;
+                            fail_request(req, e);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                for req in batch.drain(..) {
+                    fail_request(req, clone_err(&e));
+                }
+            }
+        }
+    }
+
+    fn transaction(&mut self, batch: &[Request]) -> Result<Vec<Answer>, StoreError> {
+        let tx = self.conn.transaction().map_err(sql)?;
+        let mut answers = Vec::with_capacity(batch.len());
+        for req in batch {
+            let answer = match req {
+                Request::Enqueue(msg, _) => {
+                    match enqueue(&tx, msg, self.mailbox_max, self.dedupe_window_ms) {
+                        // A full mailbox is an answer, not a failed transaction.
+                        Err(e @ StoreError::MailboxFull { .. }) => Answer::Enqueue(Err(e)),
+                        other => Answer::Enqueue(Ok(other?)),
+                    }
+                }
+                Request::Fetch {
+                    recipient,
+                    after,
+                    limit,
+                    ..
+                } => Answer::Fetch(Ok(fetch(&tx, recipient, *after, *limit)?)),
+                Request::Ack {
+                    recipient, upto, ..
+                } => Answer::Count(Ok(ack(&tx, recipient, *upto)?)),
+                Request::Pending { recipient, .. } => Answer::Count(Ok(pending(&tx, recipient)?)),
+            };
+            answers.push(answer);
+        }
+        tx.commit().map_err(sql)?;
+        Ok(answers)
+    }
+
+    fn prune_if_due(&mut self) {
+        if self.last_prune.elapsed() < PRUNE_EVERY {
+            return;
+        }
+        self.last_prune = Instant::now();
+        let cutoff = crate::now_ms() - self.dedupe_window_ms;
+        if let Err(e) = self.conn.execute(
+            "DELETE FROM client_id WHERE accepted_at < ?1",
+            params![cutoff],
+        ) {
+            tracing::warn!(error = %e, "pruning old client ids failed");
+        }
+    }
+}
+
+fn sql(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn clone_err(e: &StoreError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn answer_request(req: Request, answer: Answer) {
+    // A caller that went away no longer needs its answer; ignoring the send is right.
+    match (req, answer) {
+        (Request::Enqueue(_, reply), Answer::Enqueue(a)) => {
+            let _ = reply.send(a);
+        }
+        (Request::Fetch { reply, .. }, Answer::Fetch(a)) => {
+            let _ = reply.send(a);
+        }
+        (Request::Ack { reply, .. }, Answer::Count(a))
+        | (Request::Pending { reply, .. }, Answer::Count(a)) => {
+            let _ = reply.send(a);
+        }
+        (req, _) => fail_request(req, StoreError::Backend("mismatched answer".into())),
+    }
+}
+
+fn fail_request(req: Request, e: StoreError) {
+    match req {
+        Request::Enqueue(_, reply) => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Fetch { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Ack { reply, .. } | Request::Pending { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn enqueue(
+    tx: &rusqlite::Transaction<'_>,
+    msg: &NewMessage,
+    mailbox_max: u64,
+    dedupe_window_ms: i64,
+) -> Result<Enqueued, StoreError> {
+    if let Some(id) = &msg.client_id {
+        let seen: Option<i64> = tx
+            .prepare_cached(
+                "SELECT seq FROM client_id WHERE sender = ?1 AND client_id = ?2 AND accepted_at >= ?3",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![msg.sender, id, msg.accepted_at - dedupe_window_ms],
+                    |r| r.get(0),
+                )
+                .optional()
+            })
+            .map_err(sql)?;
+        if let Some(seq) = seen {
+            return Ok(Enqueued::Duplicate { seq: seq as u64 });
+        }
+    }
+    let held: i64 = tx
+        .prepare_cached("SELECT pending FROM mailbox WHERE recipient = ?1")
+        .and_then(|mut s| s.query_row(params![msg.recipient], |r| r.get(0)).optional())
+        .map_err(sql)?
+        .unwrap_or(0);
+    if held as u64 >= mailbox_max {
+        return Err(StoreError::MailboxFull {
+            recipient: msg.recipient.clone(),
+            limit: mailbox_max,
+        });
+    }
+    let seq: i64 = tx
+        .prepare_cached(
+            "INSERT INTO mailbox (recipient, last_seq, pending) VALUES (?1, 1, 1)
+             ON CONFLICT (recipient) DO UPDATE SET last_seq = last_seq + 1, pending = pending + 1
+             RETURNING last_seq",
+        )
+        .and_then(|mut s| s.query_row(params![msg.recipient], |r| r.get(0)))
+        .map_err(sql)?;
+    tx.prepare_cached(
+        "INSERT INTO message (recipient, seq, sender, client_id, kind, body, accepted_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            msg.recipient,
+            seq,
+            msg.sender,
+            msg.client_id,
+            msg.body.kind(),
+            msg.body.as_str(),
+            msg.accepted_at
+        ])
+    })
+    .map_err(sql)?;
+    if let Some(id) = &msg.client_id {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO client_id (sender, client_id, seq, accepted_at) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .and_then(|mut s| s.execute(params![msg.sender, id, seq, msg.accepted_at]))
+        .map_err(sql)?;
+    }
+    Ok(Enqueued::New { seq: seq as u64 })
+}
+
+fn fetch(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<StoredMessage>, StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT seq, sender, client_id, kind, body, accepted_at FROM message
+             WHERE recipient = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map(
+            params![recipient, to_i64(after), to_i64(limit as u64)],
+            |r| {
+                Ok(StoredMessage {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    sender: r.get(1)?,
+                    recipient: recipient.to_string(),
+                    client_id: r.get(2)?,
+                    body: Body::from_parts(r.get(3)?, r.get(4)?),
+                    accepted_at: r.get(5)?,
+                })
+            },
+        )
+        .map_err(sql)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(sql)
+}
+
+fn ack(tx: &rusqlite::Transaction<'_>, recipient: &str, upto: u64) -> Result<u64, StoreError> {
+    let deleted = tx
+        .prepare_cached("DELETE FROM message WHERE recipient = ?1 AND seq <= ?2")
+        .and_then(|mut s| s.execute(params![recipient, to_i64(upto)]))
+        .map_err(sql)?;
+    if deleted > 0 {
+        tx.prepare_cached("UPDATE mailbox SET pending = pending - ?2 WHERE recipient = ?1")
+            .and_then(|mut s| s.execute(params![recipient, deleted as i64]))
+            .map_err(sql)?;
+    }
+    Ok(deleted as u64)
+}
+
+fn pending(tx: &rusqlite::Transaction<'_>, recipient: &str) -> Result<u64, StoreError> {
+    let n: Option<i64> = tx
+        .prepare_cached("SELECT pending FROM mailbox WHERE recipient = ?1")
+        .and_then(|mut s| s.query_row(params![recipient], |r| r.get(0)).optional())
+        .map_err(sql)?;
+    Ok(n.unwrap_or(0).max(0) as u64)
+}
