@@ -467,7 +467,16 @@ where
         loop {
             let first = tokio::select! {
                 biased;
-                _ = stop.changed() => return Ok(()),
+                _ = stop.changed() => {
+                    // The reader ended on its own: what it queued (a last error, a close
+                    // frame) still goes out. Take-over and shutdown cut straight through.
+                    if *stop.borrow() == Some(StopReason::Closed) {
+                        while let Ok(out) = rx.try_recv() {
+                            self.handle(out).await?;
+                        }
+                    }
+                    return Ok(());
+                }
                 out = rx.recv() => out,
             };
             let Some(first) = first else { return Ok(()) };

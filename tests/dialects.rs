@@ -1,0 +1,174 @@
+//! Each wire dialect end to end, and every dialect talking to every other.
+mod common;
+
+use common::{test_config, Client, TestServer};
+use serde_json::{json, Value};
+
+async fn server() -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (TestServer::start(test_config(dir.path())).await, dir)
+}
+
+#[tokio::test]
+async fn hash_dialect_offline_then_online() {
+    let (srv, _dir) = server().await;
+    let mut bob = Client::connect(&srv.url("/ws")).await;
+    bob.text("bob#hello #1#alice").await;
+    assert_eq!(bob.recv().await, "Out Line");
+    assert_eq!(bob.recv().await, "send success");
+
+    // Alice's first frame identifies her: her stored message comes before her reply.
+    let mut alice = Client::connect(&srv.url("/web")).await;
+    alice.text("alice#hey#bob").await;
+    assert_eq!(alice.recv().await, "bob#hello #1#alice");
+    assert_eq!(alice.recv().await, "send success");
+    assert_eq!(bob.recv().await, "alice#hey#bob");
+
+    // Both online now: no Out Line.
+    bob.text("bob#again#alice").await;
+    assert_eq!(bob.recv().await, "send success");
+    assert_eq!(alice.recv().await, "bob#again#alice");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn seed_json_dialect() {
+    let (srv, _dir) = server().await;
+    let mut alice = Client::connect(&srv.url("/ws/alice")).await;
+    let mut bob = Client::connect(&srv.url("/ws/bob")).await;
+    alice.text(r#"{"to_user":"bob","msg":"hi"}"#).await;
+    let v = bob.json().await;
+    assert_eq!(v["from_user"], "alice");
+    assert_eq!(v["to_user"], "bob");
+    assert_eq!(v["msg"], "hi");
+    // The seed client gets no reply on success: the next frame alice sees is bob's answer.
+    bob.text(r#"{"to_user":"alice","msg":{"k":[1,2]}}"#).await;
+    let v = alice.json().await;
+    assert_eq!(v["from_user"], "bob");
+    assert_eq!(v["msg"], json!({"k":[1,2]}));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn seed_json_flushes_stored_messages_on_open() {
+    let (srv, _dir) = server().await;
+    let mut alice = Client::connect(&srv.url("/ws/alice")).await;
+    alice.text(r#"{"to_user":"bob","msg":"one"}"#).await;
+    alice.text(r#"{"to_user":"bob","msg":"two"}"#).await;
+    // A bad frame is answered, so we know both sends were handled before bob connects.
+    alice.text(r#"{"to_user":"bob"}"#).await;
+    assert_eq!(alice.json().await["error"], "missing_field");
+    let mut bob = Client::connect(&srv.url("/ws/bob")).await;
+    let (a, b) = (bob.json().await, bob.json().await);
+    assert_eq!(
+        (a["msg"].clone(), b["msg"].clone()),
+        (json!("one"), json!("two"))
+    );
+    assert_eq!(a["offline"], true);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn pigeon_json_send_sent_msg_ack() {
+    let (srv, _dir) = server().await;
+    let base = format!("ws://{}", srv.addr);
+    let (mut alice, _) = Client::pigeon(&base, "alice").await;
+    let sent = alice.send_msg("a1", "bob", json!("stored one")).await;
+    assert_eq!(sent["type"], "sent");
+    assert_eq!(sent["status"], "stored");
+    assert_eq!(sent["id"], "a1");
+    assert_eq!(sent["duplicate"], false);
+    let seq1 = sent["seq"].as_u64().unwrap();
+
+    let (mut bob, flushed) = Client::pigeon(&base, "bob").await;
+    assert_eq!(flushed.len(), 1);
+    assert_eq!(flushed[0]["body"], "stored one");
+    assert_eq!(flushed[0]["offline"], true);
+    assert_eq!(flushed[0]["seq"].as_u64().unwrap(), seq1);
+    assert_eq!(flushed[0]["id"], "a1");
+
+    let sent = alice.send_msg("a2", "bob", json!({"rich": true})).await;
+    assert_eq!(sent["status"], "delivered");
+    let live = bob.json().await;
+    assert_eq!(live["type"], "msg");
+    assert_eq!(live["body"], json!({"rich": true}));
+    assert!(live.get("offline").is_none());
+    assert_eq!(live["seq"].as_u64().unwrap(), seq1 + 1);
+
+    // Unacknowledged messages come back at the next login; acknowledged ones do not.
+    bob.ack(seq1).await;
+    bob.ping().await;
+    bob.close().await;
+    let (_bob, flushed) = Client::pigeon(&base, "bob").await;
+    let bodies: Vec<Value> = flushed.iter().map(|m| m["body"].clone()).collect();
+    assert_eq!(bodies, vec![json!({"rich": true})]);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn login_frame_identifies() {
+    let (srv, _dir) = server().await;
+    let mut c = Client::connect(&srv.url("/ws")).await;
+    c.send_json(json!({"type":"login","user":"Zoë"})).await;
+    let w = c.json().await;
+    assert_eq!(w["type"], "welcome");
+    assert_eq!(w["user"], "Zoë");
+    assert_eq!(w["pending"], 0);
+    assert_eq!(c.json().await["type"], "synced");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn every_dialect_talks_to_every_other() {
+    let (srv, _dir) = server().await;
+    let base = format!("ws://{}", srv.addr);
+    let mut hash = Client::connect(&srv.url("/ws")).await;
+    hash.text("hugo#first#nobody").await; // identifies hugo
+    assert_eq!(hash.recv().await, "Out Line");
+    assert_eq!(hash.recv().await, "send success");
+    let mut seed = Client::connect(&srv.url("/ws/sara")).await;
+    let (mut pig, _) = Client::pigeon(&base, "pia").await;
+
+    // hash -> seed, hash -> pigeon
+    hash.text("hugo#to sara#sara").await;
+    assert_eq!(hash.recv().await, "send success");
+    let v = seed.json().await;
+    assert_eq!(
+        (v["from_user"].as_str(), v["msg"].as_str()),
+        (Some("hugo"), Some("to sara"))
+    );
+    hash.text("hugo#to pia#pia").await;
+    assert_eq!(hash.recv().await, "send success");
+    let v = pig.json().await;
+    assert_eq!(
+        (v["from"].as_str(), v["body"].as_str()),
+        (Some("hugo"), Some("to pia"))
+    );
+
+    // seed -> hash, seed -> pigeon
+    seed.text(r#"{"to_user":"hugo","msg":"from sara"}"#).await;
+    assert_eq!(hash.recv().await, "sara#from sara#hugo");
+    seed.text(r#"{"to_user":"pia","msg":"from sara"}"#).await;
+    let v = pig.json().await;
+    assert_eq!(
+        (v["from"].as_str(), v["body"].as_str()),
+        (Some("sara"), Some("from sara"))
+    );
+
+    // pigeon -> hash, pigeon -> seed (a JSON body reaches the hash user as JSON text)
+    assert_eq!(
+        pig.send_msg("p1", "hugo", json!({"n":1})).await["status"],
+        "delivered"
+    );
+    assert_eq!(hash.recv().await, r#"pia#{"n":1}#hugo"#);
+    assert_eq!(
+        pig.send_msg("p2", "sara", json!("from pia")).await["status"],
+        "delivered"
+    );
+    let v = seed.json().await;
+    assert_eq!(
+        (v["from_user"].as_str(), v["msg"].as_str()),
+        (Some("pia"), Some("from pia"))
+    );
+    srv.stop().await;
+}
