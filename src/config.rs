@@ -96,6 +96,16 @@ pub struct LimitsConfig {
     pub max_consecutive_errors: u32,
     /// Messages read from the store per batch when flushing a mailbox.
     pub flush_batch: usize,
+    /// Largest blob (file, video) one transfer may announce.
+    pub max_blob_bytes: u64,
+    /// Blob transfers one session may have in flight at once.
+    pub max_transfers: usize,
+    /// Blob bytes queued to one recipient's socket before the sender waits (backpressure).
+    pub blob_relay_bytes: usize,
+    /// Payload bytes per binary frame when the server streams a stored blob.
+    pub blob_chunk_bytes: usize,
+    /// A socket that accepts no bytes for this long is dropped (a client that never reads).
+    pub write_timeout_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -107,6 +117,11 @@ impl Default for LimitsConfig {
             mailbox_max: 10_000,
             max_consecutive_errors: 20,
             flush_batch: 512,
+            max_blob_bytes: 256 * 1024 * 1024,
+            max_transfers: 4,
+            blob_relay_bytes: 4 * 1024 * 1024,
+            blob_chunk_bytes: 256 * 1024,
+            write_timeout_secs: 30,
         }
     }
 }
@@ -188,6 +203,15 @@ impl Config {
         }
         if l.session_queue == 0 || l.flush_batch == 0 || l.mailbox_max == 0 {
             return bad("limits.session_queue, flush_batch and mailbox_max must be positive");
+        }
+        if l.max_transfers == 0 || l.write_timeout_secs == 0 {
+            return bad("limits.max_transfers and write_timeout_secs must be positive");
+        }
+        if l.blob_chunk_bytes == 0 || l.blob_chunk_bytes + 4 > l.max_message_bytes {
+            return bad("limits.blob_chunk_bytes must be positive and fit (with its 4-byte header) in max_message_bytes");
+        }
+        if l.blob_relay_bytes < l.max_message_bytes {
+            return bad("limits.blob_relay_bytes must be at least limits.max_message_bytes");
         }
         if self.server.max_connections == 0 {
             return bad("server.max_connections must be positive");

@@ -15,6 +15,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod transfer;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {

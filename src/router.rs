@@ -5,11 +5,12 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use dashmap::DashMap;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::protocol::{Dialect, Fate};
-use crate::store::StoredMessage;
+use crate::store::{BlobMeta, StoredMessage};
 
 /// Why a session is being stopped from outside its own loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +40,16 @@ pub enum Outgoing {
     },
     /// Close the socket with this code and reason, then stop.
     Close(u16, &'static str),
+    /// A blob is arriving live for this session's user; chunks follow.
+    BlobStart { from: String, meta: Arc<BlobMeta> },
+    /// Bytes of a live blob. The permit holds the recipient's relay budget until written.
+    BlobChunk {
+        key: Arc<str>,
+        data: Bytes,
+        permit: OwnedSemaphorePermit,
+    },
+    /// A live blob will not complete.
+    BlobAbort { key: Arc<str>, reason: &'static str },
 }
 
 /// State one session shares with the router and with the sessions that replace it.
@@ -48,15 +59,18 @@ pub struct SessionShared {
     pub lagging: AtomicBool,
     /// Highest seq written to the socket (acks are clamped to it).
     pub last_sent: AtomicU64,
+    /// Bytes of live blob chunks that may be queued for this session's writer.
+    pub blob_budget: Arc<Semaphore>,
     stop: watch::Sender<Option<StopReason>>,
     done: watch::Sender<bool>,
 }
 
 impl SessionShared {
-    pub fn new() -> Arc<SessionShared> {
+    pub fn new(blob_budget: usize) -> Arc<SessionShared> {
         Arc::new(SessionShared {
             lagging: AtomicBool::new(false),
             last_sent: AtomicU64::new(0),
+            blob_budget: Arc::new(Semaphore::new(blob_budget)),
             stop: watch::channel(None).0,
             done: watch::channel(false).0,
         })
@@ -138,7 +152,7 @@ impl Router {
     /// recipient is offline or its queue is full the message stays in the mailbox (a full
     /// queue marks the session lagging, so it re-reads the mailbox when it catches up).
     pub fn deliver(&self, msg: Arc<StoredMessage>) -> Fate {
-        let Some(handle) = self.sessions.get(&msg.recipient).map(|h| h.clone()) else {
+        let Some(handle) = self.session(&msg.recipient) else {
             return Fate::Stored;
         };
         match handle.tx.try_send(Outgoing::Deliver(msg)) {
@@ -151,8 +165,8 @@ impl Router {
         }
     }
 
-    /// Every live session (for shutdown).
-    pub fn all(&self) -> Vec<SessionHandle> {
-        self.sessions.iter().map(|e| e.value().clone()).collect()
+    /// The user's live session, if any.
+    pub fn session(&self, user: &str) -> Option<SessionHandle> {
+        self.sessions.get(user).map(|h| h.clone())
     }
 }

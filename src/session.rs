@@ -28,7 +28,10 @@ use crate::protocol::{
     Request,
 };
 use crate::router::{Outgoing, SessionHandle, SessionShared, StopReason};
-use crate::store::{Enqueued, NewMessage, StoreError, StoredMessage};
+use crate::store::{BlobMeta, Body, Enqueued, NewMessage, StoreError, StoredMessage};
+use crate::transfer::{new_blob_key, ChunkOutcome, Transfers};
+use bytes::Bytes;
+use std::collections::HashMap;
 
 pub const CLOSE_REPLACED: u16 = 4000;
 pub const CLOSE_INVALID_USER: u16 = 4001;
@@ -60,7 +63,7 @@ pub async fn run<S>(
     inc(&app.metrics.sessions_open);
     let (sink, stream) = ws.split();
     let (tx, rx) = mpsc::channel(app.config.limits.session_queue);
-    let shared = SessionShared::new();
+    let shared = SessionShared::new(app.config.limits.blob_relay_bytes);
     let writer = Writer {
         sink,
         app: app.clone(),
@@ -70,6 +73,9 @@ pub async fn run<S>(
         last_sent: 0,
         flushed: 0,
         acked: 0,
+        live_blobs: HashMap::new(),
+        next_stream: 0,
+        write_timeout: Duration::from_secs(app.config.limits.write_timeout_secs),
     };
     let writer = tokio::spawn(writer.run(rx, shared.stop_signal()));
 
@@ -81,6 +87,8 @@ pub async fn run<S>(
         dialect: None,
         generation: 0,
         errors_in_row: 0,
+        transfers: Transfers::default(),
+        last_to: None,
     };
     let mut stop = shared.stop_signal();
     let flow = match greeting {
@@ -90,6 +98,7 @@ pub async fn run<S>(
     if flow == Flow::Continue {
         reader.read_loop(stream, &mut stop, &mut shutdown).await;
     }
+    reader.transfers.abort_all("sender_gone").await;
     shared.stop(StopReason::Closed);
 
     // The writer says goodbye (kick notice, close frame) and records its acks.
@@ -120,6 +129,10 @@ struct Reader {
     dialect: Option<Dialect>,
     generation: u64,
     errors_in_row: u32,
+    /// Blob transfers this session is sending.
+    transfers: Transfers,
+    /// The last recipient this session sent to (legacy binary frames go there).
+    last_to: Option<String>,
 }
 
 impl Reader {
@@ -144,14 +157,7 @@ impl Reader {
             let flow = match frame {
                 None => return,
                 Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
-                Some(Ok(Message::Binary(_))) => {
-                    let e = ProtocolError::new(
-                        ErrorCode::Unsupported,
-                        "binary frames are not supported on this session",
-                    );
-                    self.refuse(self.dialect.unwrap_or(Dialect::Pigeon), e)
-                        .await
-                }
+                Some(Ok(Message::Binary(data))) => self.on_binary(data).await,
                 // Pings are answered by tungstenite itself; close frames end the stream.
                 Some(Ok(_)) => Flow::Continue,
                 Some(Err(tungstenite::Error::Capacity(e))) => {
@@ -252,6 +258,169 @@ impl Reader {
                 Flow::Continue
             }
             (Some(_), Request::Ping) => self.reply(dialect, &Event::Pong).await,
+            (
+                Some(user),
+                Request::BlobStart {
+                    id,
+                    to,
+                    name,
+                    mime,
+                    size,
+                    sha256,
+                },
+            ) => {
+                if let Err(e) = protocol::check_send(&to, Some(&id)) {
+                    return self
+                        .refuse(dialect, e.with_id(Some(id)).with_to(Some(to)))
+                        .await;
+                }
+                let meta = BlobMeta {
+                    key: String::new(),
+                    id: Some(id.clone()),
+                    name,
+                    mime,
+                    size,
+                    sha256,
+                };
+                match self.transfers.start(&self.app, &user, to, meta).await {
+                    Ok(stream) => {
+                        self.errors_in_row = 0;
+                        self.reply(dialect, &Event::BlobAccepted { id: &id, stream })
+                            .await
+                    }
+                    Err(e) => self.refuse(dialect, e).await,
+                }
+            }
+            (Some(_), Request::BlobAbort { stream }) => {
+                if self.transfers.abort(stream, "cancelled").await {
+                    Flow::Continue
+                } else {
+                    let e = ProtocolError::new(
+                        ErrorCode::UnknownStream,
+                        format!("no transfer on stream {stream}"),
+                    );
+                    self.refuse(dialect, e).await
+                }
+            }
+        }
+    }
+
+    /// Binary frames: blob chunks (Pigeon JSON), or the seed tutorials' raw binary
+    /// relay to the last recipient (legacy dialects).
+    async fn on_binary(&mut self, data: Bytes) -> Flow {
+        let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
+        let Some(user) = self.user.clone() else {
+            let e = ProtocolError::new(
+                ErrorCode::NotIdentified,
+                "log in before sending binary frames",
+            );
+            return self.refuse(dialect, e).await;
+        };
+        if dialect != Dialect::Pigeon {
+            return self.legacy_binary(&user, dialect, data).await;
+        }
+        let stream = match protocol::split_chunk(&data) {
+            Ok((stream, _)) => stream,
+            Err(e) => return self.refuse(dialect, e).await,
+        };
+        let payload = data.slice(protocol::CHUNK_HEADER..);
+        match self.transfers.chunk(&self.app, stream, payload).await {
+            Ok(ChunkOutcome::Partial) => {
+                self.errors_in_row = 0;
+                Flow::Continue
+            }
+            Ok(ChunkOutcome::Complete) => self.complete_blob(&user, stream).await,
+            Err(e) => self.refuse(dialect, e).await,
+        }
+    }
+
+    /// All bytes of a blob arrived: it becomes a mailbox message like any other.
+    async fn complete_blob(&mut self, user: &str, stream: u32) -> Flow {
+        let done = match self.transfers.finish(&self.app, stream).await {
+            Ok(done) => done,
+            Err(e) => return self.refuse(Dialect::Pigeon, e).await,
+        };
+        let id = done.meta.id.clone();
+        let to = done.to.clone();
+        match self
+            .accept(user, id.clone(), to.clone(), done.meta.to_body())
+            .await
+        {
+            Ok((seq, fate, duplicate)) => {
+                if duplicate {
+                    done.discard(&self.app, "duplicate").await;
+                }
+                self.errors_in_row = 0;
+                let sent = Event::Sent {
+                    id: id.as_deref(),
+                    to: &to,
+                    seq,
+                    fate,
+                    duplicate,
+                };
+                self.reply(Dialect::Pigeon, &sent).await
+            }
+            Err(e) => {
+                done.discard(&self.app, "refused").await;
+                self.refuse(Dialect::Pigeon, e).await
+            }
+        }
+    }
+
+    /// A raw binary frame from a legacy session goes, whole, to its last recipient.
+    async fn legacy_binary(&mut self, user: &str, dialect: Dialect, data: Bytes) -> Flow {
+        let limit = self.app.config.limits.max_text_bytes;
+        let Some(to) = self.last_to.clone() else {
+            let e = ProtocolError::new(
+                ErrorCode::Unsupported,
+                "send a text message first: binary frames go to your last recipient",
+            );
+            return self.refuse(dialect, e).await;
+        };
+        if data.len() > limit || data.is_empty() {
+            let e = ProtocolError::new(
+                ErrorCode::TooLarge,
+                format!("binary frames on this session must be 1..={limit} bytes"),
+            );
+            return self.refuse(dialect, e).await;
+        }
+        let key = new_blob_key();
+        let stored = async {
+            let mut w = self.app.store.blob_writer(&key).await?;
+            if let Err(e) = w.write(&data).await {
+                w.discard().await;
+                return Err(e);
+            }
+            w.finish().await
+        };
+        if let Err(e) = stored.await {
+            let e = ProtocolError::new(ErrorCode::StoreUnavailable, e.to_string());
+            return self.refuse(dialect, e).await;
+        }
+        let meta = BlobMeta {
+            key: key.clone(),
+            id: None,
+            name: String::new(),
+            mime: "application/octet-stream".into(),
+            size: data.len() as u64,
+            sha256: None,
+        };
+        match self.accept(user, None, to.clone(), meta.to_body()).await {
+            Ok((seq, fate, duplicate)) => {
+                self.errors_in_row = 0;
+                let sent = Event::Sent {
+                    id: None,
+                    to: &to,
+                    seq,
+                    fate,
+                    duplicate,
+                };
+                self.reply(dialect, &sent).await
+            }
+            Err(e) => {
+                self.app.store.blob_remove(&key).await;
+                self.refuse(dialect, e).await
+            }
         }
     }
 
@@ -294,18 +463,37 @@ impl Reader {
         self.push(start).await
     }
 
-    /// Accepts one message: store first, then route, then tell the sender its fate.
-    async fn send(
-        &mut self,
-        user: &str,
-        id: Option<String>,
-        to: String,
-        body: crate::store::Body,
-    ) -> Flow {
+    /// A text or JSON message from this session's user.
+    async fn send(&mut self, user: &str, id: Option<String>, to: String, body: Body) -> Flow {
         let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
         if let Err(e) = protocol::check_send(&to, id.as_deref()) {
             return self.refuse(dialect, e.with_id(id).with_to(Some(to))).await;
         }
+        self.last_to = Some(to.clone());
+        match self.accept(user, id.clone(), to.clone(), body).await {
+            Ok((seq, fate, duplicate)) => {
+                self.errors_in_row = 0;
+                let sent = Event::Sent {
+                    id: id.as_deref(),
+                    to: &to,
+                    seq,
+                    fate,
+                    duplicate,
+                };
+                self.reply(dialect, &sent).await
+            }
+            Err(e) => self.refuse(dialect, e).await,
+        }
+    }
+
+    /// Accepts one message: store first, then route. Returns (seq, fate, duplicate).
+    async fn accept(
+        &mut self,
+        user: &str,
+        id: Option<String>,
+        to: String,
+        body: Body,
+    ) -> Result<(u64, Fate, bool), ProtocolError> {
         let msg = NewMessage {
             sender: user.to_string(),
             recipient: to.clone(),
@@ -313,26 +501,27 @@ impl Reader {
             body: body.clone(),
             accepted_at: crate::now_ms(),
         };
-        let (seq, fate, duplicate) = match self.app.store.enqueue(msg).await {
+        let accepted_at = msg.accepted_at;
+        match self.app.store.enqueue(msg).await {
             Ok(Enqueued::New { seq }) => {
                 let stored = Arc::new(StoredMessage {
                     seq,
                     sender: user.to_string(),
-                    recipient: to.clone(),
-                    client_id: id.clone(),
+                    recipient: to,
+                    client_id: id,
                     body,
-                    accepted_at: crate::now_ms(),
+                    accepted_at,
                 });
                 let fate = self.app.router.deliver(stored);
                 match fate {
                     Fate::Delivered => inc(&self.app.metrics.messages_delivered),
                     Fate::Stored => inc(&self.app.metrics.messages_stored),
                 }
-                (seq, fate, false)
+                Ok((seq, fate, false))
             }
             Ok(Enqueued::Duplicate { seq }) => {
                 inc(&self.app.metrics.messages_duplicate);
-                (seq, Fate::Stored, true)
+                Ok((seq, Fate::Stored, true))
             }
             Err(e) => {
                 let code = match e {
@@ -343,21 +532,11 @@ impl Reader {
                         ErrorCode::StoreUnavailable
                     }
                 };
-                let e = ProtocolError::new(code, e.to_string())
+                Err(ProtocolError::new(code, e.to_string())
                     .with_id(id)
-                    .with_to(Some(to));
-                return self.refuse(dialect, e).await;
+                    .with_to(Some(to)))
             }
-        };
-        self.errors_in_row = 0;
-        let sent = Event::Sent {
-            id: id.as_deref(),
-            to: &to,
-            seq,
-            fate,
-            duplicate,
-        };
-        self.reply(dialect, &sent).await
+        }
     }
 
     async fn reply(&mut self, dialect: Dialect, event: &Event<'_>) -> Flow {
@@ -430,6 +609,10 @@ struct Writer<S> {
     flushed: u64,
     /// Highest seq acknowledged on write (legacy dialects).
     acked: u64,
+    /// Blobs arriving live, by key, with the stream number this client sees them on.
+    live_blobs: HashMap<Arc<str>, u32>,
+    next_stream: u32,
+    write_timeout: Duration,
 }
 
 impl<S> Writer<S>
@@ -519,7 +702,136 @@ where
                 self.close(code, reason).await?;
                 Err(Exit::Closed)
             }
+            Outgoing::BlobStart { from, meta } => {
+                // Only a started Pigeon JSON session can take a live blob; others get it
+                // from the mailbox once it is complete.
+                let Some(user) = self.user.clone() else {
+                    return Ok(());
+                };
+                if self.dialect != Dialect::Pigeon {
+                    return Ok(());
+                }
+                let stream = self.new_stream();
+                self.live_blobs.insert(meta.key.as_str().into(), stream);
+                let start = Event::BlobStart {
+                    stream,
+                    from: &from,
+                    to: &user,
+                    meta: &meta,
+                    offline: false,
+                };
+                self.write_event(&start).await
+            }
+            Outgoing::BlobChunk { key, data, permit } => {
+                let Some(&stream) = self.live_blobs.get(&key) else {
+                    return Ok(());
+                };
+                self.write(Message::binary(protocol::chunk_frame(stream, &data)))
+                    .await?;
+                drop(permit); // the bytes are in the socket's hands: the sender may go on
+                Ok(())
+            }
+            Outgoing::BlobAbort { key, reason } => match self.live_blobs.remove(&key) {
+                Some(stream) => {
+                    self.write_event(&Event::BlobAborted { stream, reason })
+                        .await
+                }
+                None => Ok(()),
+            },
         }
+    }
+
+    fn new_stream(&mut self) -> u32 {
+        self.next_stream = self.next_stream.wrapping_add(1);
+        self.next_stream
+    }
+
+    /// A blob message: ends a live relay, or streams the stored bytes.
+    async fn write_blob(
+        &mut self,
+        msg: &StoredMessage,
+        meta: &BlobMeta,
+        offline: bool,
+    ) -> Result<(), Exit> {
+        let max_frame = self.app.config.limits.max_message_bytes as u64;
+        if self.dialect != Dialect::Pigeon {
+            // The legacy dialects get small blobs as one binary frame, large ones as a notice.
+            if meta.size <= max_frame {
+                if let Some(bytes) = self.read_blob(meta).await {
+                    return self.write(Message::binary(bytes)).await;
+                }
+            }
+            return self.write_event(&Event::Message { msg, offline }).await;
+        }
+        if let Some(stream) = self.live_blobs.remove(meta.key.as_str()) {
+            return self
+                .write_event(&Event::BlobEnd {
+                    stream,
+                    seq: msg.seq,
+                    ts: msg.accepted_at,
+                })
+                .await;
+        }
+        let stream = self.new_stream();
+        let start = Event::BlobStart {
+            stream,
+            from: &msg.sender,
+            to: &msg.recipient,
+            meta,
+            offline,
+        };
+        self.write_event(&start).await?;
+        let mut reader = match self.app.store.blob_reader(&meta.key).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(key = %meta.key, error = %e, "stored blob cannot be read");
+                return self
+                    .write_event(&Event::BlobAborted {
+                        stream,
+                        reason: "unavailable",
+                    })
+                    .await;
+            }
+        };
+        let mut buf = vec![0u8; self.app.config.limits.blob_chunk_bytes];
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.write(Message::binary(protocol::chunk_frame(stream, &buf[..n])))
+                        .await?
+                }
+                Err(e) => {
+                    tracing::error!(key = %meta.key, error = %e, "stored blob read failed");
+                    return self
+                        .write_event(&Event::BlobAborted {
+                            stream,
+                            reason: "unavailable",
+                        })
+                        .await;
+                }
+            }
+        }
+        self.write_event(&Event::BlobEnd {
+            stream,
+            seq: msg.seq,
+            ts: msg.accepted_at,
+        })
+        .await
+    }
+
+    /// A small stored blob, whole.
+    async fn read_blob(&self, meta: &BlobMeta) -> Option<Vec<u8>> {
+        let mut reader = self.app.store.blob_reader(&meta.key).await.ok()?;
+        let mut out = vec![0u8; usize::try_from(meta.size).ok()?];
+        let mut filled = 0;
+        while filled < out.len() {
+            match reader.read(&mut out[filled..]).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => filled += n,
+            }
+        }
+        Some(out)
     }
 
     async fn start(
@@ -584,7 +896,10 @@ where
     }
 
     async fn write_message(&mut self, msg: &StoredMessage, offline: bool) -> Result<(), Exit> {
-        self.write_event(&Event::Message { msg, offline }).await?;
+        match msg.body.blob_meta() {
+            Some(meta) => self.write_blob(msg, &meta, offline).await?,
+            None => self.write_event(&Event::Message { msg, offline }).await?,
+        }
         self.last_sent = msg.seq;
         self.shared.last_sent.store(msg.seq, Ordering::Release);
         Ok(())
@@ -600,11 +915,17 @@ where
     }
 
     async fn write(&mut self, msg: Message) -> Result<(), Exit> {
-        self.sink.feed(msg).await.map_err(|_| Exit::Broken)
+        match tokio::time::timeout(self.write_timeout, self.sink.feed(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Exit::Broken),
+        }
     }
 
     async fn flush(&mut self) -> Result<(), Exit> {
-        self.sink.flush().await.map_err(|_| Exit::Broken)?;
+        match tokio::time::timeout(self.write_timeout, self.sink.flush()).await {
+            Ok(Ok(())) => {}
+            _ => return Err(Exit::Broken),
+        }
         self.flushed = self.last_sent;
         Ok(())
     }

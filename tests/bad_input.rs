@@ -45,7 +45,9 @@ async fn pigeon_json_errors_name_the_problem() {
     let v = pigeon_error(&mut c, r#"{"type":"send","id":"k7","to":"b b","body":1}"#).await;
     assert_eq!(v["id"], "k7");
     c.binary(vec![1, 2, 3]).await;
-    assert_eq!(c.json().await["code"], "unsupported");
+    assert_eq!(c.json().await["code"], "bad_frame");
+    c.binary(vec![0, 0, 0, 9, 1]).await;
+    assert_eq!(c.json().await["code"], "unknown_stream");
     let big = "y".repeat(64 * 1024 + 1);
     let v = pigeon_error(
         &mut c,

@@ -44,12 +44,17 @@ fn bad() -> ProtocolError {
 
 pub fn format(event: &Event<'_>) -> Option<String> {
     match event {
-        Event::Message { msg, .. } => Some(format!(
-            "{}#{}#{}",
-            msg.sender,
-            msg.body.as_str(),
-            msg.recipient
-        )),
+        Event::Message { msg, .. } => {
+            let notice;
+            let body = match msg.body.blob_meta() {
+                Some(meta) => {
+                    notice = super::blob_notice(&meta);
+                    &notice
+                }
+                None => msg.body.as_str(),
+            };
+            Some(format!("{}#{}#{}", msg.sender, body, msg.recipient))
+        }
         // A stored message is answered `Out Line` first: `protocol::format` adds it.
         Event::Sent { .. } => Some(SEND_SUCCESS.to_string()),
         Event::Error(e) => Some(format!("!error#{}#{}", e.code.as_str(), e.message)),
@@ -57,7 +62,13 @@ pub fn format(event: &Event<'_>) -> Option<String> {
             "!kicked#session_replaced#{}",
             super::KICKED_MESSAGE
         )),
-        Event::Welcome { .. } | Event::Synced | Event::Pong => None,
+        Event::Welcome { .. }
+        | Event::Synced
+        | Event::Pong
+        | Event::BlobAccepted { .. }
+        | Event::BlobStart { .. }
+        | Event::BlobEnd { .. }
+        | Event::BlobAborted { .. } => None,
     }
 }
 

@@ -6,7 +6,7 @@ pub mod hash;
 pub mod pigeon;
 pub mod seed_json;
 
-use crate::store::{Body, StoredMessage};
+use crate::store::{BlobMeta, Body, StoredMessage};
 
 /// Longest username, in characters.
 pub const MAX_USERNAME_CHARS: usize = 32;
@@ -59,6 +59,10 @@ pub enum ErrorCode {
     MailboxFull,
     StoreUnavailable,
     BadAck,
+    UnknownStream,
+    BlobOverflow,
+    ChecksumMismatch,
+    TooManyTransfers,
 }
 
 impl ErrorCode {
@@ -77,6 +81,10 @@ impl ErrorCode {
             ErrorCode::MailboxFull => "mailbox_full",
             ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::BadAck => "bad_ack",
+            ErrorCode::UnknownStream => "unknown_stream",
+            ErrorCode::BlobOverflow => "blob_overflow",
+            ErrorCode::ChecksumMismatch => "checksum_mismatch",
+            ErrorCode::TooManyTransfers => "too_many_transfers",
         }
     }
 }
@@ -128,6 +136,20 @@ pub enum Request {
         upto: u64,
     },
     Ping,
+    /// Announces a blob whose bytes follow as binary frames on the stream the server
+    /// assigns in `blob_accepted`.
+    BlobStart {
+        id: String,
+        to: String,
+        name: String,
+        mime: String,
+        size: u64,
+        sha256: Option<String>,
+    },
+    /// The sender gives up a transfer.
+    BlobAbort {
+        stream: u32,
+    },
 }
 
 /// What the server tells a send's sender.
@@ -169,6 +191,57 @@ pub enum Event<'a> {
     Error(&'a ProtocolError),
     Kicked,
     Pong,
+    /// To a blob's sender: send its bytes on `stream`.
+    BlobAccepted {
+        id: &'a str,
+        stream: u32,
+    },
+    /// To a blob's recipient: bytes follow on `stream`.
+    BlobStart {
+        stream: u32,
+        from: &'a str,
+        to: &'a str,
+        meta: &'a BlobMeta,
+        offline: bool,
+    },
+    /// To a blob's recipient: all bytes of `stream` were sent; acknowledge with `seq`.
+    BlobEnd {
+        stream: u32,
+        seq: u64,
+        ts: i64,
+    },
+    /// To a blob's recipient: `stream` stops here and will not complete.
+    BlobAborted {
+        stream: u32,
+        reason: &'a str,
+    },
+}
+
+/// How a blob is shown where only text can go (the legacy dialects, for large blobs).
+pub fn blob_notice(meta: &BlobMeta) -> String {
+    format!("[file {} ({}, {} bytes)]", meta.name, meta.mime, meta.size)
+}
+
+/// Binary frames of a blob transfer start with the stream number (4 bytes, big endian).
+pub const CHUNK_HEADER: usize = 4;
+
+/// Splits a binary frame into its stream number and payload.
+pub fn split_chunk(frame: &[u8]) -> Result<(u32, &[u8]), ProtocolError> {
+    match frame.split_first_chunk::<CHUNK_HEADER>() {
+        Some((head, payload)) if !payload.is_empty() => Ok((u32::from_be_bytes(*head), payload)),
+        _ => Err(ProtocolError::new(
+            ErrorCode::BadFrame,
+            "a blob chunk is a 4-byte stream number followed by at least one byte",
+        )),
+    }
+}
+
+/// Builds a binary frame for `stream`.
+pub fn chunk_frame(stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(CHUNK_HEADER + payload.len());
+    v.extend_from_slice(&stream.to_be_bytes());
+    v.extend_from_slice(payload);
+    v
 }
 
 /// The reason sent with a take-over.
@@ -250,6 +323,20 @@ mod tests {
         ] {
             assert!(!valid_username(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn chunk_frames_round_trip() {
+        let f = chunk_frame(7, b"abc");
+        assert_eq!(split_chunk(&f).unwrap(), (7, &b"abc"[..]));
+        assert_eq!(
+            split_chunk(&[0, 0, 0]).unwrap_err().code,
+            ErrorCode::BadFrame
+        );
+        assert_eq!(
+            split_chunk(&[0, 0, 0, 1]).unwrap_err().code,
+            ErrorCode::BadFrame
+        );
     }
 
     #[test]

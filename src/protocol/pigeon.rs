@@ -19,6 +19,11 @@ struct ClientFrame {
     to: Option<String>,
     body: Option<Value>,
     upto: Option<Value>,
+    name: Option<String>,
+    mime: Option<String>,
+    size: Option<u64>,
+    sha256: Option<String>,
+    stream: Option<u32>,
 }
 
 /// True when a JSON text frame is a Pigeon frame (it has a `type`), not a seed one.
@@ -72,6 +77,39 @@ pub fn parse(text: &str) -> Result<Request, ProtocolError> {
             )),
         },
         "ping" => Ok(Request::Ping),
+        "blob" => {
+            let id = f.id.clone().ok_or_else(|| missing("id"))?;
+            let to = f.to.clone().ok_or_else(|| missing("to"))?;
+            let size = f
+                .size
+                .ok_or_else(|| missing("size (a non-negative integer)"))?;
+            let sha256 = match f.sha256 {
+                Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    Some(h.to_ascii_lowercase())
+                }
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::BadFrame,
+                        "blob: sha256 must be 64 hex digits",
+                    )
+                    .with_id(Some(id)))
+                }
+                None => None,
+            };
+            Ok(Request::BlobStart {
+                id,
+                to,
+                name: f.name.unwrap_or_default(),
+                mime: f
+                    .mime
+                    .unwrap_or_else(|| "application/octet-stream".to_string()),
+                size,
+                sha256,
+            })
+        }
+        "blob_abort" => Ok(Request::BlobAbort {
+            stream: f.stream.ok_or_else(|| missing("stream"))?,
+        }),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownType,
             format!("unknown frame type {other:?}"),
@@ -81,7 +119,7 @@ pub fn parse(text: &str) -> Result<Request, ProtocolError> {
 }
 
 #[derive(Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+#[serde(tag = "type", rename_all = "snake_case")]
 enum ServerFrame<'a> {
     Welcome {
         user: &'a str,
@@ -121,6 +159,33 @@ enum ServerFrame<'a> {
         message: &'static str,
     },
     Pong,
+    BlobAccepted {
+        id: &'a str,
+        stream: u32,
+    },
+    BlobStart {
+        stream: u32,
+        from: &'a str,
+        to: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+        name: &'a str,
+        mime: &'a str,
+        size: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sha256: Option<&'a str>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        offline: bool,
+    },
+    BlobEnd {
+        stream: u32,
+        seq: u64,
+        ts: i64,
+    },
+    BlobAbort {
+        stream: u32,
+        reason: &'a str,
+    },
 }
 
 /// A body on the way out: text as a JSON string, JSON spliced in as it was stored.
@@ -143,7 +208,7 @@ fn body_out(body: &Body) -> BodyOut<'_> {
         Body::Text(t) => BodyOut::Text(t),
         // Stored JSON was valid when accepted; if a store hands back anything else,
         // it still reaches the client, as text.
-        Body::Json(j) => serde_json::from_str::<&RawValue>(j)
+        Body::Json(j) | Body::Blob(j) => serde_json::from_str::<&RawValue>(j)
             .map(BodyOut::Raw)
             .unwrap_or(BodyOut::Text(j)),
     }
@@ -194,6 +259,36 @@ pub fn format(event: &Event<'_>) -> String {
             message: super::KICKED_MESSAGE,
         },
         Event::Pong => ServerFrame::Pong,
+        Event::BlobAccepted { id, stream } => ServerFrame::BlobAccepted {
+            id,
+            stream: *stream,
+        },
+        Event::BlobStart {
+            stream,
+            from,
+            to,
+            meta,
+            offline,
+        } => ServerFrame::BlobStart {
+            stream: *stream,
+            from,
+            to,
+            id: meta.id.as_deref(),
+            name: &meta.name,
+            mime: &meta.mime,
+            size: meta.size,
+            sha256: meta.sha256.as_deref(),
+            offline: *offline,
+        },
+        Event::BlobEnd { stream, seq, ts } => ServerFrame::BlobEnd {
+            stream: *stream,
+            seq: *seq,
+            ts: *ts,
+        },
+        Event::BlobAborted { stream, reason } => ServerFrame::BlobAbort {
+            stream: *stream,
+            reason,
+        },
     };
     // Serializing these plain structs cannot fail; fall back to a fixed frame if it did.
     serde_json::to_string(&frame).unwrap_or_else(|_| {
@@ -233,6 +328,37 @@ mod tests {
             Request::Ack { upto: 9 }
         );
         assert_eq!(parse(r#"{"type":"ping"}"#).unwrap(), Request::Ping);
+        assert_eq!(
+            parse(
+                r#"{"type":"blob","id":"t","to":"bob","name":"a.mp4","mime":"video/mp4","size":10}"#
+            )
+            .unwrap(),
+            Request::BlobStart {
+                id: "t".into(),
+                to: "bob".into(),
+                name: "a.mp4".into(),
+                mime: "video/mp4".into(),
+                size: 10,
+                sha256: None
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"blob_abort","stream":3}"#).unwrap(),
+            Request::BlobAbort { stream: 3 }
+        );
+        let code = |t: &str| parse(t).unwrap_err().code;
+        assert_eq!(
+            code(r#"{"type":"blob","id":"t","to":"b"}"#),
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            code(r#"{"type":"blob","id":"t","to":"b","size":-1}"#),
+            ErrorCode::BadFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"blob","id":"t","to":"b","size":1,"sha256":"zz"}"#),
+            ErrorCode::BadFrame
+        );
     }
 
     #[test]

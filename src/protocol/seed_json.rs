@@ -57,6 +57,11 @@ pub fn body_value(body: &Body) -> Value {
     match body {
         Body::Text(s) => Value::String(s.clone()),
         Body::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
+        Body::Blob(_) => Value::String(
+            body.blob_meta()
+                .map(|m| super::blob_notice(&m))
+                .unwrap_or_default(),
+        ),
     }
 }
 
@@ -85,7 +90,14 @@ pub fn format(event: &Event<'_>) -> Option<String> {
         Event::Kicked => {
             json!({"error": "kicked", "reason": "session_replaced", "message": super::KICKED_MESSAGE})
         }
-        Event::Welcome { .. } | Event::Synced | Event::Sent { .. } | Event::Pong => return None,
+        Event::Welcome { .. }
+        | Event::Synced
+        | Event::Sent { .. }
+        | Event::Pong
+        | Event::BlobAccepted { .. }
+        | Event::BlobStart { .. }
+        | Event::BlobEnd { .. }
+        | Event::BlobAborted { .. } => return None,
     };
     Some(v.to_string())
 }

@@ -14,6 +14,7 @@
 //! - `fetch` returns messages in increasing seq order; `ack` deletes every message of the
 //!   recipient with `seq <= upto`.
 
+pub mod blob_files;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -29,31 +30,81 @@ pub enum Body {
     Text(String),
     /// A JSON value other than a string, kept as its compact serialized text.
     Json(String),
+    /// A binary blob: its `BlobMeta` as JSON text; the bytes live in the store's blob
+    /// storage under `BlobMeta::key`.
+    Blob(String),
 }
 
 impl Body {
-    /// Storage tag: 0 text, 1 JSON.
+    /// Storage tag: 0 text, 1 JSON, 2 blob.
     pub fn kind(&self) -> i64 {
         match self {
             Body::Text(_) => 0,
             Body::Json(_) => 1,
+            Body::Blob(_) => 2,
         }
     }
 
     pub fn as_str(&self) -> &str {
         match self {
-            Body::Text(s) | Body::Json(s) => s,
+            Body::Text(s) | Body::Json(s) | Body::Blob(s) => s,
         }
     }
 
     /// Rebuilds a body from its storage tag and text.
     pub fn from_parts(kind: i64, text: String) -> Body {
-        if kind == 1 {
-            Body::Json(text)
-        } else {
-            Body::Text(text)
+        match kind {
+            1 => Body::Json(text),
+            2 => Body::Blob(text),
+            _ => Body::Text(text),
         }
     }
+
+    /// The blob's description, when this is a blob.
+    pub fn blob_meta(&self) -> Option<BlobMeta> {
+        match self {
+            Body::Blob(s) => serde_json::from_str(s).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// What the mailbox keeps about a blob; the bytes are in blob storage under `key`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlobMeta {
+    pub key: String,
+    /// The sender's transfer id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub name: String,
+    pub mime: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl BlobMeta {
+    pub fn to_body(&self) -> Body {
+        // Serializing a struct of strings and numbers cannot fail.
+        Body::Blob(serde_json::to_string(self).unwrap_or_default())
+    }
+}
+
+/// Receives a blob's bytes as they arrive; nothing is visible until `finish`.
+#[async_trait]
+pub trait BlobWrite: Send {
+    async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError>;
+    /// Makes the blob durable under its key.
+    async fn finish(self: Box<Self>) -> Result<(), StoreError>;
+    /// Drops a partial blob, leaving nothing behind.
+    async fn discard(self: Box<Self>);
+}
+
+/// Reads a stored blob from the start.
+#[async_trait]
+pub trait BlobRead: Send {
+    /// Fills `buf` with the next bytes; 0 at the end.
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, StoreError>;
 }
 
 /// A message as a sender submits it.
@@ -120,7 +171,8 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError>;
 
-    /// Deletes every message for `recipient` with `seq <= upto`; returns how many.
+    /// Deletes every message for `recipient` with `seq <= upto` (and the bytes of any
+    /// blob among them); returns how many messages.
     async fn ack(&self, recipient: &str, upto: u64) -> Result<u64, StoreError>;
 
     /// How many unacknowledged messages `recipient` holds.
@@ -128,6 +180,29 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name for logs and metrics ("sqlite", "mongodb").
     fn backend(&self) -> &'static str;
+
+    /// Starts storing a blob under `key` (a fresh, unique key).
+    async fn blob_writer(&self, key: &str) -> Result<Box<dyn BlobWrite>, StoreError> {
+        let _ = key;
+        Err(StoreError::Backend(format!(
+            "blobs are not supported by the {} backend yet",
+            self.backend()
+        )))
+    }
+
+    /// Deletes a finished blob that no message refers to (a duplicate, a failed enqueue).
+    async fn blob_remove(&self, key: &str) {
+        let _ = key;
+    }
+
+    /// Opens a finished blob.
+    async fn blob_reader(&self, key: &str) -> Result<Box<dyn BlobRead>, StoreError> {
+        let _ = key;
+        Err(StoreError::Backend(format!(
+            "blobs are not supported by the {} backend yet",
+            self.backend()
+        )))
+    }
 }
 
 /// Opens the backend the configuration names.

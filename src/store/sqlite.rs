@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Body, Enqueued, NewMessage, Store, StoreError, StoredMessage};
+use super::blob_files::BlobFiles;
+use super::{BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError, StoredMessage};
 use crate::config::StorageConfig;
 
 /// Requests per transaction at most.
@@ -73,6 +74,7 @@ enum Request {
 /// Handle to the store thread. Dropping the last handle stops the thread.
 pub struct SqliteStore {
     tx: mpsc::Sender<Request>,
+    blobs: BlobFiles,
 }
 
 impl SqliteStore {
@@ -82,9 +84,18 @@ impl SqliteStore {
         })?;
         let path = cfg.data_dir.join("pigeon.db");
         let conn = open_connection(&path, &cfg.sqlite_synchronous)?;
+        let blobs = BlobFiles::open(&cfg.data_dir)?;
+        let swept = blobs.sweep(&referenced_blobs(&conn)?);
+        if swept > 0 {
+            tracing::info!(
+                files = swept,
+                "removed unfinished or unreferenced blob files"
+            );
+        }
         let (tx, rx) = mpsc::channel(QUEUE);
         let worker = Worker {
             conn,
+            blobs: blobs.clone(),
             mailbox_max,
             dedupe_window_ms: (cfg.dedupe_window_secs as i64).saturating_mul(1000),
             last_prune: Instant::now() - PRUNE_EVERY,
@@ -93,7 +104,7 @@ impl SqliteStore {
             .name("pigeon-sqlite".into())
             .spawn(move || worker.run(rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start store thread: {e}")))?;
-        Ok(SqliteStore { tx })
+        Ok(SqliteStore { tx, blobs })
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
@@ -163,10 +174,41 @@ impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
     }
+
+    async fn blob_writer(&self, key: &str) -> Result<Box<dyn BlobWrite>, StoreError> {
+        self.blobs.writer(key).await
+    }
+
+    async fn blob_reader(&self, key: &str) -> Result<Box<dyn BlobRead>, StoreError> {
+        self.blobs.reader(key).await
+    }
+
+    async fn blob_remove(&self, key: &str) {
+        let blobs = self.blobs.clone();
+        let key = key.to_string();
+        let _ = tokio::task::spawn_blocking(move || blobs.remove(&key)).await;
+    }
+}
+
+/// Keys of the blobs the mailbox still refers to.
+fn referenced_blobs(conn: &Connection) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT body FROM message WHERE kind = 2")
+        .map_err(sql)?;
+    let bodies = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(sql)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql)?;
+    Ok(bodies
+        .into_iter()
+        .filter_map(|b| Body::Blob(b).blob_meta().map(|m| m.key))
+        .collect())
 }
 
 struct Worker {
     conn: Connection,
+    blobs: BlobFiles,
     mailbox_max: u64,
     dedupe_window_ms: i64,
     last_prune: Instant,
@@ -232,6 +274,7 @@ impl Worker {
     fn transaction(&mut self, batch: &[Request]) -> Result<Vec<Answer>, StoreError> {
         let tx = self.conn.transaction().map_err(sql)?;
         let mut answers = Vec::with_capacity(batch.len());
+        let mut dead_blobs = Vec::new();
         for req in batch {
             let answer = match req {
                 Request::Enqueue(msg, _) => {
@@ -249,12 +292,15 @@ impl Worker {
                 } => Answer::Fetch(Ok(fetch(&tx, recipient, *after, *limit)?)),
                 Request::Ack {
                     recipient, upto, ..
-                } => Answer::Count(Ok(ack(&tx, recipient, *upto)?)),
+                } => Answer::Count(Ok(ack(&tx, recipient, *upto, &mut dead_blobs)?)),
                 Request::Pending { recipient, .. } => Answer::Count(Ok(pending(&tx, recipient)?)),
             };
             answers.push(answer);
         }
         tx.commit().map_err(sql)?;
+        for key in dead_blobs {
+            self.blobs.remove(&key);
+        }
         Ok(answers)
     }
 
@@ -414,7 +460,25 @@ fn fetch(
     rows.collect::<Result<Vec<_>, _>>().map_err(sql)
 }
 
-fn ack(tx: &rusqlite::Transaction<'_>, recipient: &str, upto: u64) -> Result<u64, StoreError> {
+fn ack(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: &str,
+    upto: u64,
+    dead_blobs: &mut Vec<String>,
+) -> Result<u64, StoreError> {
+    let mut blobs = tx
+        .prepare_cached("SELECT body FROM message WHERE recipient = ?1 AND seq <= ?2 AND kind = 2")
+        .map_err(sql)?;
+    let bodies = blobs
+        .query_map(params![recipient, to_i64(upto)], |r| r.get::<_, String>(0))
+        .map_err(sql)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql)?;
+    dead_blobs.extend(
+        bodies
+            .into_iter()
+            .filter_map(|b| Body::Blob(b).blob_meta().map(|m| m.key)),
+    );
     let deleted = tx
         .prepare_cached("DELETE FROM message WHERE recipient = ?1 AND seq <= ?2")
         .and_then(|mut s| s.execute(params![recipient, to_i64(upto)]))

@@ -140,6 +140,21 @@ pub struct Closed {
     pub reason: String,
 }
 
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+impl Frame {
+    pub fn json(&self) -> Value {
+        match self {
+            Frame::Text(t) => serde_json::from_str(t).unwrap_or_else(|e| panic!("not JSON: {t:?}: {e}")),
+            Frame::Binary(b) => panic!("expected a text frame, got {} binary bytes", b.len()),
+        }
+    }
+}
+
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }
@@ -191,6 +206,23 @@ impl Client {
                 .expect("socket error");
             match m {
                 Message::Text(t) => return t.to_string(),
+                Message::Close(c) => panic!("closed while waiting for a frame: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next text or binary frame (panics on close or timeout).
+    pub async fn frame(&mut self) -> Frame {
+        loop {
+            let m = tokio::time::timeout(TIMEOUT, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame")
+                .expect("socket ended")
+                .expect("socket error");
+            match m {
+                Message::Text(t) => return Frame::Text(t.to_string()),
+                Message::Binary(b) => return Frame::Binary(b.to_vec()),
                 Message::Close(c) => panic!("closed while waiting for a frame: {c:?}"),
                 _ => continue,
             }

@@ -1,0 +1,288 @@
+//! Blob transfers from one sender: each announced blob is spooled to the store's blob
+//! storage chunk by chunk (hashing as it goes) and, when its recipient is online,
+//! relayed live to that session under the recipient's byte budget, so a slow recipient
+//! slows the sender instead of growing memory. A finished blob becomes an ordinary
+//! mailbox message (`Body::Blob`), delivered and acknowledged like any other.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::app::App;
+use crate::protocol::{ErrorCode, ProtocolError};
+use crate::router::{Outgoing, SessionHandle};
+use crate::store::{BlobMeta, BlobWrite};
+
+/// A fresh blob key: unique in this data directory (time, process, counter).
+pub fn new_blob_key() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{:x}-{:x}-{:x}",
+        crate::now_ms(),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One blob on its way in.
+struct Transfer {
+    to: String,
+    meta: Arc<BlobMeta>,
+    key: Arc<str>,
+    received: u64,
+    writer: Box<dyn BlobWrite>,
+    hasher: Sha256,
+    /// The recipient's session the bytes are relayed to, while it keeps up.
+    relay: Option<SessionHandle>,
+}
+
+/// A blob whose bytes are all stored.
+pub struct Completed {
+    pub to: String,
+    pub meta: Arc<BlobMeta>,
+    key: Arc<str>,
+    relay: Option<SessionHandle>,
+}
+
+impl Completed {
+    /// The blob will not become a message after all (a duplicate, a full mailbox):
+    /// tell the live recipient and delete the bytes.
+    pub async fn discard(self, app: &App, reason: &'static str) {
+        relay_abort(&self.relay, &self.key, reason).await;
+        app.store.blob_remove(&self.key).await;
+    }
+}
+
+/// What a chunk did to its transfer.
+pub enum ChunkOutcome {
+    /// More bytes expected.
+    Partial,
+    /// All announced bytes arrived.
+    Complete,
+}
+
+/// The transfers one session has in flight, by stream number.
+#[derive(Default)]
+pub struct Transfers {
+    by_stream: HashMap<u32, Transfer>,
+    next_stream: u32,
+}
+
+impl Transfers {
+    pub fn len(&self) -> usize {
+        self.by_stream.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_stream.is_empty()
+    }
+
+    /// Opens blob storage for a new transfer and starts the live relay when the
+    /// recipient is online. Returns the stream number the sender must use.
+    pub async fn start(
+        &mut self,
+        app: &App,
+        from: &str,
+        to: String,
+        mut meta: BlobMeta,
+    ) -> Result<u32, ProtocolError> {
+        let id = meta.id.clone();
+        let fail = |code, msg: String| ProtocolError::new(code, msg).with_id(id.clone());
+        let limits = &app.config.limits;
+        if self.by_stream.len() >= limits.max_transfers {
+            return Err(fail(
+                ErrorCode::TooManyTransfers,
+                format!("at most {} transfers at once", limits.max_transfers),
+            ));
+        }
+        if meta.size == 0 || meta.size > limits.max_blob_bytes {
+            return Err(fail(
+                ErrorCode::TooLarge,
+                format!("blob size must be 1..={} bytes", limits.max_blob_bytes),
+            ));
+        }
+        match app.store.pending(&to).await {
+            Ok(n) if n >= limits.mailbox_max => {
+                return Err(fail(
+                    ErrorCode::MailboxFull,
+                    format!("{to}'s mailbox is full"),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(fail(ErrorCode::StoreUnavailable, e.to_string())),
+        }
+        let key = new_blob_key();
+        let writer = app
+            .store
+            .blob_writer(&key)
+            .await
+            .map_err(|e| fail(ErrorCode::StoreUnavailable, e.to_string()))?;
+        meta.key = key.clone();
+        let meta = Arc::new(meta);
+        let mut relay = app.router.session(&to);
+        if let Some(r) = &relay {
+            let start = Outgoing::BlobStart {
+                from: from.to_string(),
+                meta: meta.clone(),
+            };
+            if r.tx.send(start).await.is_err() {
+                relay = None;
+            }
+        }
+        self.next_stream = self.next_stream.wrapping_add(1);
+        while self.by_stream.contains_key(&self.next_stream) {
+            self.next_stream = self.next_stream.wrapping_add(1);
+        }
+        let stream = self.next_stream;
+        self.by_stream.insert(
+            stream,
+            Transfer {
+                to,
+                meta,
+                key: key.into(),
+                received: 0,
+                writer,
+                hasher: Sha256::new(),
+                relay,
+            },
+        );
+        Ok(stream)
+    }
+
+    /// Takes one chunk for `stream`: spools it, hashes it, relays it.
+    pub async fn chunk(
+        &mut self,
+        app: &App,
+        stream: u32,
+        data: Bytes,
+    ) -> Result<ChunkOutcome, ProtocolError> {
+        let Some(t) = self.by_stream.get_mut(&stream) else {
+            return Err(ProtocolError::new(
+                ErrorCode::UnknownStream,
+                format!("no transfer on stream {stream}"),
+            ));
+        };
+        let id = t.meta.id.clone();
+        if t.received + data.len() as u64 > t.meta.size {
+            let e = ProtocolError::new(
+                ErrorCode::BlobOverflow,
+                format!(
+                    "more bytes than the {} announced; transfer aborted",
+                    t.meta.size
+                ),
+            )
+            .with_id(id);
+            self.abort(stream, "overflow").await;
+            return Err(e);
+        }
+        if let Err(e) = t.writer.write(&data).await {
+            tracing::warn!(error = %e, "blob spool write failed");
+            self.abort(stream, "store_unavailable").await;
+            return Err(ProtocolError::new(ErrorCode::StoreUnavailable, e.to_string()).with_id(id));
+        }
+        t.hasher.update(&data);
+        t.received += data.len() as u64;
+        if let Some(r) = &t.relay {
+            let budget = app.config.limits.blob_relay_bytes;
+            let want = u32::try_from(data.len().min(budget)).unwrap_or(u32::MAX);
+            let sent = match r.shared.blob_budget.clone().acquire_many_owned(want).await {
+                Ok(permit) => {
+                    let chunk = Outgoing::BlobChunk {
+                        key: t.key.clone(),
+                        data,
+                        permit,
+                    };
+                    r.tx.send(chunk).await.is_ok()
+                }
+                Err(_) => false,
+            };
+            if !sent {
+                t.relay = None; // the recipient went away: it gets the blob from its mailbox
+            }
+        }
+        Ok(if t.received == t.meta.size {
+            ChunkOutcome::Complete
+        } else {
+            ChunkOutcome::Partial
+        })
+    }
+
+    /// Finishes a complete transfer: durable bytes, checked hash. The caller enqueues
+    /// the mailbox message (and removes the blob if that fails).
+    pub async fn finish(&mut self, app: &App, stream: u32) -> Result<Completed, ProtocolError> {
+        let Some(t) = self.by_stream.remove(&stream) else {
+            return Err(ProtocolError::new(
+                ErrorCode::UnknownStream,
+                "no such transfer",
+            ));
+        };
+        let Transfer {
+            to,
+            meta,
+            key,
+            writer,
+            hasher,
+            relay,
+            ..
+        } = t;
+        let id = meta.id.clone();
+        let digest: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if let Some(expected) = &meta.sha256 {
+            if *expected != digest {
+                relay_abort(&relay, &key, "checksum_mismatch").await;
+                writer.discard().await;
+                return Err(ProtocolError::new(
+                    ErrorCode::ChecksumMismatch,
+                    format!("sha256 of the received bytes is {digest}, not {expected}"),
+                )
+                .with_id(id));
+            }
+        }
+        if let Err(e) = writer.finish().await {
+            relay_abort(&relay, &key, "store_unavailable").await;
+            app.store.blob_remove(&key).await;
+            return Err(ProtocolError::new(ErrorCode::StoreUnavailable, e.to_string()).with_id(id));
+        }
+        Ok(Completed {
+            to,
+            meta,
+            key,
+            relay,
+        })
+    }
+
+    /// Gives up a transfer: partial bytes deleted, the live recipient told.
+    pub async fn abort(&mut self, stream: u32, reason: &'static str) -> bool {
+        let Some(t) = self.by_stream.remove(&stream) else {
+            return false;
+        };
+        relay_abort(&t.relay, &t.key, reason).await;
+        t.writer.discard().await;
+        true
+    }
+
+    /// Gives up every transfer (the sender went away).
+    pub async fn abort_all(&mut self, reason: &'static str) {
+        let streams: Vec<u32> = self.by_stream.keys().copied().collect();
+        for s in streams {
+            self.abort(s, reason).await;
+        }
+    }
+}
+
+async fn relay_abort(relay: &Option<SessionHandle>, key: &Arc<str>, reason: &'static str) {
+    if let Some(r) = relay {
+        let abort = Outgoing::BlobAbort {
+            key: key.clone(),
+            reason,
+        };
+        let _ = r.tx.send(abort).await;
+    }
+}
