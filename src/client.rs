@@ -1,8 +1,14 @@
 //! `pigeon chat`: a terminal client on the Pigeon JSON protocol. Type `bob: hello` to
-//! send; incoming messages (offline catch-up first) are printed and acknowledged.
+//! send, `/send bob ./clip.mp4` to send a file; incoming messages (offline catch-up
+//! first) are printed and acknowledged, incoming files saved to the download directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
 use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -27,6 +33,50 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// Parses `/send bob ./clip.mp4` into (recipient, path).
+pub fn parse_send_file(line: &str) -> Option<(&str, &str)> {
+    let rest = line.strip_prefix("/send ")?.trim_start();
+    let (to, path) = rest.split_once(char::is_whitespace)?;
+    let path = path.trim();
+    (!to.is_empty() && !path.is_empty()).then_some((to, path))
+}
+
+/// Where a received file is saved: its base name only (never a path the sender chose),
+/// made unique in `dir`.
+pub fn save_path(dir: &Path, name: &str, stream: u64) -> PathBuf {
+    let base = Path::new(name)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty() && n != "." && n != "..")
+        .unwrap_or_else(|| format!("blob-{stream}"));
+    let mut path = dir.join(&base);
+    let mut n = 1;
+    while path.exists() {
+        path = dir.join(format!("{n}-{base}"));
+        n += 1;
+    }
+    path
+}
+
+async fn file_sha256(path: &Path) -> Result<(u64, String), std::io::Error> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((
+        size,
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+    ))
 }
 
 /// Parses a typed line `bob: hello` into (recipient, text).
@@ -68,6 +118,21 @@ fn render(frame: &Value, out: &mut String) -> bool {
         }
         Some("synced") => *out = "* up to date".into(),
         Some("sent") => *out = format!("* to {}: {}", s("to"), s("status")),
+        Some("blob_start") => {
+            let tag = if frame.get("offline") == Some(&Value::Bool(true)) {
+                "[offline] "
+            } else {
+                ""
+            };
+            *out = format!(
+                "{tag}{} is sending {} ({} bytes)",
+                s("from"),
+                s("name"),
+                frame["size"]
+            );
+        }
+        Some("blob_abort") => *out = format!("! transfer stopped: {}", s("reason")),
+        Some("blob_accepted") | Some("blob_end") => out.clear(),
         Some("error") => *out = format!("! {}: {}", s("code"), s("message")),
         Some("kicked") => {
             *out = format!("! {}", s("message"));
@@ -84,7 +149,7 @@ async fn print(out: &mut (impl AsyncWrite + Unpin), line: &str) -> Result<(), st
     out.flush().await
 }
 
-pub async fn chat(server: &str, user: &str) -> Result<(), ClientError> {
+pub async fn chat(server: &str, user: &str, download_dir: &Path) -> Result<(), ClientError> {
     let url = format!("{}/ws?user={}", server.trim_end_matches('/'), encode(user));
     let (ws, _) = tokio_tungstenite::connect_async(&url)
         .await
@@ -97,6 +162,10 @@ pub async fn chat(server: &str, user: &str) -> Result<(), ClientError> {
     let mut stdout = tokio::io::stdout();
     let mut next_id: u64 = 0;
     let mut line_out = String::new();
+    // Files we announced, by transfer id, waiting for `blob_accepted`.
+    let mut uploads: HashMap<String, PathBuf> = HashMap::new();
+    // Files arriving, by stream.
+    let mut downloads: HashMap<u64, (PathBuf, tokio::fs::File)> = HashMap::new();
     print(
         &mut stdout,
         "* type `name: message` to send, Ctrl-D to quit",
@@ -106,6 +175,20 @@ pub async fn chat(server: &str, user: &str) -> Result<(), ClientError> {
         tokio::select! {
             line = stdin.next_line() => {
                 let Some(line) = line? else { break };
+                if let Some((to, path)) = parse_send_file(&line) {
+                    match file_sha256(Path::new(path)).await {
+                        Ok((size, sha)) => {
+                            next_id += 1;
+                            let id = format!("{}-f{next_id}", crate::now_ms());
+                            let name = Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                            let frame = json!({"type":"blob","id":id,"to":to,"name":name,"mime":"application/octet-stream","size":size,"sha256":sha});
+                            uploads.insert(id, PathBuf::from(path));
+                            sink.send(Message::text(frame.to_string())).await?;
+                        }
+                        Err(e) => print(&mut stdout, &format!("! cannot read {path}: {e}")).await?,
+                    }
+                    continue;
+                }
                 match parse_line(&line) {
                     Some((to, text)) => {
                         next_id += 1;
@@ -118,13 +201,58 @@ pub async fn chat(server: &str, user: &str) -> Result<(), ClientError> {
             }
             frame = stream.next() => {
                 let Some(frame) = frame else { break };
-                let Message::Text(text) = frame? else { continue };
+                let text = match frame? {
+                    Message::Text(t) => t,
+                    Message::Binary(b) if b.len() > 4 => {
+                        let stream = u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                        if let Some((_, f)) = downloads.get_mut(&stream) {
+                            f.write_all(&b[4..]).await?;
+                        }
+                        continue;
+                    }
+                    _ => continue,
+                };
                 let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else { continue };
+                let stream = v.get("stream").and_then(Value::as_u64).unwrap_or(0);
+                match v["type"].as_str() {
+                    Some("blob_accepted") => {
+                        if let Some(path) = uploads.remove(v["id"].as_str().unwrap_or("")) {
+                            let mut f = tokio::fs::File::open(&path).await?;
+                            let mut buf = vec![0u8; 4 + 256 * 1024];
+                            buf[..4].copy_from_slice(&(stream as u32).to_be_bytes());
+                            loop {
+                                let n = f.read(&mut buf[4..]).await?;
+                                if n == 0 {
+                                    break;
+                                }
+                                sink.send(Message::binary(buf[..4 + n].to_vec())).await?;
+                            }
+                        }
+                    }
+                    Some("blob_start") => {
+                        let path = save_path(download_dir, v["name"].as_str().unwrap_or(""), stream);
+                        let file = tokio::fs::File::create(&path).await?;
+                        downloads.insert(stream, (path, file));
+                    }
+                    Some("blob_end") => {
+                        if let Some((path, mut f)) = downloads.remove(&stream) {
+                            f.flush().await?;
+                            print(&mut stdout, &format!("* saved {}", path.display())).await?;
+                        }
+                    }
+                    Some("blob_abort") => {
+                        if let Some((path, f)) = downloads.remove(&stream) {
+                            drop(f);
+                            let _ = tokio::fs::remove_file(&path).await;
+                        }
+                    }
+                    _ => {}
+                }
                 let go_on = render(&v, &mut line_out);
                 if !line_out.is_empty() {
                     print(&mut stdout, &line_out).await?;
                 }
-                if let Some(seq) = v.get("seq").and_then(Value::as_u64).filter(|_| v["type"] == "msg") {
+                if let Some(seq) = v.get("seq").and_then(Value::as_u64).filter(|_| v["type"] == "msg" || v["type"] == "blob_end") {
                     sink.send(Message::text(json!({"type":"ack","upto":seq}).to_string())).await?;
                 }
                 if !go_on {
@@ -147,6 +275,22 @@ mod tests {
         assert_eq!(parse_line("no colon"), None);
         assert_eq!(parse_line(": x"), None);
         assert_eq!(encode("zoë a"), "zo%C3%AB%20a");
+        assert_eq!(
+            parse_send_file("/send bob ./a b.mp4"),
+            Some(("bob", "./a b.mp4"))
+        );
+        assert_eq!(parse_send_file("/send bob"), None);
+    }
+
+    #[test]
+    fn received_files_never_escape_the_download_dir() {
+        let dir = std::env::temp_dir();
+        assert_eq!(
+            save_path(&dir, "../../etc/passwd", 1).parent(),
+            Some(dir.as_path())
+        );
+        assert_eq!(save_path(&dir, "", 7).file_name().unwrap(), "blob-7");
+        assert_eq!(save_path(&dir, "..", 8).file_name().unwrap(), "blob-8");
     }
 
     #[test]

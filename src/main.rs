@@ -34,13 +34,16 @@ enum Command {
         #[arg(long)]
         log_format: Option<String>,
     },
-    /// Chat from the terminal: type `bob: hello`.
+    /// Chat from the terminal: type `bob: hello`, or `/send bob ./file` to send a file.
     Chat {
         #[arg(long, short)]
         user: String,
         /// Server base URL.
         #[arg(long, default_value = "ws://127.0.0.1:8080")]
         server: String,
+        /// Where received files are saved.
+        #[arg(long, default_value = ".")]
+        download_dir: PathBuf,
     },
 }
 
@@ -80,8 +83,12 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })
         }
-        Command::Chat { user, server } => {
-            runtime.block_on(pigeon::client::chat(&server, &user))?;
+        Command::Chat {
+            user,
+            server,
+            download_dir,
+        } => {
+            runtime.block_on(pigeon::client::chat(&server, &user, &download_dir))?;
             Ok(())
         }
     }

@@ -10,16 +10,25 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn sha(b: &[u8]) -> String {
-    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 fn blob_files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir.join("blobs"))
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -97,7 +106,11 @@ async fn online_multi_chunk_relay_is_byte_exact() {
     assert_eq!(sent["seq"], end["seq"]);
     bob.ack(end["seq"].as_u64().unwrap()).await;
     bob.ping().await;
-    assert!(blob_files(dir.path()).is_empty(), "acked blob must be deleted: {:?}", blob_files(dir.path()));
+    assert!(
+        blob_files(dir.path()).is_empty(),
+        "acked blob must be deleted: {:?}",
+        blob_files(dir.path())
+    );
     srv.stop().await;
 }
 
@@ -107,20 +120,29 @@ async fn offline_blob_is_delivered_at_login_in_order_with_text() {
     let srv = TestServer::start(test_config(dir.path())).await;
     let base = format!("ws://{}", srv.addr);
     let (mut alice, _) = Client::pigeon(&base, "alice").await;
-    assert_eq!(alice.send_msg("t1", "bob", json!("before")).await["status"], "stored");
+    assert_eq!(
+        alice.send_msg("t1", "bob", json!("before")).await["status"],
+        "stored"
+    );
     let data = pattern(700_000, 9);
     let stream = announce(&mut alice, "b1", "bob", &data, false).await;
     send_chunks(&mut alice, stream, &data, 65_536).await;
     let sent = alice.json().await;
     assert_eq!(sent["status"], "stored", "{sent}");
-    assert_eq!(alice.send_msg("t2", "bob", json!("after")).await["status"], "stored");
+    assert_eq!(
+        alice.send_msg("t2", "bob", json!("after")).await["status"],
+        "stored"
+    );
     assert_eq!(blob_files(dir.path()).len(), 1);
 
     let mut bob = Client::connect(&srv.url("/ws?user=bob")).await;
     let welcome = bob.json().await;
     assert_eq!(welcome["pending"], 3);
     let first = bob.json().await;
-    assert_eq!((first["type"].as_str(), first["body"].as_str()), (Some("msg"), Some("before")));
+    assert_eq!(
+        (first["type"].as_str(), first["body"].as_str()),
+        (Some("msg"), Some("before"))
+    );
     let (start, bytes, end) = receive_blob(&mut bob).await;
     assert_eq!(start["offline"], true);
     assert_eq!(start["id"], "b1");
@@ -146,22 +168,34 @@ async fn limits_overflow_and_checksum_are_enforced_and_leave_nothing_behind() {
     let (mut bob, _) = Client::pigeon(&base, "bob").await;
     let (mut alice, _) = Client::pigeon(&base, "alice").await;
 
-    alice.send_json(json!({"type":"blob","id":"big","to":"bob","size":1_000_001})).await;
+    alice
+        .send_json(json!({"type":"blob","id":"big","to":"bob","size":1_000_001}))
+        .await;
     let e = alice.json().await;
-    assert_eq!((e["code"].as_str(), e["id"].as_str()), (Some("too_large"), Some("big")));
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("too_large"), Some("big"))
+    );
 
     // More bytes than announced.
     let s = announce(&mut alice, "over", "bob", &[0u8; 10], false).await;
     assert_eq!(bob.json().await["type"], "blob_start");
     send_chunks(&mut alice, s, &[1u8; 11], 11).await;
     let e = alice.json().await;
-    assert_eq!((e["code"].as_str(), e["id"].as_str()), (Some("blob_overflow"), Some("over")));
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("blob_overflow"), Some("over"))
+    );
     let abort = bob.json().await;
-    assert_eq!((abort["type"].as_str(), abort["reason"].as_str()), (Some("blob_abort"), Some("overflow")));
+    assert_eq!(
+        (abort["type"].as_str(), abort["reason"].as_str()),
+        (Some("blob_abort"), Some("overflow"))
+    );
 
     // Wrong checksum: refused, recipient told, nothing stored.
     let data = pattern(5000, 3);
-    let mut frame = json!({"type":"blob","id":"sum","to":"bob","size":data.len(),"sha256":sha(b"other")});
+    let mut frame =
+        json!({"type":"blob","id":"sum","to":"bob","size":data.len(),"sha256":sha(b"other")});
     frame["name"] = json!("x.bin");
     alice.send_json(frame).await;
     let s = alice.json().await["stream"].as_u64().unwrap() as u32;
@@ -170,24 +204,38 @@ async fn limits_overflow_and_checksum_are_enforced_and_leave_nothing_behind() {
     assert_eq!(e["code"], "checksum_mismatch");
     let (start, _, end) = receive_blob(&mut bob).await;
     assert_eq!(start["name"], "x.bin");
-    assert_eq!((end["type"].as_str(), end["reason"].as_str()), (Some("blob_abort"), Some("checksum_mismatch")));
+    assert_eq!(
+        (end["type"].as_str(), end["reason"].as_str()),
+        (Some("blob_abort"), Some("checksum_mismatch"))
+    );
 
     // Too many at once.
     announce(&mut alice, "p1", "carol", &[0u8; 4], false).await;
     announce(&mut alice, "p2", "carol", &[0u8; 4], false).await;
-    alice.send_json(json!({"type":"blob","id":"p3","to":"carol","size":4})).await;
+    alice
+        .send_json(json!({"type":"blob","id":"p3","to":"carol","size":4}))
+        .await;
     assert_eq!(alice.json().await["code"], "too_many_transfers");
     // The sender cancels one.
-    alice.send_json(json!({"type":"blob_abort","stream":1})).await;
+    alice
+        .send_json(json!({"type":"blob_abort","stream":1}))
+        .await;
     alice.ping().await;
 
     assert_eq!(bob.try_recv(Duration::from_millis(200)).await, None);
     let (_bob, flushed) = Client::pigeon(&base, "bob").await;
-    assert!(flushed.is_empty(), "refused blobs must not reach the mailbox: {flushed:?}");
+    assert!(
+        flushed.is_empty(),
+        "refused blobs must not reach the mailbox: {flushed:?}"
+    );
     alice.close().await;
     // Pending partial transfers are deleted when the sender goes away.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(blob_files(dir.path()).is_empty(), "{:?}", blob_files(dir.path()));
+    assert!(
+        blob_files(dir.path()).is_empty(),
+        "{:?}",
+        blob_files(dir.path())
+    );
     srv.stop().await;
 }
 
@@ -213,9 +261,16 @@ async fn sender_dropping_mid_transfer_aborts_it_for_the_recipient() {
         }
     };
     assert_eq!(got, 50_000);
-    assert_eq!((abort["type"].as_str(), abort["reason"].as_str()), (Some("blob_abort"), Some("sender_gone")));
+    assert_eq!(
+        (abort["type"].as_str(), abort["reason"].as_str()),
+        (Some("blob_abort"), Some("sender_gone"))
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(blob_files(dir.path()).is_empty(), "{:?}", blob_files(dir.path()));
+    assert!(
+        blob_files(dir.path()).is_empty(),
+        "{:?}",
+        blob_files(dir.path())
+    );
     srv.stop().await;
 }
 

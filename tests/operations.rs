@@ -177,3 +177,65 @@ async fn terminal_client_sends_and_shows_offline_catch_up() {
     assert!(out.contains("* to ann: delivered"), "{out}");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn terminal_client_sends_and_saves_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(test_config(dir.path())).await;
+    let base = format!("ws://{}", srv.addr);
+    let (mut ann, _) = Client::pigeon(&base, "ann").await;
+    // A file for tim while he is offline.
+    let incoming: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    ann.send_json(
+        json!({"type":"blob","id":"f1","to":"tim","name":"../sneaky.bin","size":incoming.len()}),
+    )
+    .await;
+    let stream = ann.json().await["stream"].as_u64().unwrap() as u32;
+    for part in incoming.chunks(64 * 1024) {
+        let mut f = stream.to_be_bytes().to_vec();
+        f.extend_from_slice(part);
+        ann.binary(f).await;
+    }
+    assert_eq!(ann.json().await["status"], "stored");
+
+    let outgoing_path = dir.path().join("report.pdf");
+    let outgoing: Vec<u8> = (0..200_000u32).map(|i| (i % 13) as u8).collect();
+    std::fs::write(&outgoing_path, &outgoing).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pigeon"))
+        .args(["chat", "--user", "tim", "--server", &base, "--download-dir"])
+        .arg(downloads.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "/send ann {}", outgoing_path.display()).unwrap();
+    let start = ann.json().await;
+    assert_eq!(
+        (start["type"].as_str(), start["name"].as_str()),
+        (Some("blob_start"), Some("report.pdf"))
+    );
+    let mut got = Vec::new();
+    loop {
+        match ann.frame().await {
+            common::Frame::Binary(b) => got.extend_from_slice(&b[4..]),
+            common::Frame::Text(t) => {
+                assert!(t.contains("blob_end"), "{t}");
+                break;
+            }
+        }
+    }
+    assert!(got == outgoing, "file sent from the terminal differs");
+    let saved = downloads.path().join("sneaky.bin");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&saved).map(|m| m.len()).unwrap_or(0) < incoming.len() as u64 {
+        assert!(tokio::time::Instant::now() < deadline, "file never saved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(std::fs::read(&saved).unwrap() == incoming);
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    srv.stop().await;
+}

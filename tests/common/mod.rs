@@ -149,7 +149,9 @@ pub enum Frame {
 impl Frame {
     pub fn json(&self) -> Value {
         match self {
-            Frame::Text(t) => serde_json::from_str(t).unwrap_or_else(|e| panic!("not JSON: {t:?}: {e}")),
+            Frame::Text(t) => {
+                serde_json::from_str(t).unwrap_or_else(|e| panic!("not JSON: {t:?}: {e}"))
+            }
             Frame::Binary(b) => panic!("expected a text frame, got {} binary bytes", b.len()),
         }
     }
