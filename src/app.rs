@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -13,4 +14,6 @@ pub struct App {
     pub store: Arc<dyn Store>,
     pub router: Router,
     pub metrics: Metrics,
+    /// Presence and routing across nodes, in cluster mode.
+    pub cluster: Option<Arc<Cluster>>,
 }

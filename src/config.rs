@@ -25,6 +25,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub websocket: WebSocketConfig,
     pub log: LogConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,7 +166,22 @@ impl Default for LogConfig {
     }
 }
 
-const SECTIONS: [&str; 5] = ["server", "storage", "limits", "websocket", "log"];
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ClusterConfig {
+    /// `redis://host:port/` turns cluster mode on; empty (the default) is a single node.
+    pub redis_url: String,
+    /// This node's name in the cluster; empty picks a unique one at start-up.
+    pub node_id: String,
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.is_empty()
+    }
+}
+
+const SECTIONS: [&str; 6] = ["server", "storage", "limits", "websocket", "log", "cluster"];
 
 impl Config {
     /// Reads `path` (if given and present), applies `PIGEON_*` overrides from `env`, and
@@ -218,6 +234,9 @@ impl Config {
         }
         if !["normal", "full"].contains(&self.storage.sqlite_synchronous.as_str()) {
             return bad("storage.sqlite_synchronous must be \"normal\" or \"full\"");
+        }
+        if self.cluster.enabled() && self.storage.backend == "sqlite" {
+            return bad("cluster mode needs a store every node shares: set [storage] backend = \"mongodb\" (the embedded SQLite store belongs to one node)");
         }
         if !["pretty", "json"].contains(&self.log.format.as_str()) {
             return bad("log.format must be \"pretty\" or \"json\"");

@@ -158,11 +158,18 @@ fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, mut req: Request) -> Response {
 }
 
 async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "status": "ok",
         "store": ctx.app.store.backend(),
         "online": ctx.app.router.online_count(),
     });
+    if let Some(c) = &ctx.app.cluster {
+        body["node"] = c.node().into();
+        if c.is_degraded() {
+            body["status"] = "degraded".into();
+            body["cluster"] = "redis unreachable: serving local users only".into();
+        }
+    }
     (
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
@@ -173,7 +180,9 @@ async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
 async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ctx.app.metrics.render(ctx.app.router.online_count()),
+        ctx.app
+            .metrics
+            .render(ctx.app.router.online_count(), ctx.app.cluster.as_deref()),
     )
         .into_response()
 }

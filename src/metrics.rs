@@ -26,7 +26,7 @@ pub fn dec(c: &AtomicU64) {
 }
 
 impl Metrics {
-    pub fn render(&self, online: usize) -> String {
+    pub fn render(&self, online: usize, cluster: Option<&crate::cluster::Cluster>) -> String {
         let rows: [(&str, &str, &str, &AtomicU64); 10] = [
             (
                 "pigeon_connections_total",
@@ -101,6 +101,21 @@ impl Metrics {
             out,
             "# HELP pigeon_users_online Users with a live session.\n# TYPE pigeon_users_online gauge\npigeon_users_online {online}"
         );
+        if let Some(c) = cluster {
+            let rows: [(&str, &str, &AtomicU64); 3] = [
+                ("pigeon_cluster_forwarded_out_total", "Messages handed to another node.", &c.forwarded_out),
+                ("pigeon_cluster_forwarded_in_total", "Messages received from another node.", &c.forwarded_in),
+                ("pigeon_cluster_presence_conflicts_total", "Logins that replaced a session on another node.", &c.presence_conflicts),
+            ];
+            for (name, help, value) in rows {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            }
+            let _ = writeln!(
+                out,
+                "# HELP pigeon_cluster_degraded 1 while Redis is unreachable.\n# TYPE pigeon_cluster_degraded gauge\npigeon_cluster_degraded {}",
+                u8::from(c.is_degraded())
+            );
+        }
         out
     }
 }

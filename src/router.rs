@@ -37,6 +37,8 @@ pub enum Outgoing {
         dialect: Dialect,
         generation: u64,
         replaced: Option<Arc<SessionShared>>,
+        /// The user's session on another node, in cluster mode.
+        replaced_remote: Option<crate::cluster::Owner>,
     },
     /// Close the socket with this code and reason, then stop.
     Close(u16, &'static str),
@@ -163,6 +165,14 @@ impl Router {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Fate::Stored,
         }
+    }
+
+    /// Every local user with their session generation.
+    pub fn users(&self) -> Vec<(String, u64)> {
+        self.sessions
+            .iter()
+            .map(|e| (e.key().clone(), e.value().generation))
+            .collect()
     }
 
     /// The user's live session, if any.

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::app::App;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::{self, ConnGuard, Ctx};
 use crate::metrics::{dec, inc};
@@ -32,6 +33,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// The tungstenite settings every session uses, from `[websocket]` and `[limits]`.
@@ -52,6 +55,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let store = store::open(&config.storage, config.limits.mailbox_max).await?;
+    let cluster = match config.cluster.enabled() {
+        true => Some(Cluster::connect(&config.cluster).await?),
+        false => None,
+    };
     tracing::info!(
         addr = %listener.local_addr()?,
         store = store.backend(),
@@ -62,7 +69,11 @@ pub async fn run(
         store,
         router: Router::new(),
         metrics: Default::default(),
+        cluster,
     });
+    if let Some(c) = &app.cluster {
+        tracing::info!(node = c.node(), "cluster mode: presence and routing through Redis");
+    }
     serve(listener, app, shutdown).await;
     Ok(())
 }
@@ -89,6 +100,9 @@ async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Outpu
         ws_config: websocket_config(&app.config),
     });
     let routes = http::routes(ctx);
+    if let Some(cluster) = app.cluster.clone() {
+        tracker.spawn(cluster.run(app.clone(), shutdown_rx.clone()));
+    }
     let limit = Arc::new(Semaphore::new(app.config.server.max_connections));
     tokio::pin!(shutdown);
 

@@ -110,6 +110,9 @@ pub async fn run<S>(
     }
     if let Some(user) = &reader.user {
         app.router.unregister(user, reader.generation);
+        if let Some(c) = &app.cluster {
+            c.release(user, reader.generation).await;
+        }
     }
     shared.mark_done();
     dec(&app.metrics.sessions_open);
@@ -454,11 +457,16 @@ impl Reader {
         self.user = Some(user.clone());
         self.dialect = Some(dialect);
         self.errors_in_row = 0;
+        let replaced_remote = match &self.app.cluster {
+            Some(c) => c.claim(&user, self.generation).await,
+            None => None,
+        };
         let start = Outgoing::Start {
             user,
             dialect,
             generation: self.generation,
             replaced,
+            replaced_remote,
         };
         self.push(start).await
     }
@@ -512,7 +520,15 @@ impl Reader {
                     body,
                     accepted_at,
                 });
-                let fate = self.app.router.deliver(stored);
+                let fate = match &self.app.cluster {
+                    Some(c) if !self.app.router.is_online(&stored.recipient) => {
+                        match c.forward(&stored).await {
+                            true => Fate::Delivered,
+                            false => Fate::Stored,
+                        }
+                    }
+                    _ => self.app.router.deliver(stored),
+                };
                 match fate {
                     Fate::Delivered => inc(&self.app.metrics.messages_delivered),
                     Fate::Stored => inc(&self.app.metrics.messages_stored),
@@ -697,7 +713,11 @@ where
                 dialect,
                 generation,
                 replaced,
-            } => self.start(user, dialect, generation, replaced).await,
+                replaced_remote,
+            } => {
+                self.start(user, dialect, generation, replaced, replaced_remote)
+                    .await
+            }
             Outgoing::Close(code, reason) => {
                 self.close(code, reason).await?;
                 Err(Exit::Closed)
@@ -840,12 +860,16 @@ where
         dialect: Dialect,
         generation: u64,
         replaced: Option<Arc<SessionShared>>,
+        replaced_remote: Option<crate::cluster::Owner>,
     ) -> Result<(), Exit> {
+        let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
         if let Some(old) = replaced {
-            let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
             if tokio::time::timeout(wait, old.wait_done()).await.is_err() {
                 tracing::warn!(%user, "replaced session did not finish in time");
             }
+        }
+        if let (Some(owner), Some(cluster)) = (replaced_remote, &self.app.cluster) {
+            cluster.kick(&owner, &user, wait).await;
         }
         self.dialect = dialect;
         if dialect == Dialect::Pigeon {

@@ -1,0 +1,392 @@
+//! Cluster mode: several Pigeon nodes acting as one server through Redis.
+//!
+//! - **Presence**: `pigeon:presence:<user>` holds `<node>|<generation>` of the user's live
+//!   session. A login claims it with one atomic `SET … GET`, which also returns the
+//!   session it replaces; a session that ends deletes the key only if it still owns it.
+//! - **Routing**: each node subscribes to `pigeon:node:<node>`. A message for a user who
+//!   is live on another node is published there (it is already in the shared store, so
+//!   a lost publish loses nothing: the recipient gets it from its mailbox). `PUBLISH`
+//!   answers how many subscribers got it, so the sender's `delivered`/`stored` stays
+//!   truthful, and a dead node (no subscriber) simply means `stored`.
+//! - **Take-over across nodes**: the claiming node sends `kick` to the old owner, which
+//!   stops that session (notice + close 4000) and answers `done` once it has finished;
+//!   the new session starts its mailbox flush after that (or after `takeover_wait_ms`).
+//! - **Losing Redis**: the node keeps serving its local users (cross-node messages go
+//!   to the shared store), logs loudly, reports `degraded` on `/healthz`, reconnects,
+//!   and re-claims its local sessions when Redis is back.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+
+use crate::app::App;
+use crate::config::ClusterConfig;
+use crate::metrics::inc;
+use crate::router::StopReason;
+use crate::store::{Body, StoredMessage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster: cannot reach Redis at {url}: {source}")]
+    Unreachable { url: String, source: redis::RedisError },
+}
+
+/// The node holding a user's live session, as presence says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub node: String,
+    pub generation: u64,
+}
+
+/// Node-to-node messages (JSON on the node's channel).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum Wire {
+    Deliver {
+        seq: u64,
+        sender: String,
+        recipient: String,
+        client_id: Option<String>,
+        kind: i64,
+        body: String,
+        accepted_at: i64,
+    },
+    Kick {
+        user: String,
+        generation: u64,
+        reply_to: String,
+    },
+    Done {
+        user: String,
+        generation: u64,
+    },
+}
+
+const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+pub struct Cluster {
+    node: String,
+    url: String,
+    client: redis::Client,
+    conn: ConnectionManager,
+    /// Take-overs waiting for a remote session to finish, by (user, its generation).
+    waiting: DashMap<(String, u64), Arc<Notify>>,
+    degraded: AtomicBool,
+    pub forwarded_out: AtomicU64,
+    pub forwarded_in: AtomicU64,
+    pub presence_conflicts: AtomicU64,
+}
+
+fn presence_key(user: &str) -> String {
+    format!("pigeon:presence:{user}")
+}
+
+fn node_channel(node: &str) -> String {
+    format!("pigeon:node:{node}")
+}
+
+fn owner_value(node: &str, generation: u64) -> String {
+    format!("{node}|{generation}")
+}
+
+fn parse_owner(v: &str) -> Option<Owner> {
+    let (node, generation) = v.rsplit_once('|')?;
+    Some(Owner {
+        node: node.to_string(),
+        generation: generation.parse().ok()?,
+    })
+}
+
+impl Cluster {
+    /// Connects to Redis; a clear error when it cannot be reached.
+    pub async fn connect(cfg: &ClusterConfig) -> Result<Arc<Cluster>, ClusterError> {
+        let unreachable = |source| ClusterError::Unreachable {
+            url: cfg.redis_url.clone(),
+            source,
+        };
+        let client = redis::Client::open(cfg.redis_url.as_str()).map_err(unreachable)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(3))
+            .set_response_timeout(Duration::from_secs(3))
+            .set_number_of_retries(2);
+        let mut conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| {
+            unreachable(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connection timed out",
+            )))
+        })?
+        .map_err(unreachable)?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(unreachable)?;
+        let node = if cfg.node_id.is_empty() {
+            format!("{:x}-{:x}", std::process::id(), crate::now_ms())
+        } else {
+            cfg.node_id.clone()
+        };
+        Ok(Arc::new(Cluster {
+            node,
+            url: cfg.redis_url.clone(),
+            client,
+            conn,
+            waiting: DashMap::new(),
+            degraded: AtomicBool::new(false),
+            forwarded_out: AtomicU64::new(0),
+            forwarded_in: AtomicU64::new(0),
+            presence_conflicts: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    fn lost(&self, what: &str, e: &redis::RedisError) {
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            tracing::error!(url = %self.url, error = %e, "cluster: Redis unreachable ({what}); serving local users only");
+        }
+    }
+
+    /// Makes this node the owner of `user`'s session; returns the remote owner it
+    /// replaced, if any (a local predecessor is the local router's business).
+    pub async fn claim(&self, user: &str, generation: u64) -> Option<Owner> {
+        let mut conn = self.conn.clone();
+        let previous: Result<Option<String>, _> = redis::cmd("SET")
+            .arg(presence_key(user))
+            .arg(owner_value(&self.node, generation))
+            .arg("GET")
+            .query_async(&mut conn)
+            .await;
+        match previous {
+            Ok(prev) => prev
+                .as_deref()
+                .and_then(parse_owner)
+                .filter(|o| o.node != self.node),
+            Err(e) => {
+                self.lost("claim", &e);
+                None
+            }
+        }
+    }
+
+    /// Stops `user`'s session on `owner`'s node and waits (up to `wait`) until it is done.
+    pub async fn kick(&self, owner: &Owner, user: &str, wait: Duration) {
+        inc(&self.presence_conflicts);
+        let key = (user.to_string(), owner.generation);
+        let notify = Arc::new(Notify::new());
+        self.waiting.insert(key.clone(), notify.clone());
+        let msg = Wire::Kick {
+            user: user.to_string(),
+            generation: owner.generation,
+            reply_to: self.node.clone(),
+        };
+        if self.publish(&owner.node, &msg).await > 0
+            && tokio::time::timeout(wait, notify.notified()).await.is_err()
+        {
+            tracing::warn!(%user, node = %owner.node, "remote session did not finish in time");
+        }
+        self.waiting.remove(&key);
+    }
+
+    /// Gives up presence of `user` if this session still holds it.
+    pub async fn release(&self, user: &str, generation: u64) {
+        let mut conn = self.conn.clone();
+        let r: Result<i64, _> = redis::Script::new(RELEASE)
+            .key(presence_key(user))
+            .arg(owner_value(&self.node, generation))
+            .invoke_async(&mut conn)
+            .await;
+        if let Err(e) = r {
+            self.lost("release", &e);
+        }
+    }
+
+    /// Hands `msg` to the node where its recipient is live. True when a node took it.
+    pub async fn forward(&self, msg: &StoredMessage) -> bool {
+        let mut conn = self.conn.clone();
+        let owner: Result<Option<String>, _> = conn.get(presence_key(&msg.recipient)).await;
+        let owner = match owner {
+            Ok(o) => o.as_deref().and_then(parse_owner),
+            Err(e) => {
+                self.lost("lookup", &e);
+                return false;
+            }
+        };
+        let Some(owner) = owner.filter(|o| o.node != self.node) else {
+            return false;
+        };
+        let wire = Wire::Deliver {
+            seq: msg.seq,
+            sender: msg.sender.clone(),
+            recipient: msg.recipient.clone(),
+            client_id: msg.client_id.clone(),
+            kind: msg.body.kind(),
+            body: msg.body.as_str().to_string(),
+            accepted_at: msg.accepted_at,
+        };
+        let taken = self.publish(&owner.node, &wire).await > 0;
+        if taken {
+            inc(&self.forwarded_out);
+        }
+        taken
+    }
+
+    /// Publishes to a node; returns how many subscribers received it (0 on errors).
+    async fn publish(&self, node: &str, msg: &Wire) -> i64 {
+        let Ok(payload) = serde_json::to_string(msg) else {
+            return 0;
+        };
+        let mut conn = self.conn.clone();
+        match conn.publish::<_, _, i64>(node_channel(node), payload).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.lost("publish", &e);
+                0
+            }
+        }
+    }
+
+    /// Listens on this node's channel until shutdown, reconnecting to Redis as needed.
+    pub async fn run(self: Arc<Self>, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.client.get_async_pubsub().await {
+                Ok(mut pubsub) => {
+                    if let Err(e) = pubsub.subscribe(node_channel(&self.node)).await {
+                        self.lost("subscribe", &e);
+                    } else {
+                        if self.degraded.swap(false, Ordering::Relaxed) {
+                            tracing::warn!(url = %self.url, "cluster: Redis is back; re-claiming local sessions");
+                            for (user, generation) in app.router.users() {
+                                self.claim(&user, generation).await;
+                            }
+                        }
+                        backoff = Duration::from_millis(100);
+                        let mut messages = pubsub.on_message();
+                        loop {
+                            tokio::select! {
+                                _ = crate::server::shutdown_requested(&mut shutdown) => return,
+                                m = messages.next() => match m {
+                                    Some(m) => {
+                                        let payload: String = m.get_payload().unwrap_or_default();
+                                        self.handle(&app, &payload).await;
+                                    }
+                                    None => break,
+                                }
+                            }
+                        }
+                        let e = redis::RedisError::from(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "subscription ended",
+                        ));
+                        self.lost("subscription", &e);
+                    }
+                }
+                Err(e) => self.lost("subscribe", &e),
+            }
+            tokio::select! {
+                _ = crate::server::shutdown_requested(&mut shutdown) => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn handle(self: &Arc<Self>, app: &Arc<App>, payload: &str) {
+        let msg: Wire = match serde_json::from_str(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: unreadable node message");
+                return;
+            }
+        };
+        match msg {
+            Wire::Deliver {
+                seq,
+                sender,
+                recipient,
+                client_id,
+                kind,
+                body,
+                accepted_at,
+            } => {
+                inc(&self.forwarded_in);
+                let msg = StoredMessage {
+                    seq,
+                    sender,
+                    recipient,
+                    client_id,
+                    body: Body::from_parts(kind, body),
+                    accepted_at,
+                };
+                app.router.deliver(Arc::new(msg));
+            }
+            Wire::Kick {
+                user,
+                generation,
+                reply_to,
+            } => {
+                let session = app
+                    .router
+                    .session(&user)
+                    .filter(|h| h.generation == generation);
+                let done = Wire::Done { user, generation };
+                match session {
+                    Some(h) => {
+                        inc(&app.metrics.takeovers);
+                        h.shared.stop(StopReason::Replaced);
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            h.shared.wait_done().await;
+                            me.publish(&reply_to, &done).await;
+                        });
+                    }
+                    None => {
+                        self.publish(&reply_to, &done).await;
+                    }
+                }
+            }
+            Wire::Done { user, generation } => {
+                if let Some(n) = self.waiting.get(&(user, generation)) {
+                    n.notify_one();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_values_round_trip() {
+        let v = owner_value("node-a|x", 42);
+        assert_eq!(
+            parse_owner(&v),
+            Some(Owner {
+                node: "node-a|x".into(),
+                generation: 42
+            })
+        );
+        assert_eq!(parse_owner("garbage"), None);
+        assert_eq!(parse_owner("a|b"), None);
+    }
+}
