@@ -14,6 +14,7 @@
 //! - `fetch` returns messages in increasing seq order; `ack` deletes every message of the
 //!   recipient with `seq <= upto`.
 
+pub mod mongo;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -134,8 +135,9 @@ pub trait Store: Send + Sync + 'static {
 pub async fn open(cfg: &StorageConfig, mailbox_max: u64) -> Result<Arc<dyn Store>, StoreError> {
     match cfg.backend.as_str() {
         "sqlite" => Ok(Arc::new(sqlite::SqliteStore::open(cfg, mailbox_max)?)),
+        "mongodb" => Ok(Arc::new(mongo::MongoStore::open(cfg, mailbox_max).await?)),
         other => Err(StoreError::Backend(format!(
-            "unknown storage backend {other:?} (expected \"sqlite\")"
+            "unknown storage backend {other:?} (expected \"sqlite\" or \"mongodb\")"
         ))),
     }
 }
