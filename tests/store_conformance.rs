@@ -402,6 +402,36 @@ async fn concurrent_senders(t: &Target) {
     );
 }
 
+/// Retries of one send racing each other: exactly one copy, every answer its seq.
+async fn concurrent_duplicates(t: &Target) {
+    let stores = [t.open(1000).await, t.open(1000).await];
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = stores[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .enqueue(text("alice", "bob", "same", Some("race-1")))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut new = Vec::new();
+    let mut dup = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Enqueued::New { seq } => new.push(seq),
+            Enqueued::Duplicate { seq } => dup.push(seq),
+        }
+    }
+    assert_eq!(new.len(), 1, "new: {new:?}, duplicates: {dup:?}");
+    assert!(
+        dup.iter().all(|s| *s == new[0]),
+        "new: {new:?}, duplicates: {dup:?}"
+    );
+    assert_eq!(seqs(&stores[0], "bob").await, new);
+    assert_eq!(stores[1].pending("bob").await.unwrap(), 1);
+}
+
 async fn bodies_round_trip(t: &Target) {
     let store = t.open(1000).await;
     let bodies = [
@@ -474,5 +504,143 @@ conformance!(
     mailbox_full_and_recovery,
     persists_across_reopen,
     concurrent_senders,
+    concurrent_duplicates,
     bodies_round_trip,
 );
+
+// ---------------------------------------------------------------------------------------
+// MongoDB specifics the shared contract does not cover.
+
+mod mongodb_only {
+    use super::*;
+    use ::mongodb::bson::{doc, Document};
+
+    async fn raw_db(t: &Target) -> ::mongodb::Database {
+        let Target::Mongo { uri, database } = t else {
+            unreachable!()
+        };
+        ::mongodb::Client::with_uri_str(uri)
+            .await
+            .unwrap()
+            .database(database)
+    }
+
+    /// A counter left too high (TTL expiry, a crash mid-ack) is corrected once it has
+    /// been idle, but never while allocations may be in flight.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stale_mailbox_counter_is_repaired() {
+        let Some(t) = mongo_target("stale_counter") else {
+            return;
+        };
+        let store = t.open(3).await;
+        for _ in 0..3 {
+            enqueue_new(&store, text("alice", "bob", "m", None)).await;
+        }
+        let db = raw_db(&t).await;
+        // Remove a message behind the store's back, as the TTL monitor would.
+        let gone = db
+            .collection::<Document>("messages")
+            .delete_one(doc! { "recipient": "bob", "seq": 2_i64 })
+            .await
+            .unwrap();
+        assert_eq!(gone.deleted_count, 1);
+        assert_eq!(store.pending("bob").await.unwrap(), 2, "pending is counted");
+        assert!(
+            matches!(
+                store.enqueue(text("alice", "bob", "m", None)).await,
+                Err(StoreError::MailboxFull { .. })
+            ),
+            "a counter touched just now is trusted"
+        );
+        db.collection::<Document>("counters")
+            .update_one(doc! { "_id": "bob" }, doc! { "$set": { "last_at": 0_i64 } })
+            .await
+            .unwrap();
+        assert_eq!(
+            enqueue_new(&store, text("alice", "bob", "m", None)).await,
+            4
+        );
+        assert!(matches!(
+            store.enqueue(text("alice", "bob", "m", None)).await,
+            Err(StoreError::MailboxFull { .. })
+        ));
+        assert_eq!(seqs(&store, "bob").await, [1, 3, 4]);
+        t.cleanup().await;
+    }
+
+    /// Collections and indexes exist (found by key, not by name); with a TTL configured
+    /// messages carry `expire_at`, without one they do not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn schema_and_ttl() {
+        let Some(t) = mongo_target("schema_and_ttl") else {
+            return;
+        };
+        let mut cfg = t.config();
+        cfg.offline_ttl_secs = 3600;
+        let store = store::open(&cfg, 100).await.unwrap();
+        let msg = text("alice", "bob", "expiring", Some("t-1"));
+        let accepted_at = msg.accepted_at;
+        enqueue_new(&store, msg).await;
+        // Opening again (as a second process would) is fine with everything in place.
+        let plain = t.open(100).await;
+        enqueue_new(&plain, text("alice", "bob", "kept", None)).await;
+
+        let db = raw_db(&t).await;
+        let names = db.list_collection_names().await.unwrap();
+        for c in ["messages", "counters", "client_ids", "users"] {
+            assert!(
+                names.iter().any(|n| n == c),
+                "no {c} collection in {names:?}"
+            );
+        }
+        use futures_util::TryStreamExt;
+        let indexes: Vec<_> = db
+            .collection::<Document>("messages")
+            .list_indexes()
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let by_keys = |keys: Document| indexes.iter().find(|i| i.keys == keys);
+        let seq_index =
+            by_keys(doc! { "recipient": 1, "seq": 1 }).expect("no {recipient, seq} index");
+        assert_eq!(
+            seq_index.options.as_ref().and_then(|o| o.unique),
+            Some(true)
+        );
+        let ttl_index = by_keys(doc! { "expire_at": 1 }).expect("no TTL index");
+        assert_eq!(
+            ttl_index.options.as_ref().and_then(|o| o.expire_after),
+            Some(std::time::Duration::ZERO)
+        );
+
+        let messages = db.collection::<Document>("messages");
+        let expiring = messages
+            .find_one(doc! { "recipient": "bob", "body": "expiring" })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            expiring
+                .get_datetime("expire_at")
+                .unwrap()
+                .timestamp_millis(),
+            accepted_at + 3_600_000
+        );
+        let kept = messages
+            .find_one(doc! { "recipient": "bob", "body": "kept" })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!kept.contains_key("expire_at"), "{kept}");
+        let claim = db
+            .collection::<Document>("client_ids")
+            .find_one(doc! { "sender": "alice", "client_id": "t-1" })
+            .await
+            .unwrap()
+            .expect("client id not remembered");
+        assert!(claim.get_datetime("expire_at").is_ok(), "{claim}");
+        t.cleanup().await;
+    }
+}
