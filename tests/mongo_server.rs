@@ -27,7 +27,7 @@ fn mongo_uri() -> Option<String> {
         .ok()
         .filter(|u| !u.is_empty());
     if uri.is_none() {
-        println!("SKIPPED: PIGEON_TEST_MONGODB_URI not set");
+        skipped("SKIPPED: PIGEON_TEST_MONGODB_URI not set");
         if std::env::var_os("CI").is_some() {
             panic!("PIGEON_TEST_MONGODB_URI not set but CI is: the MongoDB tests must run in CI");
         }
@@ -254,4 +254,10 @@ async fn unreachable_mongodb_fails_start_up_clearly() {
         }
         other => panic!("expected a store-unavailable error, got {other:?}"),
     }
+}
+
+/// Says a test was skipped where it is seen: straight to stderr, past libtest's capture.
+fn skipped(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{what}");
 }

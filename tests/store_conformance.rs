@@ -64,7 +64,9 @@ fn mongo_target(test: &str) -> Option<Target> {
         .ok()
         .filter(|u| !u.is_empty())
     else {
-        println!("SKIPPED: PIGEON_TEST_MONGODB_URI not set (mongodb::{test})");
+        skipped(&format!(
+            "SKIPPED: PIGEON_TEST_MONGODB_URI not set (mongodb::{test})"
+        ));
         if std::env::var_os("CI").is_some() {
             panic!(
                 "PIGEON_TEST_MONGODB_URI not set but CI is: the MongoDB tests must run in CI \
@@ -643,4 +645,10 @@ mod mongodb_only {
         assert!(claim.get_datetime("expire_at").is_ok(), "{claim}");
         t.cleanup().await;
     }
+}
+
+/// Says a test was skipped where it is seen: straight to stderr, past libtest's capture.
+fn skipped(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{what}");
 }
