@@ -229,6 +229,121 @@ async fn offline_message_survives_restart_and_is_flushed_at_login() {
     }
 }
 
+/// A TCP proxy to the test MongoDB that can be cut (every connection dropped) and
+/// restored on the same port: MongoDB going away while Pigeon runs.
+struct Proxy {
+    addr: SocketAddr,
+    upstream: String,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(uri: &str) -> Proxy {
+        let rest = uri.strip_prefix("mongodb://").expect("a mongodb:// URI");
+        let hosts = rest.split(['/', '?']).next().unwrap();
+        let upstream = hosts.rsplit('@').next().unwrap().to_string();
+        assert!(
+            !upstream.contains(','),
+            "the proxy test needs a single-host URI"
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(Self::serve(listener, upstream.clone()));
+        Proxy {
+            addr,
+            upstream,
+            task,
+        }
+    }
+
+    async fn serve(listener: TcpListener, upstream: String) {
+        // Dropping the set (when this task is aborted) aborts every connection.
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            let upstream = upstream.clone();
+            conns.spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    }
+
+    fn cut(&self) {
+        self.task.abort();
+    }
+
+    async fn restore(&mut self) {
+        // The aborted task (and with it the listener) is dropped asynchronously.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot rebind the proxy on {}: {e}", self.addr),
+            }
+        };
+        self.task = tokio::spawn(Self::serve(listener, self.upstream.clone()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_outage_answers_store_unavailable_and_recovers() {
+    let Some(uri) = mongo_uri() else { return };
+    let database = unique_database("outage");
+    let mut proxy = Proxy::start(&uri).await;
+    let proxied = format!("mongodb://{}/?directConnection=true", proxy.addr);
+    let server = Running::start(mongo_config(&proxied, &database)).await;
+    let (mut alice, _, _) = login(&server, "alice").await;
+    send(
+        &mut alice,
+        json!({"type":"send","id":"a","to":"bob","body":"before"}),
+    )
+    .await;
+    assert_eq!(expect(&mut alice, "sent").await["status"], "stored");
+
+    proxy.cut();
+    let started = Instant::now();
+    send(
+        &mut alice,
+        json!({"type":"send","id":"b","to":"bob","body":"during"}),
+    )
+    .await;
+    let v = tokio::time::timeout(Duration::from_secs(20), next(&mut alice))
+        .await
+        .expect("no answer within 20 s while MongoDB was away");
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["code"], "store_unavailable", "{v}");
+    assert_eq!(v["id"], "b", "{v}");
+    println!("store_unavailable after {:?}", started.elapsed());
+
+    // MongoDB is back: the same session carries on, and the retry is stored.
+    proxy.restore().await;
+    send(
+        &mut alice,
+        json!({"type":"send","id":"b","to":"bob","body":"during"}),
+    )
+    .await;
+    let v = tokio::time::timeout(Duration::from_secs(20), next(&mut alice))
+        .await
+        .expect("no answer within 20 s after MongoDB came back");
+    assert_eq!(v["type"], "sent", "{v}");
+    assert_eq!(v["status"], "stored", "{v}");
+    let (mut bob, _, flushed) = login(&server, "bob").await;
+    let bodies: Vec<_> = flushed.iter().map(|m| m["body"].clone()).collect();
+    assert_eq!(bodies, [json!("before"), json!("during")]);
+    let _ = bob.close(None).await;
+    let _ = alice.close(None).await;
+    server.stop().await;
+    proxy.cut();
+}
+
 /// Needs no MongoDB: nothing listens on the URI's port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_mongodb_fails_start_up_clearly() {
