@@ -36,7 +36,11 @@ wait_port() {
 }
 
 start() {
-    if [ ! -x "$VENV/bin/nx-27017" ] || ! "$VENV/bin/pip" show nx-27017 2>/dev/null | grep -q "^Version: $NX_VERSION$"; then
+    local installed=""
+    if [ -x "$VENV/bin/pip" ]; then
+        installed=$("$VENV/bin/pip" show nx-27017 2>/dev/null | sed -n 's/^Version: //p' || true)
+    fi
+    if [ ! -x "$VENV/bin/nx-27017" ] || [ "$installed" != "$NX_VERSION" ]; then
         log "installing nx-27017==$NX_VERSION into $VENV"
         python3 -m venv "$VENV" >&2
         "$VENV/bin/pip" install -q --disable-pip-version-check "nx-27017==$NX_VERSION" >&2
@@ -48,10 +52,8 @@ start() {
     fi
     local port
     port=$(free_port)
-    # --data-dir memory: one isolated in-memory database per logical database, so the
-    # tests' unique database names really are separate (with --db all databases share
-    # one SQLite file).
-    nohup "$VENV/bin/nx-27017" --data-dir memory --host 127.0.0.1 -p "$port" \
+    # In memory: nothing to clean up, and every test uses a database name of its own.
+    nohup "$VENV/bin/nx-27017" --db memory --host 127.0.0.1 -p "$port" \
         --log-file "$LOG_FILE" --pid-file "$PID_FILE" >>"$LOG_FILE.out" 2>&1 &
     local pid=$!
     if ! wait_port "$port"; then
