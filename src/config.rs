@@ -59,7 +59,7 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StorageConfig {
-    /// "sqlite" (embedded, default).
+    /// "sqlite" (embedded, default) or "mongodb".
     pub backend: String,
     /// Where the embedded store keeps its files.
     pub data_dir: PathBuf,
@@ -68,6 +68,17 @@ pub struct StorageConfig {
     pub sqlite_synchronous: String,
     /// How long a (sender, client id) pair is remembered to drop retried sends.
     pub dedupe_window_secs: u64,
+    /// MongoDB connection string (backend "mongodb").
+    pub mongodb_uri: String,
+    /// MongoDB database Pigeon keeps its collections in.
+    pub mongodb_database: String,
+    /// Write concern for every MongoDB write, always journaled: "majority" or a number
+    /// of nodes such as "1". A sender hears "stored" only once it is satisfied.
+    #[serde(deserialize_with = "string_or_integer")]
+    pub mongodb_write_concern: String,
+    /// MongoDB only: stored messages expire this many seconds after acceptance
+    /// (a TTL index); 0 keeps them until acknowledged.
+    pub offline_ttl_secs: u64,
 }
 
 impl Default for StorageConfig {
@@ -77,8 +88,27 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("data"),
             sqlite_synchronous: "normal".into(),
             dedupe_window_secs: 86_400,
+            mongodb_uri: "mongodb://127.0.0.1:27017".into(),
+            mongodb_database: "pigeon".into(),
+            mongodb_write_concern: "majority".into(),
+            offline_ttl_secs: 0,
         }
     }
+}
+
+/// Accepts `"1"` as well as `1`: `PIGEON_STORAGE_MONGODB_WRITE_CONCERN=1` arrives as a
+/// TOML integer.
+fn string_or_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum StringOrInt {
+        S(String),
+        I(i64),
+    }
+    Ok(match StringOrInt::deserialize(d)? {
+        StringOrInt::S(s) => s,
+        StringOrInt::I(i) => i.to_string(),
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +268,15 @@ impl Config {
         if self.cluster.enabled() && self.storage.backend == "sqlite" {
             return bad("cluster mode needs a store every node shares: set [storage] backend = \"mongodb\" (the embedded SQLite store belongs to one node)");
         }
+        if !["sqlite", "mongodb"].contains(&self.storage.backend.as_str()) {
+            return bad("storage.backend must be \"sqlite\" or \"mongodb\"");
+        }
+        let wc = self.storage.mongodb_write_concern.as_str();
+        if wc != "majority" && !wc.parse::<u32>().is_ok_and(|n| n >= 1) {
+            return bad(
+                "storage.mongodb_write_concern must be \"majority\" or a number of nodes >= 1",
+            );
+        }
         if !["pretty", "json"].contains(&self.log.format.as_str()) {
             return bad("log.format must be \"pretty\" or \"json\"");
         }
@@ -340,7 +379,35 @@ mod tests {
     }
 
     #[test]
+    fn mongodb_keys_from_env() {
+        let (c, unknown) = Config::load(
+            None,
+            env(&[
+                ("PIGEON_STORAGE_BACKEND", "mongodb"),
+                ("PIGEON_STORAGE_MONGODB_URI", "mongodb://db.example:27017"),
+                ("PIGEON_STORAGE_MONGODB_DATABASE", "chat"),
+                ("PIGEON_STORAGE_MONGODB_WRITE_CONCERN", "1"),
+                ("PIGEON_STORAGE_OFFLINE_TTL_SECS", "3600"),
+            ]),
+        )
+        .unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert_eq!(c.storage.backend, "mongodb");
+        assert_eq!(c.storage.mongodb_uri, "mongodb://db.example:27017");
+        assert_eq!(c.storage.mongodb_database, "chat");
+        assert_eq!(c.storage.mongodb_write_concern, "1");
+        assert_eq!(c.storage.offline_ttl_secs, 3600);
+        let d = Config::default();
+        assert_eq!(d.storage.mongodb_uri, "mongodb://127.0.0.1:27017");
+        assert_eq!(d.storage.mongodb_database, "pigeon");
+        assert_eq!(d.storage.mongodb_write_concern, "majority");
+        assert_eq!(d.storage.offline_ttl_secs, 0);
+    }
+
+    #[test]
     fn invalid_values_are_errors() {
+        assert!(Config::load(None, env(&[("PIGEON_STORAGE_BACKEND", "redis")])).is_err());
+        assert!(Config::load(None, env(&[("PIGEON_STORAGE_MONGODB_WRITE_CONCERN", "0")])).is_err());
         assert!(Config::load(None, env(&[("PIGEON_LIMITS_MAILBOX_MAX", "0")])).is_err());
         assert!(Config::load(None, env(&[("PIGEON_LOG_FORMAT", "xml")])).is_err());
     }

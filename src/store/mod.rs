@@ -15,6 +15,7 @@
 //!   recipient with `seq <= upto`.
 
 pub mod blob_files;
+pub mod mongo;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -209,8 +210,9 @@ pub trait Store: Send + Sync + 'static {
 pub async fn open(cfg: &StorageConfig, mailbox_max: u64) -> Result<Arc<dyn Store>, StoreError> {
     match cfg.backend.as_str() {
         "sqlite" => Ok(Arc::new(sqlite::SqliteStore::open(cfg, mailbox_max)?)),
+        "mongodb" => Ok(Arc::new(mongo::MongoStore::open(cfg, mailbox_max).await?)),
         other => Err(StoreError::Backend(format!(
-            "unknown storage backend {other:?} (expected \"sqlite\")"
+            "unknown storage backend {other:?} (expected \"sqlite\" or \"mongodb\")"
         ))),
     }
 }

@@ -272,7 +272,13 @@ impl Worker {
     }
 
     fn transaction(&mut self, batch: &[Request]) -> Result<Vec<Answer>, StoreError> {
-        let tx = self.conn.transaction().map_err(sql)?;
+        // IMMEDIATE: take the write lock up front (waiting up to busy_timeout). A deferred
+        // transaction that reads and then writes fails at once with "database is locked"
+        // when another connection (another process on the same file) wrote meanwhile.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql)?;
         let mut answers = Vec::with_capacity(batch.len());
         let mut dead_blobs = Vec::new();
         for req in batch {

@@ -1,0 +1,608 @@
+//! The MongoDB store backend (`[storage] backend = "mongodb"`): the offline mailbox in a
+//! MongoDB database shared by any number of Pigeon processes.
+//!
+//! Collections (created idempotently at start-up; index names are never relied on):
+//! - `messages`: one document per stored message. Unique index `{recipient: 1, seq: 1}`
+//!   (fetch and ack are range scans on it). With `offline_ttl_secs > 0` each message
+//!   carries `expire_at` and a TTL index (`expireAfterSeconds: 0`) removes it then;
+//!   messages without the field never expire, so changing the setting needs no index
+//!   change.
+//! - `counters`: `{_id: recipient, seq, pending}`. One `find_one_and_update` with `$inc`
+//!   and upsert allocates the recipient's next seq *and* reserves a mailbox slot
+//!   atomically on the server, so sequences stay unique across processes. The filter
+//!   `pending < mailbox_max` makes a full mailbox fail the upsert with a duplicate `_id`
+//!   (code 11000): no seq is burned by a full mailbox. `pending` can drift above the truth
+//!   (a crash between an ack's delete and its decrement, TTL expiry); when it says "full"
+//!   and has not moved for a minute, the real count is taken and the counter repaired.
+//! - `client_ids`: `{_id: "<len>:<sender>:<client_id>", seq, …, expire_at}` with a TTL
+//!   index, the dedupe memory. It is a collection of its own, not a unique index on
+//!   `messages`, because a retry must still be recognised after the first copy was
+//!   acknowledged and deleted (the dedupe window outlives the message).
+//! - `users`: created empty, for accounts.
+//!
+//! Every write uses the configured write concern (journaled), so a sender is told
+//! "stored" only after the server acknowledged the write at that level. No multi-document
+//! transactions are used; the order of writes is chosen so a failure never loses a
+//! message that a sender was told is stored (see `MongoStore::enqueue`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bson::{doc, Document};
+use futures_util::TryStreamExt;
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{
+    Acknowledgment, ClientOptions, DatabaseOptions, IndexOptions, ReturnDocument, WriteConcern,
+};
+use mongodb::{Client, Collection, Database, IndexModel};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::{Body, Enqueued, NewMessage, Store, StoreError, StoredMessage};
+use crate::config::StorageConfig;
+
+/// How long the driver looks for a usable server before an operation fails.
+const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long opening a TCP connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a write may wait for its write concern before it is reported as failed.
+const WRITE_CONCERN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound on the whole start-up (parse, DNS for `mongodb+srv`, ping, indexes).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// A full-looking counter untouched for this long is checked against the real count
+/// (no insert can still be in flight: they give up after the timeouts above).
+const REPAIR_AFTER_MS: i64 = 60_000;
+/// MongoDB's duplicate key error code.
+const DUPLICATE_KEY: i32 = 11000;
+/// `create` on a collection that already exists.
+const NAMESPACE_EXISTS: i32 = 48;
+
+/// A message as stored in `messages`.
+#[derive(Debug, Serialize, Deserialize)]
+struct MessageDoc {
+    recipient: String,
+    #[serde(deserialize_with = "de_i64")]
+    seq: i64,
+    sender: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_id: Option<String>,
+    /// `Body::kind`: 0 text, 1 JSON.
+    #[serde(deserialize_with = "de_i64")]
+    kind: i64,
+    body: String,
+    /// Unix milliseconds.
+    #[serde(deserialize_with = "de_i64")]
+    accepted_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expire_at: Option<bson::DateTime>,
+}
+
+/// A recipient's row in `counters`.
+#[derive(Debug, Deserialize)]
+struct CounterDoc {
+    /// The last seq handed out (never decreases).
+    #[serde(deserialize_with = "de_i64")]
+    seq: i64,
+    /// Reserved mailbox slots: stored messages plus inserts in flight.
+    #[serde(deserialize_with = "de_i64")]
+    pending: i64,
+    /// Unix milliseconds of the last allocation.
+    #[serde(default, deserialize_with = "de_i64")]
+    last_at: i64,
+}
+
+/// A remembered `(sender, client_id)` in `client_ids`.
+#[derive(Debug, Serialize, Deserialize)]
+struct ClientIdDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    sender: String,
+    client_id: String,
+    recipient: String,
+    #[serde(deserialize_with = "de_i64")]
+    seq: i64,
+    #[serde(deserialize_with = "de_i64")]
+    accepted_at: i64,
+    /// When the TTL monitor may remove it: acceptance + dedupe window.
+    expire_at: bson::DateTime,
+}
+
+/// Reads an integer stored as Int32, Int64 or an integral Double. Servers may hand back
+/// small Int64 values as Int32, and other tools may have written doubles.
+fn de_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer (Int32, Int64 or integral Double)")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(|_| E::custom(format!("{v} does not fit in an i64")))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
+            if v.fract() == 0.0 && v >= i64::MIN as f64 && v < i64::MAX as f64 {
+                Ok(v as i64)
+            } else {
+                Err(E::custom(format!("{v} is not an integer")))
+            }
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// The MongoDB-backed mailbox. Cheap to share: the driver's `Client` pools connections.
+pub struct MongoStore {
+    db: Database,
+    messages: Collection<MessageDoc>,
+    counters: Collection<Document>,
+    client_ids: Collection<ClientIdDoc>,
+    mailbox_max: u64,
+    dedupe_window_ms: i64,
+    offline_ttl_ms: i64,
+}
+
+impl MongoStore {
+    /// Connects, checks the server answers (`ping`), and creates collections and indexes.
+    /// Fails with `StoreError::Unavailable` naming the URI (credentials hidden) when the
+    /// server cannot be reached within a few seconds.
+    pub async fn open(cfg: &StorageConfig, mailbox_max: u64) -> Result<MongoStore, StoreError> {
+        let shown = redact_uri(&cfg.mongodb_uri);
+        match tokio::time::timeout(OPEN_TIMEOUT, Self::open_inner(cfg, mailbox_max)).await {
+            Ok(Ok(store)) => Ok(store),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!(
+                "MongoDB at {shown} (database {:?}): {e}",
+                cfg.mongodb_database
+            ))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "MongoDB at {shown}: no answer within {}s",
+                OPEN_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    async fn open_inner(cfg: &StorageConfig, mailbox_max: u64) -> Result<MongoStore, String> {
+        let mut options = ClientOptions::parse(&cfg.mongodb_uri)
+            .await
+            .map_err(|e| format!("invalid URI: {e}"))?;
+        options.app_name.get_or_insert_with(|| "pigeon".into());
+        options
+            .server_selection_timeout
+            .get_or_insert(SERVER_SELECTION_TIMEOUT);
+        options.connect_timeout.get_or_insert(CONNECT_TIMEOUT);
+        let client = Client::with_options(options).map_err(|e| e.to_string())?;
+        let db = client.database_with_options(
+            &cfg.mongodb_database,
+            DatabaseOptions::builder()
+                .write_concern(write_concern(&cfg.mongodb_write_concern)?)
+                .build(),
+        );
+        db.run_command(doc! { "ping": 1 })
+            .await
+            .map_err(|e| format!("unreachable: {e}"))?;
+        let store = MongoStore {
+            messages: db.collection("messages"),
+            counters: db.collection("counters"),
+            client_ids: db.collection("client_ids"),
+            db,
+            mailbox_max,
+            dedupe_window_ms: ms(cfg.dedupe_window_secs),
+            offline_ttl_ms: ms(cfg.offline_ttl_secs),
+        };
+        store
+            .create_schema()
+            .await
+            .map_err(|e| format!("creating collections and indexes: {e}"))?;
+        Ok(store)
+    }
+
+    /// Creates collections and indexes; a no-op when they already exist as specified.
+    async fn create_schema(&self) -> Result<(), mongodb::error::Error> {
+        let unique = IndexOptions::builder().unique(true).build();
+        let ttl = IndexOptions::builder()
+            .expire_after(Duration::from_secs(0))
+            .build();
+        self.messages
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "recipient": 1, "seq": 1 })
+                    .options(unique)
+                    .build(),
+            )
+            .await?;
+        self.messages
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "expire_at": 1 })
+                    .options(ttl.clone())
+                    .build(),
+            )
+            .await?;
+        self.client_ids
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "expire_at": 1 })
+                    .options(ttl)
+                    .build(),
+            )
+            .await?;
+        for name in ["counters", "users"] {
+            match self.db.create_collection(name).await {
+                Ok(()) => {}
+                Err(e) if error_code(&e) == Some(NAMESPACE_EXISTS) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The remembered seq of `(sender, client_id)`, if within the dedupe window. An
+    /// expired entry the TTL monitor has not removed yet is removed here.
+    async fn seen(
+        &self,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<Option<ClientIdDoc>, mongodb::error::Error> {
+        let Some(found) = self.client_ids.find_one(doc! { "_id": key }).await? else {
+            return Ok(None);
+        };
+        let cutoff = now_ms.saturating_sub(self.dedupe_window_ms);
+        if found.accepted_at >= cutoff {
+            return Ok(Some(found));
+        }
+        self.client_ids
+            .delete_one(doc! { "_id": key, "accepted_at": { "$lt": cutoff } })
+            .await?;
+        Ok(None)
+    }
+
+    /// Allocates `recipient`'s next seq and reserves a mailbox slot, atomically.
+    /// `Ok(None)`: the mailbox is full (nothing was allocated, no seq burned).
+    async fn allocate(&self, recipient: &str) -> Result<Option<i64>, StoreError> {
+        let counters = self.counters.clone_with_type::<CounterDoc>();
+        for _ in 0..3 {
+            let r = counters
+                .find_one_and_update(
+                    doc! { "_id": recipient, "pending": { "$lt": to_i64(self.mailbox_max) } },
+                    doc! {
+                        "$inc": { "seq": 1_i64, "pending": 1_i64 },
+                        "$set": { "last_at": crate::now_ms() },
+                    },
+                )
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await;
+            match r {
+                Ok(Some(c)) => return Ok(Some(c.seq)),
+                // The filter matched no counter, so the upsert tried to insert one with an
+                // `_id` that exists: MongoDB answers E11000; some wire-compatible servers
+                // answer "no document" without writing. Either way: full, or a race.
+                Ok(None) => {}
+                Err(e) if is_duplicate_key(&e) => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+            if !self
+                .room_after_all(&counters, recipient)
+                .await
+                .map_err(unavailable)?
+            {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    /// After a refused allocation: whether to try again. True when the counter did not
+    /// exist yet (two first messages raced to create it), was acknowledged below the limit
+    /// meanwhile, or was stale and has been repaired (see `REPAIR_AFTER`).
+    async fn room_after_all(
+        &self,
+        counters: &Collection<CounterDoc>,
+        recipient: &str,
+    ) -> Result<bool, mongodb::error::Error> {
+        let Some(c) = counters.find_one(doc! { "_id": recipient }).await? else {
+            return Ok(true);
+        };
+        if (c.pending.max(0) as u64) < self.mailbox_max {
+            return Ok(true);
+        }
+        // Only a counter untouched for a while may be corrected: a fresh one may have
+        // reservations whose inserts are still in flight and not yet countable.
+        if crate::now_ms().saturating_sub(c.last_at) < REPAIR_AFTER_MS {
+            return Ok(false);
+        }
+        let real = self
+            .messages
+            .count_documents(doc! { "recipient": recipient })
+            .await?;
+        if real >= self.mailbox_max {
+            return Ok(false);
+        }
+        // Conditional on nobody having allocated since we looked.
+        let fixed = self
+            .counters
+            .update_one(
+                doc! { "_id": recipient, "seq": c.seq, "pending": c.pending },
+                doc! { "$set": { "pending": to_i64(real) } },
+            )
+            .await?;
+        if fixed.modified_count > 0 {
+            tracing::info!(
+                recipient,
+                counted = real,
+                was = c.pending,
+                "repaired a stale mailbox counter"
+            );
+        }
+        Ok(true)
+    }
+
+    /// Gives back `n` reserved mailbox slots. Best effort: a failure only leaves the
+    /// counter too high, which `room_after_all` corrects.
+    async fn release(&self, recipient: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Err(e) = self
+            .counters
+            .update_one(
+                doc! { "_id": recipient },
+                doc! { "$inc": { "pending": -to_i64(n) } },
+            )
+            .await
+        {
+            tracing::warn!(recipient, error = %e, "releasing mailbox slots failed");
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MongoStore {
+    /// Order of writes: (1) look the client id up, so a retry burns no seq; (2) allocate
+    /// seq + mailbox slot; (3) insert the message; (4) remember the client id. A
+    /// concurrent twin that loses the race at (4) deletes its own copy and answers
+    /// `Duplicate`. Inserting the message before the client id means a failure between
+    /// (3) and (4) can at worst let a later retry store a second copy; the reverse order
+    /// could answer a retry "duplicate" for a message that was never stored.
+    async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError> {
+        let key = msg.client_id.as_deref().map(|c| client_key(&msg.sender, c));
+        if let Some(key) = &key {
+            if let Some(first) = self.seen(key, msg.accepted_at).await.map_err(unavailable)? {
+                return Ok(Enqueued::Duplicate {
+                    seq: first.seq.max(0) as u64,
+                });
+            }
+        }
+        let Some(seq) = self.allocate(&msg.recipient).await? else {
+            return Err(StoreError::MailboxFull {
+                recipient: msg.recipient,
+                limit: self.mailbox_max,
+            });
+        };
+        let doc = MessageDoc {
+            recipient: msg.recipient.clone(),
+            seq,
+            sender: msg.sender.clone(),
+            client_id: msg.client_id.clone(),
+            kind: msg.body.kind(),
+            body: msg.body.as_str().to_string(),
+            accepted_at: msg.accepted_at,
+            expire_at: (self.offline_ttl_ms > 0)
+                .then(|| bson::DateTime::from_millis(msg.accepted_at + self.offline_ttl_ms)),
+        };
+        if let Err(e) = self.messages.insert_one(&doc).await {
+            // The seq stays burned (a gap readers tolerate); the slot is given back.
+            self.release(&msg.recipient, 1).await;
+            return Err(unavailable(e));
+        }
+        let (Some(key), Some(client_id)) = (key, msg.client_id) else {
+            return Ok(Enqueued::New { seq: seq as u64 });
+        };
+        let claim = ClientIdDoc {
+            id: key.clone(),
+            sender: msg.sender,
+            client_id,
+            recipient: msg.recipient.clone(),
+            seq,
+            accepted_at: msg.accepted_at,
+            expire_at: bson::DateTime::from_millis(
+                msg.accepted_at.saturating_add(self.dedupe_window_ms),
+            ),
+        };
+        match self.client_ids.insert_one(&claim).await {
+            Ok(_) => Ok(Enqueued::New { seq: seq as u64 }),
+            Err(e) if is_duplicate_key(&e) => {
+                // A concurrent send with the same id got there first: undo our copy.
+                self.messages
+                    .delete_one(doc! { "recipient": &msg.recipient, "seq": seq })
+                    .await
+                    .map_err(unavailable)?;
+                self.release(&msg.recipient, 1).await;
+                match self.client_ids.find_one(doc! { "_id": &key }).await {
+                    Ok(Some(first)) => Ok(Enqueued::Duplicate {
+                        seq: first.seq.max(0) as u64,
+                    }),
+                    Ok(None) => Err(StoreError::Unavailable(
+                        "client id vanished while resolving a duplicate; retry".into(),
+                    )),
+                    Err(e) => Err(unavailable(e)),
+                }
+            }
+            Err(e) => {
+                // The message is durably stored; only its dedupe memory is missing.
+                tracing::warn!(error = %e, seq, "storing the client id failed; a retry may be stored twice");
+                Ok(Enqueued::New { seq: seq as u64 })
+            }
+        }
+    }
+
+    async fn fetch(
+        &self,
+        recipient: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new()); // MongoDB reads limit 0 as "no limit"
+        }
+        let docs: Vec<MessageDoc> = self
+            .messages
+            .find(doc! { "recipient": recipient, "seq": { "$gt": to_i64(after) } })
+            .sort(doc! { "seq": 1 })
+            .limit(to_i64(limit as u64))
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        Ok(docs
+            .into_iter()
+            .map(|d| StoredMessage {
+                seq: d.seq.max(0) as u64,
+                sender: d.sender,
+                recipient: d.recipient,
+                client_id: d.client_id,
+                body: Body::from_parts(d.kind, d.body),
+                accepted_at: d.accepted_at,
+            })
+            .collect())
+    }
+
+    async fn ack(&self, recipient: &str, upto: u64) -> Result<u64, StoreError> {
+        let deleted = self
+            .messages
+            .delete_many(doc! { "recipient": recipient, "seq": { "$lte": to_i64(upto) } })
+            .await
+            .map_err(unavailable)?
+            .deleted_count;
+        self.release(recipient, deleted).await;
+        Ok(deleted)
+    }
+
+    async fn pending(&self, recipient: &str) -> Result<u64, StoreError> {
+        // Counted, not read from the counter: exact even after TTL expiry.
+        self.messages
+            .count_documents(doc! { "recipient": recipient })
+            .await
+            .map_err(unavailable)
+    }
+
+    fn backend(&self) -> &'static str {
+        "mongodb"
+    }
+}
+
+/// `"majority"` or a node count, always journaled.
+fn write_concern(spec: &str) -> Result<WriteConcern, String> {
+    let w = match spec {
+        "majority" => Acknowledgment::Majority,
+        n => match n.parse::<u32>() {
+            Ok(n) if n >= 1 => Acknowledgment::Nodes(n),
+            _ => {
+                return Err(format!(
+                    "mongodb_write_concern must be \"majority\" or a number >= 1, not {spec:?}"
+                ))
+            }
+        },
+    };
+    Ok(WriteConcern::builder()
+        .w(w)
+        .journal(true)
+        .w_timeout(WRITE_CONCERN_TIMEOUT)
+        .build())
+}
+
+/// The `_id` of a client id entry; the length prefix keeps any sender/id pair distinct.
+fn client_key(sender: &str, client_id: &str) -> String {
+    format!("{}:{sender}:{client_id}", sender.len())
+}
+
+fn error_code(e: &mongodb::error::Error) -> Option<i32> {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(w.code),
+        _ => None,
+    }
+}
+
+/// Duplicate key, told by code (never by message text or index name).
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    error_code(e) == Some(DUPLICATE_KEY)
+}
+
+fn unavailable(e: mongodb::error::Error) -> StoreError {
+    StoreError::Unavailable(format!("mongodb: {e}"))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn ms(secs: u64) -> i64 {
+    to_i64(secs).saturating_mul(1000)
+}
+
+/// The URI without its password, for error messages and logs.
+fn redact_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => uri.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_deserialize_from_any_width() {
+        #[derive(Deserialize)]
+        struct N {
+            #[serde(deserialize_with = "de_i64")]
+            n: i64,
+        }
+        for b in [
+            bson::Bson::Int32(7),
+            bson::Bson::Int64(7),
+            bson::Bson::Double(7.0),
+        ] {
+            let n: N = bson::from_document(doc! { "n": b }).unwrap();
+            assert_eq!(n.n, 7);
+        }
+        assert!(bson::from_document::<N>(doc! { "n": 7.5 }).is_err());
+        assert!(bson::from_document::<N>(doc! { "n": "7" }).is_err());
+    }
+
+    #[test]
+    fn uri_credentials_are_hidden() {
+        assert_eq!(
+            redact_uri("mongodb://u:secret@db1:27017,db2/?replicaSet=rs0"),
+            "mongodb://***@db1:27017,db2/?replicaSet=rs0"
+        );
+        assert_eq!(redact_uri("mongodb://h:1/x"), "mongodb://h:1/x");
+    }
+
+    #[test]
+    fn client_keys_do_not_collide() {
+        assert_ne!(client_key("a:b", "c"), client_key("a", "b:c"));
+    }
+
+    #[test]
+    fn write_concerns() {
+        let wc = write_concern("majority").unwrap();
+        assert_eq!(wc.w, Some(Acknowledgment::Majority));
+        assert_eq!(wc.journal, Some(true));
+        assert_eq!(
+            write_concern("1").unwrap().w,
+            Some(Acknowledgment::Nodes(1))
+        );
+        assert!(write_concern("0").is_err());
+        assert!(write_concern("most").is_err());
+    }
+}
