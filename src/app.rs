@@ -1,8 +1,9 @@
-//! State every connection shares: configuration, the store, the online registry and
-//! the metrics.
+//! State every connection shares: configuration, the store, the online registry, the
+//! metrics and the authenticator.
 
 use std::sync::Arc;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -13,4 +14,5 @@ pub struct App {
     pub store: Arc<dyn Store>,
     pub router: Router,
     pub metrics: Metrics,
+    pub auth: Auth,
 }

@@ -89,6 +89,11 @@ impl ServerProcess {
         cmd.args(["serve", "--bind", &addr.to_string(), "--data-dir"])
             .arg(data_dir)
             .env("PIGEON_LOG_LEVEL", "warn")
+            // The shipped config.toml (read from the working directory) asks for
+            // passwords and rate limits; these tests exercise the built-in defaults,
+            // like the in-process servers of `test_config`. `env` may override.
+            .env("PIGEON_AUTH_MODE", "open")
+            .env("PIGEON_LIMITS_RATE_PER_SEC", "0")
             .env_remove("RUST_LOG")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdin(Stdio::null())
