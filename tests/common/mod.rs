@@ -158,6 +158,17 @@ impl Client {
         Client { ws }
     }
 
+    /// Connects with a prepared request (extra headers such as `Authorization`).
+    pub async fn connect_request(
+        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Client {
+        let (ws, _) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("connect timed out")
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        Client { ws }
+    }
+
     /// A Pigeon JSON session at `/ws?user=`, past its welcome / flush / synced.
     pub async fn pigeon(base: &str, user: &str) -> (Client, Vec<Value>) {
         let mut c = Client::connect(&format!("{base}/ws?user={user}")).await;
