@@ -1,5 +1,6 @@
 //! `pigeon chat`: a terminal client on the Pigeon JSON protocol. Type `bob: hello` to
-//! send; incoming messages (offline catch-up first) are printed and acknowledged.
+//! send; incoming messages (offline catch-up first) are printed and acknowledged. With a
+//! password (`--password` or `PIGEON_PASSWORD`) it logs in with a `login` frame.
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -84,8 +85,14 @@ async fn print(out: &mut (impl AsyncWrite + Unpin), line: &str) -> Result<(), st
     out.flush().await
 }
 
-pub async fn chat(server: &str, user: &str) -> Result<(), ClientError> {
-    let url = format!("{}/ws?user={}", server.trim_end_matches('/'), encode(user));
+/// Chats as `user`; with a `password` it logs in with a `login` frame (password mode),
+/// without one it names itself in the URL (open mode).
+pub async fn chat(server: &str, user: &str, password: Option<&str>) -> Result<(), ClientError> {
+    let base = server.trim_end_matches('/');
+    let url = match password {
+        Some(_) => format!("{base}/ws"),
+        None => format!("{base}/ws?user={}", encode(user)),
+    };
     let (ws, _) = tokio_tungstenite::connect_async(&url)
         .await
         .map_err(|source| ClientError::Connect {
@@ -93,6 +100,10 @@ pub async fn chat(server: &str, user: &str) -> Result<(), ClientError> {
             source,
         })?;
     let (mut sink, mut stream) = ws.split();
+    if let Some(password) = password {
+        let login = json!({"type":"login","user":user,"password":password});
+        sink.send(Message::text(login.to_string())).await?;
+    }
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut stdout = tokio::io::stdout();
     let mut next_id: u64 = 0;

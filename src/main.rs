@@ -47,6 +47,9 @@ enum Command {
         /// Server base URL.
         #[arg(long, default_value = "ws://127.0.0.1:8080")]
         server: String,
+        /// Password, for servers in password mode (better: the PIGEON_PASSWORD variable).
+        #[arg(long, env = "PIGEON_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
     },
 }
 
@@ -140,8 +143,12 @@ fn main() -> anyhow::Result<()> {
             println!("{done}");
             Ok(())
         }
-        Command::Chat { user, server } => {
-            runtime.block_on(pigeon::client::chat(&server, &user))?;
+        Command::Chat {
+            user,
+            server,
+            password,
+        } => {
+            runtime.block_on(pigeon::client::chat(&server, &user, password.as_deref()))?;
             Ok(())
         }
     }
