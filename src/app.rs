@@ -1,8 +1,9 @@
-//! State every connection shares: configuration, the store, the online registry and
-//! the metrics.
+//! State every connection shares: configuration, the store, the online registry, the
+//! metrics and the authenticator.
 
 use std::sync::Arc;
 
+use crate::auth::Auth;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -16,4 +17,5 @@ pub struct App {
     pub metrics: Metrics,
     /// Presence and routing across nodes, in cluster mode.
     pub cluster: Option<Arc<Cluster>>,
+    pub auth: Auth,
 }

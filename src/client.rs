@@ -1,6 +1,7 @@
 //! `pigeon chat`: a terminal client on the Pigeon JSON protocol. Type `bob: hello` to
 //! send, `/send bob ./clip.mp4` to send a file; incoming messages (offline catch-up
 //! first) are printed and acknowledged, incoming files saved to the download directory.
+//! With a password (`--password` or `PIGEON_PASSWORD`) it logs in with a `login` frame.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -149,8 +150,19 @@ async fn print(out: &mut (impl AsyncWrite + Unpin), line: &str) -> Result<(), st
     out.flush().await
 }
 
-pub async fn chat(server: &str, user: &str, download_dir: &Path) -> Result<(), ClientError> {
-    let url = format!("{}/ws?user={}", server.trim_end_matches('/'), encode(user));
+/// Chats as `user`; with a `password` it logs in with a `login` frame (password mode),
+/// without one it names itself in the URL (open mode). Received files go to `download_dir`.
+pub async fn chat(
+    server: &str,
+    user: &str,
+    password: Option<&str>,
+    download_dir: &Path,
+) -> Result<(), ClientError> {
+    let base = server.trim_end_matches('/');
+    let url = match password {
+        Some(_) => format!("{base}/ws"),
+        None => format!("{base}/ws?user={}", encode(user)),
+    };
     let (ws, _) = tokio_tungstenite::connect_async(&url)
         .await
         .map_err(|source| ClientError::Connect {
@@ -158,6 +170,10 @@ pub async fn chat(server: &str, user: &str, download_dir: &Path) -> Result<(), C
             source,
         })?;
     let (mut sink, mut stream) = ws.split();
+    if let Some(password) = password {
+        let login = json!({"type":"login","user":user,"password":password});
+        sink.send(Message::text(login.to_string())).await?;
+    }
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut stdout = tokio::io::stdout();
     let mut next_id: u64 = 0;

@@ -35,7 +35,10 @@ use crate::store::{Body, StoredMessage};
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cluster: cannot reach Redis at {url}: {source}")]
-    Unreachable { url: String, source: redis::RedisError },
+    Unreachable {
+        url: String,
+        source: redis::RedisError,
+    },
 }
 
 /// The node holding a user's live session, as presence says.

@@ -26,6 +26,8 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub log: LogConfig,
     pub cluster: ClusterConfig,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,6 +139,30 @@ pub struct LimitsConfig {
     pub blob_chunk_bytes: usize,
     /// A socket that accepts no bytes for this long is dropped (a client that never reads).
     pub write_timeout_secs: u64,
+    /// Frames per second one connection may send on average (token bucket refill rate).
+    /// 0 turns rate limiting off, which is the built-in default; the shipped `config.toml`
+    /// turns it on.
+    pub rate_per_sec: u32,
+    /// Frames one connection may send in a burst (token bucket size).
+    pub rate_burst: u32,
+    /// Frames refused with `rate_limited` before the bucket refilled that close the
+    /// session with 4008.
+    pub rate_strikes: u32,
+    /// Connections (HTTP and WebSocket) one IP address may hold open at once; more are
+    /// answered with HTTP 429. 0 means no cap.
+    pub max_connections_per_ip: usize,
+    /// Seconds a WebSocket may stay open without identifying; then it is closed with 4010.
+    pub login_timeout_secs: u64,
+    /// Failed logins (password or token) for one user from one IP address before further
+    /// attempts are refused with `too_many_attempts`; one IP address gets four times as
+    /// many across all users.
+    pub login_max_failures: u32,
+    /// How long failed logins are remembered, and how long a throttled user/IP waits.
+    pub login_backoff_secs: u64,
+    /// Take-overs of one user allowed within `takeover_window_secs`; the login after
+    /// that is refused with `takeover_loop` (two clients fighting over one account).
+    pub takeover_max: u32,
+    pub takeover_window_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -153,6 +179,15 @@ impl Default for LimitsConfig {
             blob_relay_bytes: 4 * 1024 * 1024,
             blob_chunk_bytes: 256 * 1024,
             write_timeout_secs: 30,
+            rate_per_sec: 0,
+            rate_burst: 100,
+            rate_strikes: 10,
+            max_connections_per_ip: 256,
+            login_timeout_secs: 10,
+            login_max_failures: 5,
+            login_backoff_secs: 60,
+            takeover_max: 20,
+            takeover_window_secs: 60,
         }
     }
 }
@@ -211,7 +246,79 @@ impl ClusterConfig {
     }
 }
 
-const SECTIONS: [&str; 6] = ["server", "storage", "limits", "websocket", "log", "cluster"];
+/// Who may use which name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuthConfig {
+    /// "password": accounts with passwords and signed session tokens; "open": anyone may
+    /// claim any name, as the seed tutorials did (logged as a warning at start-up).
+    ///
+    /// The built-in default (`Config::default()`, used when no config file is given and by
+    /// the test harness) is "open" so the tutorials and existing tests work unchanged;
+    /// the shipped `config.toml` sets "password", the setting for any real deployment.
+    pub mode: String,
+    /// Key that signs session tokens. Empty: a random key is generated once and kept in
+    /// `<storage.data_dir>/auth_secret`, so tokens survive restarts.
+    pub secret: String,
+    /// How long a token from `POST /api/login` stays valid.
+    pub token_ttl_secs: u64,
+    /// Whether `POST /api/register` creates accounts (otherwise only `pigeon user add`).
+    pub allow_register: bool,
+    /// Shortest password `POST /api/register` accepts (`pigeon user add` only needs one
+    /// character: the operator decides).
+    pub min_password_chars: usize,
+    /// Origins (e.g. "https://chat.example.com") whose browser pages may open WebSockets,
+    /// besides pages from the same host as the `Host` header (always allowed). "*": any.
+    /// Requests without an `Origin` header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: "open".into(),
+            secret: String::new(),
+            token_ttl_secs: 86_400,
+            allow_register: false,
+            min_password_chars: 8,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl AuthConfig {
+    pub fn password_mode(&self) -> bool {
+        self.mode == "password"
+    }
+}
+
+/// TLS on the listening port (wss:// and https://). Both paths set: TLS only; both empty:
+/// plain TCP.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert.is_empty() || !self.key.is_empty()
+    }
+}
+
+const SECTIONS: [&str; 8] = [
+    "server",
+    "storage",
+    "limits",
+    "websocket",
+    "log",
+    "auth",
+    "tls",
+    "cluster",
+];
 
 impl Config {
     /// Reads `path` (if given and present), applies `PIGEON_*` overrides from `env`, and
@@ -279,6 +386,28 @@ impl Config {
         }
         if !["pretty", "json"].contains(&self.log.format.as_str()) {
             return bad("log.format must be \"pretty\" or \"json\"");
+        }
+        if !["password", "open"].contains(&self.auth.mode.as_str()) {
+            return bad("auth.mode must be \"password\" or \"open\"");
+        }
+        if self.auth.token_ttl_secs == 0 {
+            return bad("auth.token_ttl_secs must be positive");
+        }
+        if !self.auth.secret.is_empty() && self.auth.secret.len() < 32 {
+            return bad(
+                "auth.secret must be at least 32 characters (or empty for a generated one)",
+            );
+        }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            return bad("tls.cert and tls.key must be set together");
+        }
+        if l.rate_per_sec > 0 && (l.rate_burst == 0 || l.rate_strikes == 0) {
+            return bad("limits.rate_burst and rate_strikes must be positive when rate_per_sec is");
+        }
+        if l.login_timeout_secs == 0 || l.login_max_failures == 0 || l.takeover_window_secs == 0 {
+            return bad(
+                "limits.login_timeout_secs, login_max_failures and takeover_window_secs must be positive",
+            );
         }
         Ok(())
     }
@@ -417,5 +546,18 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
         let (_, unknown) = Config::load(Some(&path), Vec::new()).unwrap();
         assert!(unknown.is_empty(), "{unknown:?}");
+    }
+
+    #[test]
+    fn shipped_config_uses_passwords_while_built_in_default_is_open() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let (c, _) = Config::load(Some(&path), Vec::new()).unwrap();
+        assert!(c.auth.password_mode());
+        assert!(c.limits.rate_per_sec > 0);
+        assert!(!Config::default().auth.password_mode());
+        let (c, _) = Config::load(Some(&path), env(&[("PIGEON_AUTH_MODE", "open")])).unwrap();
+        assert!(!c.auth.password_mode());
+        assert!(Config::load(None, env(&[("PIGEON_AUTH_MODE", "maybe")])).is_err());
+        assert!(Config::load(None, env(&[("PIGEON_TLS_CERT", "a.pem")])).is_err());
     }
 }

@@ -1,11 +1,15 @@
 //! HTTP on the WebSocket port: the upgrade routes (`/ws`, `/web`, `/ws/<user>`,
-//! `/web/<user>`), `/healthz`, `/metrics`, and the web client from `static/` at `/`.
+//! `/web/<user>`), `/healthz`, `/metrics`, the account API (`api`), and the web client
+//! from `static/` at `/`. Before an upgrade it checks the `Origin` against
+//! `[auth] allowed_origins` and resolves a token (`?token=` or `Authorization: Bearer`)
+//! into the session's identity.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -19,8 +23,8 @@ use tokio_util::task::TaskTracker;
 use tower_http::services::ServeDir;
 
 use crate::app::App;
-use crate::protocol::Dialect;
-use crate::session::{self, Greeting};
+use crate::protocol::{Dialect, ErrorCode, ProtocolError};
+use crate::session::{self, Greeting, CLOSE_AUTH};
 
 /// What the HTTP handlers need besides the shared `App`.
 pub struct Ctx {
@@ -44,6 +48,7 @@ pub fn routes(ctx: Arc<Ctx>) -> Router {
         .route("/web/{user}", get(upgrade_named))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(crate::api::routes())
         .fallback_service(static_dir)
         .with_state(ctx)
 }
@@ -53,29 +58,101 @@ async fn upgrade_anonymous(
     Query(query): Query<HashMap<String, String>>,
     req: Request,
 ) -> Response {
-    let greeting = match query.get("user") {
-        Some(user) => Greeting::Named {
-            user: user.clone(),
-            dialect: Dialect::Pigeon,
-        },
-        None => Greeting::Anonymous,
-    };
+    let token = request_token(&query, &req);
+    let claimed = query.get("user").cloned();
+    let greeting = resolve(&ctx, claimed, Dialect::Pigeon, token, peer_ip(&req)).await;
     upgrade(ctx, greeting, req)
 }
 
 async fn upgrade_named(
     State(ctx): State<Arc<Ctx>>,
     Path(user): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
     req: Request,
 ) -> Response {
-    upgrade(
-        ctx,
-        Greeting::Named {
-            user,
-            dialect: Dialect::SeedJson,
+    let token = request_token(&query, &req);
+    let greeting = resolve(&ctx, Some(user), Dialect::SeedJson, token, peer_ip(&req)).await;
+    upgrade(ctx, greeting, req)
+}
+
+/// A session token from `?token=` or an `Authorization: Bearer` header.
+fn request_token(query: &HashMap<String, String>, req: &Request) -> Option<String> {
+    if let Some(t) = query.get("token") {
+        return Some(t.clone());
+    }
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+fn peer_ip(req: &Request) -> Option<IpAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// Who the upgrading client is: the name it claims (path or `?user=`) checked against
+/// its token. In password mode a claimed name without a token is refused.
+async fn resolve(
+    ctx: &Ctx,
+    claimed: Option<String>,
+    dialect: Dialect,
+    token: Option<String>,
+    ip: Option<IpAddr>,
+) -> Greeting {
+    let app = &ctx.app;
+    let refused = |error: ProtocolError| Greeting::Refused {
+        dialect,
+        error,
+        close: CLOSE_AUTH,
+    };
+    let Some(token) = token else {
+        return match claimed {
+            Some(_) if app.auth.required() => refused(ProtocolError::new(
+                ErrorCode::AuthRequired,
+                "log in first: add ?token= (from POST /api/login) or an Authorization: \
+                 Bearer header, or open /ws and send a login frame with user and password",
+            )),
+            Some(user) => Greeting::Named { user, dialect },
+            None => Greeting::Anonymous,
+        };
+    };
+    match app.auth.verify_token(&app.store, &token, ip).await {
+        Ok(user) => match claimed {
+            Some(c) if c != user => refused(ProtocolError::new(
+                ErrorCode::BadCredentials,
+                format!("this token was issued to {user}, not to {c}"),
+            )),
+            Some(_) => Greeting::Named { user, dialect },
+            None => Greeting::Authenticated { user },
         },
-        req,
-    )
+        Err(e) => {
+            tracing::debug!(error = %e, "token refused at upgrade");
+            refused(e.to_protocol())
+        }
+    }
+}
+
+/// Whether a browser page from `origin` may open a WebSocket here: from the same host
+/// as the request's `Host` header (the bundled web client), or listed in
+/// `[auth] allowed_origins` (or "*" is).
+fn origin_allowed(allowed: &[String], origin: &str, host: Option<&str>) -> bool {
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let authority = origin
+        .split_once("://")
+        .map(|(_, rest)| rest.trim_end_matches('/'))
+        .unwrap_or("");
+    match host {
+        Some(h) => !authority.is_empty() && authority.eq_ignore_ascii_case(h.trim()),
+        None => false,
+    }
 }
 
 fn bad_request(msg: &'static str) -> Response {
@@ -117,10 +194,26 @@ fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, mut req: Request) -> Response {
         return bad_request("Sec-WebSocket-Key is missing\n");
     };
     let accept = derive_accept_key(key.as_bytes());
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        if !origin_allowed(&ctx.app.config.auth.allowed_origins, origin, host) {
+            tracing::info!(%origin, ?host, "WebSocket from a disallowed origin refused");
+            return (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "origin {origin:?} may not open WebSockets here; the operator can allow it \
+                     in [auth] allowed_origins\n"
+                ),
+            )
+                .into_response();
+        }
+    }
     if *ctx.shutdown.borrow() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
     let guard = req.extensions().get::<ConnGuard>().cloned();
+    let peer = peer_ip(&req);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_ctx = ctx.clone();
     ctx.tracker.spawn(async move {
@@ -141,6 +234,7 @@ fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, mut req: Request) -> Response {
             ws,
             task_ctx.app.clone(),
             greeting,
+            peer,
             task_ctx.shutdown.clone(),
         )
         .await;
@@ -185,4 +279,52 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
             .render(ctx.app.router.online_count(), ctx.app.cluster.as_deref()),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_allowed;
+
+    #[test]
+    fn origins() {
+        let none: Vec<String> = Vec::new();
+        assert!(origin_allowed(
+            &none,
+            "http://chat.example:8080",
+            Some("chat.example:8080")
+        ));
+        assert!(origin_allowed(
+            &none,
+            "https://Chat.Example",
+            Some("chat.example")
+        ));
+        assert!(!origin_allowed(
+            &none,
+            "https://evil.example",
+            Some("chat.example")
+        ));
+        assert!(!origin_allowed(&none, "null", Some("chat.example")));
+        assert!(!origin_allowed(&none, "https://chat.example", None));
+        let list = vec!["https://app.example".to_string()];
+        assert!(origin_allowed(
+            &list,
+            "https://app.example",
+            Some("api.example")
+        ));
+        assert!(origin_allowed(
+            &list,
+            "https://api.example",
+            Some("api.example")
+        ));
+        assert!(!origin_allowed(
+            &list,
+            "https://evil.example",
+            Some("api.example")
+        ));
+        assert!(origin_allowed(
+            &["*".to_string()],
+            "https://x.example",
+            None
+        ));
+    }
 }

@@ -4,18 +4,26 @@
 //! `http` (routes and the WebSocket upgrade), `session` (one connection's life),
 //! `router` (who is online, take-over), `protocol` (the three wire dialects),
 //! `store` (the offline mailbox), `config`, `metrics`, and `client` (the terminal client).
+//! Security: `auth` (passwords, tokens), `token`, `api` (`/api/login`, `/api/register`),
+//! `accounts` (`pigeon user ...`), `limits` (rate, throttles, caps) and `tls`.
 
+pub mod accounts;
+pub mod api;
 pub mod app;
+pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod router;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tls;
+pub mod token;
 pub mod transfer;
 
 /// Unix time in milliseconds.

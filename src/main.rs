@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use pigeon::accounts::{self, Action, PasswordSource};
 use pigeon::config::Config;
 
 #[derive(Parser)]
@@ -34,6 +35,11 @@ enum Command {
         #[arg(long)]
         log_format: Option<String>,
     },
+    /// Manage accounts (`[auth] mode = "password"`).
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
     /// Chat from the terminal: type `bob: hello`, or `/send bob ./file` to send a file.
     Chat {
         #[arg(long, short)]
@@ -44,7 +50,59 @@ enum Command {
         /// Where received files are saved.
         #[arg(long, default_value = ".")]
         download_dir: PathBuf,
+        /// Password, for servers in password mode (better: the PIGEON_PASSWORD variable).
+        #[arg(long, env = "PIGEON_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
     },
+}
+
+/// Where the configuration comes from, for every command that opens the store.
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// Configuration file (default: ./config.toml when it exists).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Data directory of the embedded store, overriding [storage] data_dir.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Create an account; the password is prompted for, or read from standard input.
+    Add {
+        name: String,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Delete an account (its undelivered messages stay in the store).
+    Del {
+        name: String,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Change a password (every token issued before stops working).
+    Passwd {
+        name: String,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+}
+
+/// Loads the configuration the way `serve` does; returns it with its unknown keys.
+fn load_config(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<(Config, Vec<String>)> {
+    let path = config.or_else(|| {
+        let default = PathBuf::from("config.toml");
+        default.exists().then_some(default)
+    });
+    let (mut cfg, unknown) = Config::load(path.as_deref(), std::env::vars())?;
+    if let Some(d) = data_dir {
+        cfg.storage.data_dir = d;
+    }
+    Ok((cfg, unknown))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,16 +115,9 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             log_format,
         } => {
-            let path = config.or_else(|| {
-                let default = PathBuf::from("config.toml");
-                default.exists().then_some(default)
-            });
-            let (mut cfg, unknown) = Config::load(path.as_deref(), std::env::vars())?;
+            let (mut cfg, unknown) = load_config(config, data_dir)?;
             if let Some(b) = bind {
                 cfg.server.bind = b;
-            }
-            if let Some(d) = data_dir {
-                cfg.storage.data_dir = d;
             }
             if let Some(f) = log_format {
                 cfg.log.format = f;
@@ -83,12 +134,30 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })
         }
+        Command::User { action } => {
+            let (action, name, args) = match action {
+                UserAction::Add { name, cfg } => (Action::Add, name, cfg),
+                UserAction::Del { name, cfg } => (Action::Delete, name, cfg),
+                UserAction::Passwd { name, cfg } => (Action::Passwd, name, cfg),
+            };
+            let (cfg, _) = load_config(args.config, args.data_dir)?;
+            let done =
+                runtime.block_on(accounts::run(&cfg, action, &name, PasswordSource::Stdin))?;
+            println!("{done}");
+            Ok(())
+        }
         Command::Chat {
             user,
             server,
+            password,
             download_dir,
         } => {
-            runtime.block_on(pigeon::client::chat(&server, &user, &download_dir))?;
+            runtime.block_on(pigeon::client::chat(
+                &server,
+                &user,
+                password.as_deref(),
+                &download_dir,
+            ))?;
             Ok(())
         }
     }

@@ -103,12 +103,28 @@ impl Metrics {
         );
         if let Some(c) = cluster {
             let rows: [(&str, &str, &AtomicU64); 3] = [
-                ("pigeon_cluster_forwarded_out_total", "Messages handed to another node.", &c.forwarded_out),
-                ("pigeon_cluster_forwarded_in_total", "Messages received from another node.", &c.forwarded_in),
-                ("pigeon_cluster_presence_conflicts_total", "Logins that replaced a session on another node.", &c.presence_conflicts),
+                (
+                    "pigeon_cluster_forwarded_out_total",
+                    "Messages handed to another node.",
+                    &c.forwarded_out,
+                ),
+                (
+                    "pigeon_cluster_forwarded_in_total",
+                    "Messages received from another node.",
+                    &c.forwarded_in,
+                ),
+                (
+                    "pigeon_cluster_presence_conflicts_total",
+                    "Logins that replaced a session on another node.",
+                    &c.presence_conflicts,
+                ),
             ];
             for (name, help, value) in rows {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                    value.load(Ordering::Relaxed)
+                );
             }
             let _ = writeln!(
                 out,

@@ -1,7 +1,9 @@
 //! Accepts connections and shuts down. A `Semaphore` caps open connections (a WebSocket
 //! session keeps its connection's permit); on shutdown the server stops accepting, tells
 //! every session to close with 1001 (going away), and waits for the session tasks it
-//! tracks itself, up to `server.shutdown_grace_secs`.
+//! tracks itself, up to `server.shutdown_grace_secs`. With `[tls]` configured each
+//! socket is wrapped in TLS before hyper sees it (wss:// and https:// on one port); a
+//! client IP above `limits.max_connections_per_ip` is answered with HTTP 429.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,19 +12,24 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::app::App;
+use crate::auth::{Auth, AuthError};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::{self, ConnGuard, Ctx};
+use crate::limits::{IpConnections, IpSlot};
 use crate::metrics::{dec, inc};
 use crate::router::Router;
 use crate::store::{self, StoreError};
+use crate::tls::{self, TlsError};
 
 /// Slowloris guard: how long a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +42,10 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The tungstenite settings every session uses, from `[websocket]` and `[limits]`.
@@ -54,14 +65,24 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let tls = tls::acceptor(&config.tls)?;
     let store = store::open(&config.storage, config.limits.mailbox_max).await?;
     let cluster = match config.cluster.enabled() {
         true => Some(Cluster::connect(&config.cluster).await?),
         false => None,
     };
+    let auth = Auth::new(&config)?;
+    if !auth.required() {
+        tracing::warn!(
+            "[auth] mode = \"open\": ANYONE CAN LOG IN AS ANY USER, read their messages and \
+             kick their sessions. Use mode = \"password\" for anything but a trial."
+        );
+    }
     tracing::info!(
         addr = %listener.local_addr()?,
         store = store.backend(),
+        tls = tls.is_some(),
+        auth = %config.auth.mode,
         "pigeon listening"
     );
     let app = Arc::new(App {
@@ -70,17 +91,22 @@ pub async fn run(
         router: Router::new(),
         metrics: Default::default(),
         cluster,
+        auth,
     });
     if let Some(c) = &app.cluster {
-        tracing::info!(node = c.node(), "cluster mode: presence and routing through Redis");
+        tracing::info!(
+            node = c.node(),
+            "cluster mode: presence and routing through Redis"
+        );
     }
-    serve(listener, app, shutdown).await;
+    serve(listener, app, tls, shutdown).await;
     Ok(())
 }
 
 /// A connection's hold on the connection limit; also keeps the open-connections gauge.
 struct Permit {
     _permit: OwnedSemaphorePermit,
+    _ip: IpSlot,
     app: Arc<App>,
 }
 
@@ -90,7 +116,12 @@ impl Drop for Permit {
     }
 }
 
-async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     let ctx = Arc::new(Ctx {
@@ -104,6 +135,8 @@ async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Outpu
         tracker.spawn(cluster.run(app.clone(), shutdown_rx.clone()));
     }
     let limit = Arc::new(Semaphore::new(app.config.server.max_connections));
+    let per_ip = Arc::new(IpConnections::default());
+    let per_ip_cap = app.config.limits.max_connections_per_ip;
     tokio::pin!(shutdown);
 
     loop {
@@ -120,13 +153,30 @@ async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Outpu
         };
         inc(&app.metrics.connections_total);
         inc(&app.metrics.connections_open);
+        let (ip_slot, from_ip) = per_ip.open(peer.ip());
         let permit = Permit {
             _permit: permit,
+            _ip: ip_slot,
             app: app.clone(),
         };
+        let over_cap = per_ip_cap > 0 && from_ip > per_ip_cap;
+        if over_cap {
+            tracing::info!(%peer, open = from_ip - 1, "per-IP connection cap reached");
+        }
         let routes = routes.clone();
         let shutdown = shutdown_rx.clone();
-        tracker.spawn(connection(socket, peer, permit, routes, shutdown));
+        let tls = tls.clone();
+        tracker.spawn(async move {
+            let _ = socket.set_nodelay(true);
+            match tls {
+                None => connection(socket, peer, permit, routes, over_cap, shutdown).await,
+                Some(tls) => match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(socket)).await {
+                    Ok(Ok(s)) => connection(s, peer, permit, routes, over_cap, shutdown).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
+            }
+        });
     }
 
     tracing::info!("shutting down: closing sessions");
@@ -161,20 +211,42 @@ async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
     }
 }
 
-async fn connection(
-    socket: TcpStream,
+/// The answer to every request of a connection above the per-IP cap.
+fn too_many_connections() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        [
+            (axum::http::header::CONTENT_TYPE, "application/json"),
+            (axum::http::header::CONNECTION, "close"),
+        ],
+        r#"{"error":"too_many_connections","message":"too many connections from your address"}"#,
+    )
+        .into_response()
+}
+
+async fn connection<S>(
+    socket: S,
     peer: SocketAddr,
     permit: Permit,
     routes: axum::Router,
+    over_cap: bool,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let _ = socket.set_nodelay(true);
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let guard = ConnGuard(Arc::new(permit));
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(guard.clone());
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(peer));
-        routes.clone().oneshot(req.map(axum::body::Body::new))
+        let routes = routes.clone();
+        async move {
+            if over_cap {
+                return Ok(too_many_connections());
+            }
+            routes.oneshot(req.map(axum::body::Body::new)).await
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

@@ -7,10 +7,16 @@
 //! the writer can always fall back on the mailbox: at login it flushes it, when the
 //! router found the queue full (`lagging`) it re-reads it, and when a live delivery
 //! arrives out of order it reads the gap from it. It never sends a seq twice in a session.
+//!
+//! Authentication (`[auth] mode = "password"`): identities from the URL arrive already
+//! checked (`http::resolve`); a login frame carries a password or token; a hash frame
+//! identifies only a session whose token (in the URL) names its sender. Abuse limits
+//! live here too: the frame rate bucket, the login timeout, and take-over damping.
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -22,6 +28,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::app::App;
+use crate::limits::{Rate, TokenBucket};
 use crate::metrics::{dec, inc};
 use crate::protocol::{
     self, hash, pigeon, seed_json, valid_username, Dialect, ErrorCode, Event, Fate, ProtocolError,
@@ -38,6 +45,11 @@ pub const CLOSE_INVALID_USER: u16 = 4001;
 pub const CLOSE_PROTOCOL_ERROR: u16 = 4002;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Authentication required or failed (`auth_required`, `bad_credentials`, ...).
+pub const CLOSE_AUTH: u16 = 4003;
+pub const CLOSE_RATE_LIMITED: u16 = 4008;
+pub const CLOSE_TAKEOVER_LOOP: u16 = 4009;
+pub const CLOSE_LOGIN_TIMEOUT: u16 = 4010;
 
 /// Queued frames the writer handles before it flushes the socket and looks around.
 const WRITE_BATCH: usize = 256;
@@ -47,8 +59,18 @@ const WRITE_BATCH: usize = 256;
 pub enum Greeting {
     /// Nothing yet: a login frame or the first hash frame will tell.
     Anonymous,
-    /// From the path or query; `valid_username` not yet checked.
+    /// From the path or query; `valid_username` not yet checked. In password mode only
+    /// after a token proved it.
     Named { user: String, dialect: Dialect },
+    /// A valid token (in the URL) proved the user; the first frame picks the dialect: a
+    /// hash frame from this user, or a Pigeon `login` frame.
+    Authenticated { user: String },
+    /// The upgrade's credentials were refused: send the error, then close with `close`.
+    Refused {
+        dialect: Dialect,
+        error: ProtocolError,
+        close: u16,
+    },
 }
 
 /// Runs the session to its end.
@@ -56,6 +78,7 @@ pub async fn run<S>(
     ws: WebSocketStream<S>,
     app: Arc<App>,
     greeting: Greeting,
+    peer: Option<IpAddr>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -89,11 +112,28 @@ pub async fn run<S>(
         errors_in_row: 0,
         transfers: Transfers::default(),
         last_to: None,
+        peer,
+        authenticated: None,
+        bucket: TokenBucket::new(
+            app.config.limits.rate_per_sec,
+            app.config.limits.rate_burst,
+            app.config.limits.rate_strikes,
+            Instant::now(),
+        ),
     };
     let mut stop = shared.stop_signal();
     let flow = match greeting {
         Greeting::Anonymous => Flow::Continue,
         Greeting::Named { user, dialect } => reader.identify(user, dialect, true).await,
+        Greeting::Authenticated { user } => {
+            reader.authenticated = Some(user);
+            Flow::Continue
+        }
+        Greeting::Refused {
+            dialect,
+            error,
+            close,
+        } => reader.refuse_and_close(dialect, error, close).await,
     };
     if flow == Flow::Continue {
         reader.read_loop(stream, &mut stop, &mut shutdown).await;
@@ -136,6 +176,10 @@ struct Reader {
     transfers: Transfers,
     /// The last recipient this session sent to (legacy binary frames go there).
     last_to: Option<String>,
+    peer: Option<IpAddr>,
+    /// The user a token in the URL proved, before the first frame picked the dialect.
+    authenticated: Option<String>,
+    bucket: TokenBucket,
 }
 
 impl Reader {
@@ -147,16 +191,35 @@ impl Reader {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let login_timeout = Duration::from_secs(self.app.config.limits.login_timeout_secs);
+        let login_deadline = tokio::time::sleep(login_timeout);
+        tokio::pin!(login_deadline);
         loop {
             let frame = tokio::select! {
                 biased;
                 _ = stop.changed() => return,
+                _ = &mut login_deadline, if self.user.is_none() => {
+                    let e = ProtocolError::new(
+                        ErrorCode::LoginTimeout,
+                        format!("no login within {} s", login_timeout.as_secs()),
+                    );
+                    let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
+                    self.refuse_and_close(dialect, e, CLOSE_LOGIN_TIMEOUT).await;
+                    return;
+                }
                 _ = crate::server::shutdown_requested(shutdown) => {
                     self.shared.stop(StopReason::Shutdown);
                     return;
                 }
                 frame = stream.next() => frame,
             };
+            if let Some(Ok(Message::Text(_) | Message::Binary(_))) = &frame {
+                match self.rate_check().await {
+                    Some(Flow::Close) => return,
+                    Some(Flow::Continue) => continue,
+                    None => {}
+                }
+            }
             let flow = match frame {
                 None => return,
                 Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
@@ -218,12 +281,23 @@ impl Reader {
                     );
                     return self.refuse(Dialect::Hash, e).await;
                 }
+                if let Some(flow) = self.check_hash_sender(&from).await {
+                    return flow;
+                }
                 if self.identify(from.clone(), Dialect::Hash, false).await == Flow::Close {
                     return Flow::Close;
                 }
                 self.send(&from, id, to, body).await
             }
-            (None, Request::Login { user }) => self.identify(user, Dialect::Pigeon, false).await,
+            (None, Request::Login { user }) => self.login(user).await,
+            (
+                None,
+                Request::Authenticate {
+                    user,
+                    password,
+                    token,
+                },
+            ) => self.authenticate(user, password, token).await,
             (None, Request::Ping) => self.reply(dialect, &Event::Pong).await,
             (None, _) => {
                 let e = ProtocolError::new(
@@ -232,7 +306,7 @@ impl Reader {
                 );
                 self.refuse(dialect, e).await
             }
-            (Some(_), Request::Login { .. }) => {
+            (Some(_), Request::Login { .. } | Request::Authenticate { .. }) => {
                 let e = ProtocolError::new(
                     ErrorCode::AlreadyIdentified,
                     "this session is already logged in",
@@ -441,6 +515,21 @@ impl Reader {
             }
             return self.refuse(dialect, e).await;
         }
+        if self.app.router.is_online(&user) && !self.app.auth.allow_takeover(&user) {
+            tracing::warn!(
+                %user,
+                max = self.app.config.limits.takeover_max,
+                window_secs = self.app.config.limits.takeover_window_secs,
+                "login refused: this user is being taken over in a loop"
+            );
+            let e = ProtocolError::new(
+                ErrorCode::TakeoverLoop,
+                format!(
+                    "{user} was taken over too often lately; is another client fighting over this account?"
+                ),
+            );
+            return self.refuse_and_close(dialect, e, CLOSE_TAKEOVER_LOOP).await;
+        }
         self.generation = self.app.router.next_generation();
         let handle = SessionHandle {
             generation: self.generation,
@@ -578,6 +667,118 @@ impl Reader {
             return self.close(CLOSE_PROTOCOL_ERROR, "protocol_error").await;
         }
         Flow::Continue
+    }
+
+    /// A `login` frame without credentials: only in open mode, or naming the user a
+    /// token in the URL already proved.
+    async fn login(&mut self, user: String) -> Flow {
+        match &self.authenticated {
+            Some(me) if *me == user => self.identify(user, Dialect::Pigeon, false).await,
+            Some(me) => {
+                let e = ProtocolError::new(
+                    ErrorCode::BadCredentials,
+                    format!("this connection's token was issued to {me}, not to {user}"),
+                );
+                self.refuse_and_close(Dialect::Pigeon, e, CLOSE_AUTH).await
+            }
+            None if self.app.auth.required() => {
+                let e = ProtocolError::new(
+                    ErrorCode::AuthRequired,
+                    "this server needs a password or token: {\"type\":\"login\",\"user\":...,\"password\":...}",
+                );
+                self.refuse_and_close(Dialect::Pigeon, e, CLOSE_AUTH).await
+            }
+            None => self.identify(user, Dialect::Pigeon, false).await,
+        }
+    }
+
+    /// A `login` frame with a password (and user) or a token.
+    async fn authenticate(
+        &mut self,
+        user: Option<String>,
+        password: Option<String>,
+        token: Option<String>,
+    ) -> Flow {
+        let (app, ip) = (self.app.clone(), self.peer);
+        let proved = match (&user, password, token) {
+            (_, _, Some(t)) => app.auth.verify_token(&app.store, &t, ip).await,
+            (Some(u), Some(p), None) => app
+                .auth
+                .check_password(&app.store, u, &p, ip)
+                .await
+                .map(|_| u.clone()),
+            _ => Err(crate::auth::AuthError::BadCredentials),
+        };
+        match proved {
+            Ok(proved) if user.as_ref().is_none_or(|u| *u == proved) => {
+                self.identify(proved, Dialect::Pigeon, false).await
+            }
+            Ok(proved) => {
+                let e = ProtocolError::new(
+                    ErrorCode::BadCredentials,
+                    format!("the token was issued to {proved}, not to the user named"),
+                );
+                self.refuse_and_close(Dialect::Pigeon, e, CLOSE_AUTH).await
+            }
+            Err(e) => {
+                self.refuse_and_close(Dialect::Pigeon, e.to_protocol(), CLOSE_AUTH)
+                    .await
+            }
+        }
+    }
+
+    /// Whether the first hash frame's sender may identify this session: `None` when it
+    /// may, else how the refusal went.
+    async fn check_hash_sender(&mut self, from: &str) -> Option<Flow> {
+        match &self.authenticated {
+            Some(me) if me == from => None,
+            Some(me) => {
+                let e = ProtocolError::new(
+                    ErrorCode::WrongSender,
+                    format!("this session belongs to {me}"),
+                );
+                Some(self.refuse(Dialect::Hash, e).await)
+            }
+            None if self.app.auth.required() => {
+                let e = ProtocolError::new(
+                    ErrorCode::AuthRequired,
+                    "open /ws?token=... (from POST /api/login) to use the hash dialect",
+                );
+                Some(self.refuse_and_close(Dialect::Hash, e, CLOSE_AUTH).await)
+            }
+            None => None,
+        }
+    }
+
+    /// Spends a token of the frame-rate bucket: `None` lets the frame through; otherwise
+    /// it was dropped with a `rate_limited` error (and maybe the session closed).
+    async fn rate_check(&mut self) -> Option<Flow> {
+        let verdict = self.bucket.check(Instant::now());
+        if verdict == Rate::Allow {
+            return None;
+        }
+        inc(&self.app.metrics.errors);
+        let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
+        let e = ProtocolError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} frames per second: frame dropped",
+                self.app.config.limits.rate_per_sec
+            ),
+        );
+        if verdict == Rate::Close {
+            tracing::info!(user = ?self.user, peer = ?self.peer, "closing a flooding connection");
+            return Some(self.refuse_and_close(dialect, e, CLOSE_RATE_LIMITED).await);
+        }
+        Some(self.reply(dialect, &Event::Error(&e)).await)
+    }
+
+    /// Sends an error frame, then closes with `code` (the error code is the reason).
+    async fn refuse_and_close(&mut self, dialect: Dialect, e: ProtocolError, code: u16) -> Flow {
+        tracing::debug!(user = ?self.user, peer = ?self.peer, code = e.code.as_str(), message = %e.message, "closing session");
+        inc(&self.app.metrics.errors);
+        self.reply(dialect, &Event::Error(&e)).await;
+        self.close(code, e.code.as_str()).await
     }
 
     async fn close(&mut self, code: u16, reason: &'static str) -> Flow {

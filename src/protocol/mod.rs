@@ -63,6 +63,13 @@ pub enum ErrorCode {
     BlobOverflow,
     ChecksumMismatch,
     TooManyTransfers,
+    AuthRequired,
+    BadCredentials,
+    TokenExpired,
+    TooManyAttempts,
+    TakeoverLoop,
+    RateLimited,
+    LoginTimeout,
 }
 
 impl ErrorCode {
@@ -85,6 +92,13 @@ impl ErrorCode {
             ErrorCode::BlobOverflow => "blob_overflow",
             ErrorCode::ChecksumMismatch => "checksum_mismatch",
             ErrorCode::TooManyTransfers => "too_many_transfers",
+            ErrorCode::AuthRequired => "auth_required",
+            ErrorCode::BadCredentials => "bad_credentials",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TooManyAttempts => "too_many_attempts",
+            ErrorCode::TakeoverLoop => "takeover_loop",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::LoginTimeout => "login_timeout",
         }
     }
 }
@@ -96,6 +110,8 @@ pub struct ProtocolError {
     pub message: String,
     pub id: Option<String>,
     pub to: Option<String>,
+    /// Seconds to wait before trying again (`too_many_attempts`).
+    pub try_again_in: Option<u64>,
 }
 
 impl ProtocolError {
@@ -105,7 +121,13 @@ impl ProtocolError {
             message: message.into(),
             id: None,
             to: None,
+            try_again_in: None,
         }
+    }
+
+    pub fn with_try_again_in(mut self, secs: Option<u64>) -> ProtocolError {
+        self.try_again_in = secs;
+        self
     }
 
     pub fn with_id(mut self, id: Option<String>) -> ProtocolError {
@@ -124,6 +146,12 @@ impl ProtocolError {
 pub enum Request {
     Login {
         user: String,
+    },
+    /// A Pigeon `login` frame with credentials: a password (with `user`) or a token.
+    Authenticate {
+        user: Option<String>,
+        password: Option<String>,
+        token: Option<String>,
     },
     Send {
         /// The sender named in the frame (hash dialect only).

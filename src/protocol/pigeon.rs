@@ -15,6 +15,8 @@ struct ClientFrame {
     #[serde(rename = "type")]
     kind: Option<String>,
     user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
     id: Option<String>,
     to: Option<String>,
     body: Option<Value>,
@@ -49,6 +51,16 @@ pub fn parse(text: &str) -> Result<Request, ProtocolError> {
         .with_id(f.id.clone())
     };
     match kind.as_str() {
+        "login" if f.token.is_some() => Ok(Request::Authenticate {
+            user: f.user,
+            password: None,
+            token: f.token,
+        }),
+        "login" if f.password.is_some() => Ok(Request::Authenticate {
+            user: Some(f.user.clone().ok_or_else(|| missing("user"))?),
+            password: f.password,
+            token: None,
+        }),
         "login" => Ok(Request::Login {
             user: f.user.ok_or_else(|| missing("user"))?,
         }),
@@ -153,6 +165,8 @@ enum ServerFrame<'a> {
         id: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         to: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        try_again_in: Option<u64>,
     },
     Kicked {
         reason: &'static str,
@@ -253,6 +267,7 @@ pub fn format(event: &Event<'_>) -> String {
             message: &e.message,
             id: e.id.as_deref(),
             to: e.to.as_deref(),
+            try_again_in: e.try_again_in,
         },
         Event::Kicked => ServerFrame::Kicked {
             reason: "session_replaced",
@@ -359,6 +374,36 @@ mod tests {
             code(r#"{"type":"blob","id":"t","to":"b","size":1,"sha256":"zz"}"#),
             ErrorCode::BadFrame
         );
+    }
+
+    #[test]
+    fn login_with_credentials() {
+        assert_eq!(
+            parse(r#"{"type":"login","user":"a","password":"pw"}"#).unwrap(),
+            Request::Authenticate {
+                user: Some("a".into()),
+                password: Some("pw".into()),
+                token: None
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"login","token":"t"}"#).unwrap(),
+            Request::Authenticate {
+                user: None,
+                password: None,
+                token: Some("t".into())
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"login","password":"pw"}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::MissingField
+        );
+        let e = ProtocolError::new(ErrorCode::TooManyAttempts, "wait").with_try_again_in(Some(7));
+        let v: Value = serde_json::from_str(&format(&Event::Error(&e))).unwrap();
+        assert_eq!(v["code"], "too_many_attempts");
+        assert_eq!(v["try_again_in"], 7);
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub fn format(event: &Event<'_>) -> Option<String> {
             if let Some(to) = &e.to {
                 v["to_user"] = Value::String(to.clone());
             }
+            if let Some(secs) = e.try_again_in {
+                v["try_again_in"] = Value::from(secs);
+            }
             v
         }
         Event::Kicked => {

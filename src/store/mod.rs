@@ -13,6 +13,11 @@
 //!   `mailbox_max` unacknowledged messages.
 //! - `fetch` returns messages in increasing seq order; `ack` deletes every message of the
 //!   recipient with `seq <= upto`.
+//!
+//! Accounts (`[auth] mode = "password"`) live in the store too: a user name and its
+//! argon2 PHC hash string, never a password. The account methods have default
+//! implementations that refuse with `StoreError::Backend`, so a backend without accounts
+//! still serves open mode.
 
 pub mod blob_files;
 pub mod mongo;
@@ -156,6 +161,8 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store error: {0}")]
     Backend(String),
+    #[error("user {0} already exists")]
+    UserExists(String),
 }
 
 /// The offline mailbox. Implementations are cheap to share (`Arc<dyn Store>`).
@@ -204,6 +211,36 @@ pub trait Store: Send + Sync + 'static {
             self.backend()
         )))
     }
+    /// Creates an account; `StoreError::UserExists` when the name is taken.
+    async fn create_user(&self, user: &str, password_hash: &str) -> Result<(), StoreError> {
+        let _ = (user, password_hash);
+        Err(accounts_unsupported(self.backend()))
+    }
+
+    /// Deletes an account (its mailbox stays); false when there was none.
+    async fn delete_user(&self, user: &str) -> Result<bool, StoreError> {
+        let _ = user;
+        Err(accounts_unsupported(self.backend()))
+    }
+
+    /// Replaces an account's password hash; false when there is no such account.
+    async fn set_password_hash(&self, user: &str, password_hash: &str) -> Result<bool, StoreError> {
+        let _ = (user, password_hash);
+        Err(accounts_unsupported(self.backend()))
+    }
+
+    /// The account's password hash (a PHC string), or `None` when there is no account.
+    async fn password_hash(&self, user: &str) -> Result<Option<String>, StoreError> {
+        let _ = user;
+        Err(accounts_unsupported(self.backend()))
+    }
+}
+
+/// What the default account methods answer.
+pub fn accounts_unsupported(backend: &str) -> StoreError {
+    StoreError::Backend(format!(
+        "accounts are not supported by the {backend} backend"
+    ))
 }
 
 /// Opens the backend the configuration names.

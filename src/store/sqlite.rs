@@ -48,6 +48,11 @@ CREATE TABLE IF NOT EXISTS client_id (
     PRIMARY KEY (sender, client_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS client_id_age ON client_id (accepted_at);
+CREATE TABLE IF NOT EXISTS users (
+    name          TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at    INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -68,6 +73,24 @@ enum Request {
     Pending {
         recipient: String,
         reply: Reply<u64>,
+    },
+    CreateUser {
+        user: String,
+        hash: String,
+        reply: Reply<()>,
+    },
+    DeleteUser {
+        user: String,
+        reply: Reply<bool>,
+    },
+    SetHash {
+        user: String,
+        hash: String,
+        reply: Reply<bool>,
+    },
+    GetHash {
+        user: String,
+        reply: Reply<Option<String>>,
     },
 }
 
@@ -188,6 +211,28 @@ impl Store for SqliteStore {
         let key = key.to_string();
         let _ = tokio::task::spawn_blocking(move || blobs.remove(&key)).await;
     }
+
+    async fn create_user(&self, user: &str, password_hash: &str) -> Result<(), StoreError> {
+        let (user, hash) = (user.to_string(), password_hash.to_string());
+        self.call(|reply| Request::CreateUser { user, hash, reply })
+            .await
+    }
+
+    async fn delete_user(&self, user: &str) -> Result<bool, StoreError> {
+        let user = user.to_string();
+        self.call(|reply| Request::DeleteUser { user, reply }).await
+    }
+
+    async fn set_password_hash(&self, user: &str, password_hash: &str) -> Result<bool, StoreError> {
+        let (user, hash) = (user.to_string(), password_hash.to_string());
+        self.call(|reply| Request::SetHash { user, hash, reply })
+            .await
+    }
+
+    async fn password_hash(&self, user: &str) -> Result<Option<String>, StoreError> {
+        let user = user.to_string();
+        self.call(|reply| Request::GetHash { user, reply }).await
+    }
 }
 
 /// Keys of the blobs the mailbox still refers to.
@@ -219,6 +264,9 @@ enum Answer {
     Enqueue(Result<Enqueued, StoreError>),
     Fetch(Result<Vec<StoredMessage>, StoreError>),
     Count(Result<u64, StoreError>),
+    Unit(Result<(), StoreError>),
+    Flag(Result<bool, StoreError>),
+    Hash(Result<Option<String>, StoreError>),
 }
 
 impl Worker {
@@ -300,6 +348,27 @@ impl Worker {
                     recipient, upto, ..
                 } => Answer::Count(Ok(ack(&tx, recipient, *upto, &mut dead_blobs)?)),
                 Request::Pending { recipient, .. } => Answer::Count(Ok(pending(&tx, recipient)?)),
+                Request::CreateUser { user, hash, .. } => {
+                    match create_user(&tx, user, hash) {
+                        // A taken name is an answer, not a failed transaction.
+                        Err(e @ StoreError::UserExists(_)) => Answer::Unit(Err(e)),
+                        other => Answer::Unit(Ok(other?)),
+                    }
+                }
+                Request::DeleteUser { user, .. } => Answer::Flag(Ok(tx
+                    .prepare_cached("DELETE FROM users WHERE name = ?1")
+                    .and_then(|mut s| s.execute(params![user]))
+                    .map_err(sql)?
+                    > 0)),
+                Request::SetHash { user, hash, .. } => Answer::Flag(Ok(tx
+                    .prepare_cached("UPDATE users SET password_hash = ?2 WHERE name = ?1")
+                    .and_then(|mut s| s.execute(params![user, hash]))
+                    .map_err(sql)?
+                    > 0)),
+                Request::GetHash { user, .. } => Answer::Hash(Ok(tx
+                    .prepare_cached("SELECT password_hash FROM users WHERE name = ?1")
+                    .and_then(|mut s| s.query_row(params![user], |r| r.get(0)).optional())
+                    .map_err(sql)?)),
             };
             answers.push(answer);
         }
@@ -346,6 +415,16 @@ fn answer_request(req: Request, answer: Answer) {
         | (Request::Pending { reply, .. }, Answer::Count(a)) => {
             let _ = reply.send(a);
         }
+        (Request::CreateUser { reply, .. }, Answer::Unit(a)) => {
+            let _ = reply.send(a);
+        }
+        (Request::DeleteUser { reply, .. }, Answer::Flag(a))
+        | (Request::SetHash { reply, .. }, Answer::Flag(a)) => {
+            let _ = reply.send(a);
+        }
+        (Request::GetHash { reply, .. }, Answer::Hash(a)) => {
+            let _ = reply.send(a);
+        }
         (req, _) => fail_request(req, StoreError::Backend("mismatched answer".into())),
     }
 }
@@ -361,7 +440,30 @@ fn fail_request(req: Request, e: StoreError) {
         Request::Ack { reply, .. } | Request::Pending { reply, .. } => {
             let _ = reply.send(Err(e));
         }
+        Request::CreateUser { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::DeleteUser { reply, .. } | Request::SetHash { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::GetHash { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
     }
+}
+
+fn create_user(tx: &rusqlite::Transaction<'_>, user: &str, hash: &str) -> Result<(), StoreError> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .and_then(|mut s| s.execute(params![user, hash, crate::now_ms()]))
+        .map_err(sql)?;
+    if inserted == 0 {
+        return Err(StoreError::UserExists(user.to_string()));
+    }
+    Ok(())
 }
 
 fn to_i64(v: u64) -> i64 {

@@ -89,6 +89,11 @@ impl ServerProcess {
         cmd.args(["serve", "--bind", &addr.to_string(), "--data-dir"])
             .arg(data_dir)
             .env("PIGEON_LOG_LEVEL", "warn")
+            // The shipped config.toml (read from the working directory) asks for
+            // passwords and rate limits; these tests exercise the built-in defaults,
+            // like the in-process servers of `test_config`. `env` may override.
+            .env("PIGEON_AUTH_MODE", "open")
+            .env("PIGEON_LIMITS_RATE_PER_SEC", "0")
             .env_remove("RUST_LOG")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdin(Stdio::null())
@@ -167,6 +172,17 @@ impl Client {
             .await
             .expect("connect timed out")
             .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        Client { ws }
+    }
+
+    /// Connects with a prepared request (extra headers such as `Authorization`).
+    pub async fn connect_request(
+        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Client {
+        let (ws, _) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("connect timed out")
+            .unwrap_or_else(|e| panic!("connect: {e}"));
         Client { ws }
     }
 

@@ -1,0 +1,169 @@
+//! The JSON account API: `POST /api/login` (`{"user","password"}` → `{"token",
+//! "expires_at"}`) and, when `[auth] allow_register` is on, `POST /api/register`.
+//! Errors are `{"error":"<code>","message":"..."}` with a matching HTTP status.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::{self, AuthError, Issued};
+use crate::http::Ctx;
+use crate::protocol::valid_username;
+use crate::store::StoreError;
+
+pub fn routes() -> Router<Arc<Ctx>> {
+    Router::new()
+        .route("/api/login", post(login))
+        .route("/api/register", post(register))
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    user: String,
+    password: String,
+}
+
+/// A JSON error response.
+pub fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response {
+    let body = json!({"error": code, "message": message.to_string()});
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn auth_error(e: AuthError) -> Response {
+    match e {
+        AuthError::BadCredentials | AuthError::BadToken(_) => {
+            error(StatusCode::UNAUTHORIZED, "bad_credentials", e)
+        }
+        AuthError::TokenExpired => error(StatusCode::UNAUTHORIZED, "token_expired", e),
+        AuthError::Throttled { try_again_in } => {
+            let body = json!({
+                "error": "too_many_attempts",
+                "message": e.to_string(),
+                "try_again_in": try_again_in,
+            });
+            let mut res = (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response();
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(try_again_in));
+            res
+        }
+        AuthError::InvalidPassword(m) => error(StatusCode::BAD_REQUEST, "weak_password", m),
+        AuthError::Store(StoreError::UserExists(u)) => error(
+            StatusCode::CONFLICT,
+            "user_exists",
+            format!("user {u} already exists"),
+        ),
+        other => {
+            tracing::warn!(error = %other, "login failed on the server side");
+            error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", other)
+        }
+    }
+}
+
+fn parse(body: &Bytes) -> Result<Credentials, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("expected {{\"user\":\"...\",\"password\":\"...\"}}: {e}"),
+        )
+    })
+}
+
+fn issued(status: StatusCode, user: &str, t: Issued) -> Response {
+    let body = json!({"user": user, "token": t.token, "expires_at": t.expires_at});
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn login(
+    State(ctx): State<Arc<Ctx>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    let c = match parse(&body) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let app = &ctx.app;
+    match app
+        .auth
+        .login(&app.store, &c.user, &c.password, Some(peer.ip()))
+        .await
+    {
+        Ok(t) => issued(StatusCode::OK, &c.user, t),
+        Err(e) => auth_error(e),
+    }
+}
+
+async fn register(
+    State(ctx): State<Arc<Ctx>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    let app = &ctx.app;
+    if !app.config.auth.allow_register {
+        return error(
+            StatusCode::FORBIDDEN,
+            "registration_disabled",
+            "self-registration is off ([auth] allow_register); ask the operator for an account",
+        );
+    }
+    let c = match parse(&body) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if !valid_username(&c.user) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_user",
+            format!(
+                "{:?} is not a valid username (1-32 letters, digits, _ . -)",
+                c.user
+            ),
+        );
+    }
+    let min = app.config.auth.min_password_chars;
+    if c.password.chars().count() < min {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "weak_password",
+            format!("a password must have at least {min} characters"),
+        );
+    }
+    let password = c.password.clone();
+    let hash = match tokio::task::spawn_blocking(move || auth::hash_password(&password)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return auth_error(e),
+        Err(e) => return auth_error(AuthError::Hash(e.to_string())),
+    };
+    if let Err(e) = app.store.create_user(&c.user, &hash).await {
+        return auth_error(e.into());
+    }
+    tracing::info!(user = %c.user, ip = %peer.ip(), "account registered");
+    issued(StatusCode::CREATED, &c.user, app.auth.issue(&c.user, &hash))
+}
