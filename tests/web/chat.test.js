@@ -123,6 +123,18 @@ test('messages sent to an offline user arrive at sign-in, marked offline and in 
     } finally {
       await c.context.close();
     }
+    // The acks reached the server: a new device (empty localStorage) finds the mailbox
+    // empty, so the messages were not left to pile up there.
+    const fresh = await openClient(browser, server);
+    try {
+      const welcome = fresh.page.waitForEvent('websocket').then((ws) =>
+        ws.waitForEvent('framereceived', { predicate: (f) => JSON.parse(f.payload).type === 'welcome' }));
+      await signIn(fresh.page, 'carol');
+      assert.equal(JSON.parse((await welcome).payload).pending, 0);
+      assert.equal(await fresh.page.locator('#conversations li').count(), 0);
+    } finally {
+      await fresh.context.close();
+    }
   } finally {
     await a.context.close();
   }
