@@ -151,6 +151,7 @@ export class ChatView {
       const li = el('li', 'conv');
       li.dataset.peer = c.peer;
       if (c.peer === this.activePeer) li.classList.add('active');
+      if (c.unread) li.classList.add('unread');
       if (c.presence) li.dataset.presence = c.presence;
       const av = el('span', 'avatar');
       fillAvatar(av, c.peer);

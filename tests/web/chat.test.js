@@ -67,6 +67,23 @@ test('two people chat both ways, with unread counts and delivery status', async 
     // alice is looking at the conversation, so nothing counts as unread for her.
     assert.equal(await a.page.locator('#conversations .badge').count(), 0);
 
+    // Someone else writes while alice has bob's conversation open: a second entry with
+    // its own unread count, on top of the list, and bob's conversation stays on screen.
+    const c = await openClient(browser, server);
+    try {
+      await signIn(c.page, 'carlos');
+      await openChat(c.page, 'alice');
+      await send(c.page, 'Are you coming to the board games night on Friday?');
+      await send(c.page, 'Bring snacks 🍿');
+      const other = a.page.locator('#conversations li[data-peer="carlos"]');
+      await other.locator('.badge').filter({ hasText: '2' }).waitFor();
+      assert.deepEqual(await a.page.locator('#conversations li').evaluateAll((l) => l.map((e) => e.dataset.peer)), ['carlos', 'bob']);
+      assert.equal(await a.page.textContent('#peer-name'), 'bob');
+      assert.equal(await bodies(a.page).then((x) => x.length), 5);
+    } finally {
+      await c.context.close();
+    }
+
     await sleep(300); // let the last status land before the picture
     const dir = ensureResultsDir();
     const shot = path.join(dir, 'conversation.png');
@@ -290,6 +307,18 @@ test('after a server restart both sides resume: nothing lost, nothing doubled', 
     const seqsSeen = heidiMsgs.map((m) => m.seq);
     assert.ok(seqsSeen.length > new Set(seqsSeen).size, `the server redelivered seqs heidi already had (${seqsSeen})`);
     assert.ok(heidiMsgs.some((m) => m.offline), 'redelivered after reconnect as offline');
+
+    // A graceful restart (SIGTERM: the server says 1001 "going away") resumes as well.
+    await server.kill('SIGTERM');
+    await b.page.waitForSelector('#conn-pill[data-state="waiting"]');
+    await send(b.page, 'four: heidi wrote this during a graceful restart');
+    await server.start();
+    await msgItem(a.page, 'four: heidi').waitFor({ timeout: 30000 });
+    await send(a.page, 'five: after both restarts');
+    await msgItem(b.page, 'five: after').waitFor();
+    await sleep(300);
+    assert.deepEqual(await bodies(b.page), [...expected, 'four: heidi wrote this during a graceful restart', 'five: after both restarts']);
+    assert.deepEqual(await bodies(a.page, 'in'), ['four: heidi wrote this during a graceful restart']);
     assert.deepEqual(a.page.errors, []);
     assert.deepEqual(b.page.errors, []);
   } finally {
