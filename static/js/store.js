@@ -1,0 +1,160 @@
+// store.js — owns this browser's copy of one user's chats: conversations, messages,
+// unread counts, the outbox of unconfirmed sends, and the seqs already taken in.
+// Kept in localStorage (one key per user) so history and unsent messages survive a
+// reload. It is also the `journal` the connection asks about duplicates and resends.
+
+const PREFIX = 'pigeon:v1:';
+const MAX_PER_CONVERSATION = 1000;
+
+/** Identity of a received message apart from its seq (the server's ts may differ by a ms on redelivery). */
+const fingerprint = (m) => `${m.from}\u0000${m.id ?? ''}\u0000${typeof m.body === 'string' ? m.body : JSON.stringify(m.body)}`;
+
+export class ChatStore extends EventTarget {
+  constructor(user, storage = globalThis.localStorage) {
+    super();
+    this.user = user;
+    this.storage = storage;
+    this.key = PREFIX + 'user:' + user;
+    this.load();
+  }
+
+  load() {
+    let data = null;
+    try { data = JSON.parse(this.storage?.getItem(this.key) ?? 'null'); } catch { data = null; }
+    this.convs = data?.convs ?? {};      // peer -> {peer, messages: [], unread, lastTs}
+    this.seen = new Map();               // seq -> fingerprint, rebuilt from history
+    for (const c of Object.values(this.convs)) {
+      for (const m of c.messages) if (m.seq && m.dir === 'in') this.seen.set(m.seq, fingerprint(m));
+    }
+  }
+
+  save() {
+    try {
+      this.storage?.setItem(this.key, JSON.stringify({ convs: this.convs }));
+    } catch (e) {
+      // Quota: drop the oldest half of the longest conversation and try once more.
+      const longest = Object.values(this.convs).sort((a, b) => b.messages.length - a.messages.length)[0];
+      if (longest && longest.messages.length > 10) {
+        longest.messages.splice(0, longest.messages.length >> 1);
+        try { this.storage?.setItem(this.key, JSON.stringify({ convs: this.convs })); } catch {}
+      }
+    }
+  }
+
+  conversation(peer, create = true) {
+    let c = this.convs[peer];
+    if (!c && create) c = this.convs[peer] = { peer, messages: [], unread: 0, lastTs: Date.now() };
+    return c;
+  }
+
+  /** Conversations, most recent first. */
+  list() {
+    return Object.values(this.convs).sort((a, b) => b.lastTs - a.lastTs);
+  }
+
+  // ---- journal interface (used by PigeonConnection) ----
+
+  isDuplicate(msg) {
+    const f = this.seen.get(msg.seq);
+    // Same seq and same content: a redelivery. Same seq but other content means the
+    // server's mailbox started over (data reset), so it is a new message.
+    return f !== undefined && f === fingerprint(msg);
+  }
+
+  unconfirmed() {
+    const out = [];
+    for (const c of Object.values(this.convs)) {
+      for (const m of c.messages) if (m.dir === 'out' && m.status === 'sending') out.push(m);
+    }
+    return out.sort((a, b) => a.ts - b.ts).map(({ id, to, body }) => ({ id, to, body }));
+  }
+
+  // ---- changes ----
+
+  /** A message from the server. Returns the stored record. */
+  addIncoming(msg, { activePeer } = {}) {
+    const own = msg.from === this.user;
+    const peer = own ? msg.to : msg.from;
+    const c = this.conversation(peer);
+    // Our own message to ourselves comes back as a msg: fold it into the outgoing one.
+    if (own && msg.id) {
+      const mine = c.messages.find((m) => m.dir === 'out' && m.id === msg.id);
+      if (mine) { this.seen.set(msg.seq, fingerprint(msg)); this.#changed(peer); return mine; }
+    }
+    const rec = {
+      dir: 'in', seq: msg.seq, id: msg.id ?? null, from: msg.from, to: msg.to,
+      body: msg.body, ts: typeof msg.ts === 'number' ? msg.ts : Date.now(), offline: !!msg.offline,
+    };
+    c.messages.push(rec);
+    if (c.messages.length > MAX_PER_CONVERSATION) c.messages.splice(0, c.messages.length - MAX_PER_CONVERSATION);
+    c.lastTs = Math.max(c.lastTs, rec.ts);
+    if (peer !== activePeer) c.unread += 1;
+    this.seen.set(msg.seq, fingerprint(msg));
+    this.#changed(peer);
+    return rec;
+  }
+
+  /** A message typed here; it stays `sending` until the server confirms it. */
+  addOutgoing({ id, to, body }) {
+    const c = this.conversation(to);
+    const rec = { dir: 'out', id, from: this.user, to, body, ts: Date.now(), status: 'sending' };
+    c.messages.push(rec);
+    c.lastTs = rec.ts;
+    this.#changed(to);
+    return rec;
+  }
+
+  #findOut(id) {
+    for (const c of Object.values(this.convs)) {
+      const m = c.messages.find((x) => x.dir === 'out' && x.id === id);
+      if (m) return [c, m];
+    }
+    return [null, null];
+  }
+
+  /** The server's `sent`: status stored | delivered. */
+  confirm({ id, seq, status, duplicate }) {
+    const [c, m] = this.#findOut(id);
+    if (!m) return null;
+    // A duplicate answer says "stored" even if the first copy was delivered: keep the better one.
+    if (!(duplicate && m.status === 'delivered')) m.status = status === 'delivered' ? 'delivered' : 'stored';
+    m.seq = seq;
+    delete m.error;
+    this.#changed(c.peer);
+    return m;
+  }
+
+  fail({ id, code, message }) {
+    const [c, m] = this.#findOut(id);
+    if (!m) return null;
+    m.status = 'failed';
+    m.error = { code, message };
+    this.#changed(c.peer);
+    return m;
+  }
+
+  /** Puts a failed message back into the outbox (same id, so a retry can never double it). */
+  retry(id) {
+    const [c, m] = this.#findOut(id);
+    if (!m || m.status !== 'failed') return null;
+    m.status = 'sending';
+    delete m.error;
+    this.#changed(c.peer);
+    return m;
+  }
+
+  markRead(peer) {
+    const c = this.conversation(peer, false);
+    if (c && c.unread) { c.unread = 0; this.#changed(peer); }
+  }
+
+  setDraft(peer, text) {
+    const c = this.conversation(peer, false);
+    if (c) { c.draft = text; this.save(); }
+  }
+
+  #changed(peer) {
+    this.save();
+    this.dispatchEvent(new CustomEvent('change', { detail: { peer } }));
+  }
+}
