@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pigeon::config::StorageConfig;
-use pigeon::store::{self, Body, Enqueued, NewMessage, Store, StoreError};
+use pigeon::store::{self, BlobMeta, Body, Enqueued, NewMessage, Store, StoreError};
 
 /// Where a test's store lives; `open` can be called again to reopen the same data.
 enum Target {
@@ -467,6 +467,94 @@ async fn bodies_round_trip(t: &Target) {
     }
 }
 
+async fn read_all(store: &Arc<dyn Store>, key: &str) -> Result<Vec<u8>, StoreError> {
+    let mut r = store.blob_reader(key).await?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 7777];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Blob bytes: streamed in, read back exactly, invisible until finished, gone after
+/// a discard, and deleted with the ack of the message that refers to them.
+async fn blobs_round_trip_and_die_with_their_ack(t: &Target) {
+    let store = t.open(1000).await;
+    let data: Vec<u8> = (0..600_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let key = pigeon::transfer::new_blob_key();
+    let mut w = store.blob_writer(&key).await.unwrap();
+    for part in data.chunks(100_000) {
+        w.write(part).await.unwrap();
+    }
+    assert!(
+        read_all(&store, &key).await.is_err(),
+        "an unfinished blob must not be readable"
+    );
+    w.finish().await.unwrap();
+    assert!(read_all(&store, &key).await.unwrap() == data);
+
+    let gone = pigeon::transfer::new_blob_key();
+    let mut w = store.blob_writer(&gone).await.unwrap();
+    w.write(b"partial").await.unwrap();
+    w.discard().await;
+    assert!(read_all(&store, &gone).await.is_err());
+
+    let meta = BlobMeta {
+        key: key.clone(),
+        id: Some("f1".into()),
+        name: "clip.mp4".into(),
+        mime: "video/mp4".into(),
+        size: data.len() as u64,
+        sha256: None,
+    };
+    let msg = NewMessage {
+        sender: "alice".into(),
+        recipient: "bob".into(),
+        client_id: Some("f1".into()),
+        body: meta.to_body(),
+        accepted_at: pigeon::now_ms(),
+    };
+    let seq = enqueue_new(&store, msg).await;
+    let stored = store.fetch("bob", 0, 10).await.unwrap();
+    assert_eq!(stored[0].body.blob_meta(), Some(meta));
+    store.ack("bob", seq).await.unwrap();
+    assert!(
+        read_all(&store, &key).await.is_err(),
+        "an acknowledged blob must be deleted"
+    );
+}
+
+/// Accounts: create, refuse a taken name, read, change, delete.
+async fn accounts(t: &Target) {
+    let store = t.open(1000).await;
+    assert_eq!(store.password_hash("zoë").await.unwrap(), None);
+    store.create_user("zoë", "$argon2id$one").await.unwrap();
+    assert!(matches!(
+        store.create_user("zoë", "$argon2id$two").await,
+        Err(StoreError::UserExists(_))
+    ));
+    assert_eq!(
+        store.password_hash("zoë").await.unwrap().as_deref(),
+        Some("$argon2id$one")
+    );
+    assert!(store
+        .set_password_hash("zoë", "$argon2id$three")
+        .await
+        .unwrap());
+    assert!(!store.set_password_hash("nobody", "x").await.unwrap());
+    assert_eq!(
+        store.password_hash("zoë").await.unwrap().as_deref(),
+        Some("$argon2id$three")
+    );
+    assert!(store.delete_user("zoë").await.unwrap());
+    assert!(!store.delete_user("zoë").await.unwrap());
+    assert_eq!(store.password_hash("zoë").await.unwrap(), None);
+}
+
 // ---------------------------------------------------------------------------------------
 // One test per (backend, check).
 
@@ -508,6 +596,8 @@ conformance!(
     concurrent_senders,
     concurrent_duplicates,
     bodies_round_trip,
+    blobs_round_trip_and_die_with_their_ack,
+    accounts,
 );
 
 // ---------------------------------------------------------------------------------------

@@ -18,7 +18,13 @@
 //!   index, the dedupe memory. It is a collection of its own, not a unique index on
 //!   `messages`, because a retry must still be recognised after the first copy was
 //!   acknowledged and deleted (the dedupe window outlives the message).
-//! - `users`: created empty, for accounts.
+//! - `users`: `{_id: username, hash}`, the accounts (argon2 PHC strings).
+//! - `blob_chunks` and `blob_files`: blob bytes, in GridFS's layout (255 KiB BSON binary
+//!   chunks `{_id: "<key>:<n>", key, n, data}`, then one `blob_files` entry `{_id: key,
+//!   size, chunks}` written last, so an unfinished blob is invisible), so no blob meets
+//!   the 16 MiB document limit. Not GridFS's own `fs.*` collections: the MongoDB-wire test
+//!   server this project is tested against cannot create collection names with a dot.
+//!   Acknowledging a blob message deletes its bytes.
 //!
 //! Every write uses the configured write concern (journaled), so a sender is told
 //! "stored" only after the server acknowledged the write at that level. No multi-document
@@ -37,7 +43,10 @@ use mongodb::options::{
 use mongodb::{Client, Collection, Database, IndexModel};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{Body, Enqueued, NewMessage, Store, StoreError, StoredMessage};
+use bson::spec::BinarySubtype;
+use bson::Binary;
+
+use super::{BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError, StoredMessage};
 use crate::config::StorageConfig;
 
 /// How long the driver looks for a usable server before an operation fails.
@@ -135,6 +144,9 @@ fn de_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
 /// The MongoDB-backed mailbox. Cheap to share: the driver's `Client` pools connections.
 pub struct MongoStore {
     db: Database,
+    users: Collection<Document>,
+    blob_chunks: Collection<Document>,
+    blob_files: Collection<Document>,
     messages: Collection<MessageDoc>,
     counters: Collection<Document>,
     client_ids: Collection<ClientIdDoc>,
@@ -182,6 +194,9 @@ impl MongoStore {
             .await
             .map_err(|e| format!("unreachable: {e}"))?;
         let store = MongoStore {
+            users: db.collection("users"),
+            blob_chunks: db.collection("blob_chunks"),
+            blob_files: db.collection("blob_files"),
             messages: db.collection("messages"),
             counters: db.collection("counters"),
             client_ids: db.collection("client_ids"),
@@ -227,7 +242,14 @@ impl MongoStore {
                     .build(),
             )
             .await?;
-        for name in ["counters", "users"] {
+        self.blob_chunks
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "key": 1, "n": 1 })
+                    .build(),
+            )
+            .await?;
+        for name in ["counters", "users", "blob_files"] {
             match self.db.create_collection(name).await {
                 Ok(()) => {}
                 Err(e) if error_code(&e) == Some(NAMESPACE_EXISTS) => {}
@@ -470,6 +492,15 @@ impl Store for MongoStore {
     }
 
     async fn ack(&self, recipient: &str, upto: u64) -> Result<u64, StoreError> {
+        let filter = doc! { "recipient": recipient, "seq": { "$lte": to_i64(upto) }, "kind": 2 };
+        let blobs: Vec<MessageDoc> = self
+            .messages
+            .find(filter)
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
         let deleted = self
             .messages
             .delete_many(doc! { "recipient": recipient, "seq": { "$lte": to_i64(upto) } })
@@ -477,6 +508,11 @@ impl Store for MongoStore {
             .map_err(unavailable)?
             .deleted_count;
         self.release(recipient, deleted).await;
+        for b in blobs {
+            if let Some(meta) = Body::Blob(b.body).blob_meta() {
+                self.blob_remove(&meta.key).await;
+            }
+        }
         Ok(deleted)
     }
 
@@ -490,6 +526,211 @@ impl Store for MongoStore {
 
     fn backend(&self) -> &'static str {
         "mongodb"
+    }
+
+    async fn create_user(&self, user: &str, password_hash: &str) -> Result<(), StoreError> {
+        match self
+            .users
+            .insert_one(doc! { "_id": user, "hash": password_hash })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => Err(StoreError::UserExists(user.to_string())),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn delete_user(&self, user: &str) -> Result<bool, StoreError> {
+        let r = self
+            .users
+            .delete_one(doc! { "_id": user })
+            .await
+            .map_err(unavailable)?;
+        Ok(r.deleted_count > 0)
+    }
+
+    async fn set_password_hash(&self, user: &str, password_hash: &str) -> Result<bool, StoreError> {
+        let r = self
+            .users
+            .update_one(
+                doc! { "_id": user },
+                doc! { "$set": { "hash": password_hash } },
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(r.matched_count > 0)
+    }
+
+    async fn password_hash(&self, user: &str) -> Result<Option<String>, StoreError> {
+        let d = self
+            .users
+            .find_one(doc! { "_id": user })
+            .await
+            .map_err(unavailable)?;
+        Ok(d.and_then(|d| d.get_str("hash").ok().map(str::to_string)))
+    }
+
+    async fn blob_writer(&self, key: &str) -> Result<Box<dyn BlobWrite>, StoreError> {
+        Ok(Box::new(ChunkWriter {
+            key: key.to_string(),
+            chunks: self.blob_chunks.clone(),
+            files: self.blob_files.clone(),
+            buf: Vec::with_capacity(BLOB_CHUNK),
+            n: 0,
+            size: 0,
+        }))
+    }
+
+    async fn blob_reader(&self, key: &str) -> Result<Box<dyn BlobRead>, StoreError> {
+        let file = self
+            .blob_files
+            .find_one(doc! { "_id": key })
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| StoreError::Backend(format!("no blob {key}")))?;
+        let chunks = file
+            .get("chunks")
+            .and_then(bson::Bson::as_i64_lossy)
+            .unwrap_or(0);
+        Ok(Box::new(ChunkReader {
+            key: key.to_string(),
+            chunks_total: chunks,
+            coll: self.blob_chunks.clone(),
+            next: 0,
+            current: Vec::new(),
+            pos: 0,
+        }))
+    }
+
+    async fn blob_remove(&self, key: &str) {
+        // The file entry first: from then on the blob is gone, whatever happens to its chunks.
+        let r = async {
+            self.blob_files.delete_one(doc! { "_id": key }).await?;
+            self.blob_chunks.delete_many(doc! { "key": key }).await
+        };
+        if let Err(e) = r.await {
+            tracing::warn!(%key, error = %e, "cannot delete blob");
+        }
+    }
+}
+
+/// GridFS's chunk size.
+const BLOB_CHUNK: usize = 255 * 1024;
+
+fn chunk_id(key: &str, n: i64) -> String {
+    format!("{key}:{n:010}")
+}
+
+trait LossyI64 {
+    fn as_i64_lossy(&self) -> Option<i64>;
+}
+
+impl LossyI64 for bson::Bson {
+    /// Integers of either width (the test server narrows small Int64 to Int32).
+    fn as_i64_lossy(&self) -> Option<i64> {
+        match self {
+            bson::Bson::Int32(v) => Some(i64::from(*v)),
+            bson::Bson::Int64(v) => Some(*v),
+            bson::Bson::Double(v) if v.fract() == 0.0 => Some(*v as i64),
+            _ => None,
+        }
+    }
+}
+
+/// A blob on its way in: full chunks are written as they fill, the file entry last.
+struct ChunkWriter {
+    key: String,
+    chunks: Collection<Document>,
+    files: Collection<Document>,
+    buf: Vec<u8>,
+    n: i64,
+    size: i64,
+}
+
+impl ChunkWriter {
+    async fn flush_chunk(&mut self) -> Result<(), StoreError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let data = Binary {
+            subtype: BinarySubtype::Generic,
+            bytes: std::mem::take(&mut self.buf),
+        };
+        let chunk = doc! { "_id": chunk_id(&self.key, self.n), "key": &self.key, "n": self.n, "data": data };
+        self.chunks.insert_one(chunk).await.map_err(unavailable)?;
+        self.n += 1;
+        self.buf = Vec::with_capacity(BLOB_CHUNK);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlobWrite for ChunkWriter {
+    async fn write(&mut self, mut data: &[u8]) -> Result<(), StoreError> {
+        while !data.is_empty() {
+            let take = (BLOB_CHUNK - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            self.size += take as i64;
+            if self.buf.len() == BLOB_CHUNK {
+                self.flush_chunk().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.flush_chunk().await?;
+        let file = doc! { "_id": &self.key, "size": self.size, "chunks": self.n };
+        self.files.insert_one(file).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn discard(self: Box<Self>) {
+        if let Err(e) = self.chunks.delete_many(doc! { "key": &self.key }).await {
+            tracing::warn!(key = %self.key, error = %e, "cannot delete a partial blob");
+        }
+    }
+}
+
+/// Reads a finished blob one chunk at a time.
+struct ChunkReader {
+    key: String,
+    chunks_total: i64,
+    coll: Collection<Document>,
+    next: i64,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+#[async_trait]
+impl BlobRead for ChunkReader {
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, StoreError> {
+        if self.pos == self.current.len() {
+            if self.next >= self.chunks_total {
+                return Ok(0);
+            }
+            let chunk = self
+                .coll
+                .find_one(doc! { "_id": chunk_id(&self.key, self.next) })
+                .await
+                .map_err(unavailable)?
+                .ok_or_else(|| {
+                    StoreError::Backend(format!("blob {} lost chunk {}", self.key, self.next))
+                })?;
+            self.current = chunk
+                .get_binary_generic("data")
+                .map_err(|e| {
+                    StoreError::Backend(format!("blob {} chunk {}: {e}", self.key, self.next))
+                })?
+                .clone();
+            self.pos = 0;
+            self.next += 1;
+        }
+        let n = (self.current.len() - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
