@@ -49,9 +49,13 @@ struct Cli {
     /// Pigeon always runs (every ratio is to it).
     #[arg(long, default_value = "all")]
     peers: String,
-    /// Measured seconds per server and scenario (after the warm-up).
-    #[arg(long, default_value_t = 10)]
+    /// Measured seconds per server, scenario and round (after the warm-up).
+    #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// pairs: rounds over all servers (interleaved); each server is measured
+    /// `rounds × seconds` in all.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
     /// Unmeasured seconds before each measurement.
     #[arg(long, default_value_t = 1)]
     warmup: u64,
@@ -88,6 +92,10 @@ struct Cli {
     /// The pigeon binary (default: the one cargo built for this bench).
     #[arg(long)]
     pigeon_bin: Option<PathBuf>,
+    /// Where Pigeon's temporary data directories go (default: the system temp dir;
+    /// e.g. /dev/shm to take the disk out of the measurement).
+    #[arg(long)]
+    data_base: Option<PathBuf>,
     /// Keep each server's log under this directory (default: discarded).
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -194,6 +202,8 @@ enum Figure {
         rate: f64,
         hist: Option<Histogram<u64>>,
         cpu_s: f64,
+        /// The load generator's own CPU seconds over the same interval.
+        gen_cpu_s: f64,
         wall_s: f64,
         msgs: u64,
         peak_rss_kib: u64,
@@ -223,14 +233,28 @@ async fn run(cli: &Cli, peers: &[Peer], nofile: u64) -> Result<Vec<Row>> {
     let sc = cli.scenario;
     if matches!(sc, Scenario::All | Scenario::Pairs) {
         for &w in &cli.windows {
-            let scenario = format!("pairs {} w={w} hash", cli.pairs);
-            for &peer in peers {
-                let figure = pairs_run(cli, peer, w, Dialect::Hash).await;
-                rows.push(row(&scenario, peer.name(), figure));
+            // Rounds interleave the servers, so that a noisy minute on a shared machine
+            // does not land on one server only; the figures add the rounds up.
+            let mut hash: Vec<Option<Result<Figure>>> = peers.iter().map(|_| None).collect();
+            let mut json: Option<Result<Figure>> = None;
+            for _ in 0..cli.rounds.max(1) {
+                for (k, &peer) in peers.iter().enumerate() {
+                    let f = pairs_run(cli, peer, w, Dialect::Hash).await;
+                    hash[k] = Some(merge(hash[k].take(), f));
+                }
+                let f = pairs_run(cli, Peer::Pigeon, w, Dialect::Json).await;
+                json = Some(merge(json.take(), f));
             }
-            let scenario = format!("pairs {} w={w} JSON", cli.pairs);
-            let figure = pairs_run(cli, Peer::Pigeon, w, Dialect::Json).await;
-            rows.push(row(&scenario, "pigeon", figure));
+            let scenario = format!("pairs {} w={w} hash", cli.pairs);
+            for (k, &peer) in peers.iter().enumerate() {
+                if let Some(f) = hash[k].take() {
+                    rows.push(row(&scenario, peer.name(), f));
+                }
+            }
+            if let Some(f) = json {
+                let scenario = format!("pairs {} w={w} JSON", cli.pairs);
+                rows.push(row(&scenario, "pigeon", f));
+            }
         }
     }
     if matches!(sc, Scenario::All | Scenario::Flush) {
@@ -274,6 +298,59 @@ async fn run(cli: &Cli, peers: &[Peer], nofile: u64) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Adds up two rounds of the same measurement; an error or "not available" wins.
+fn merge(acc: Option<Result<Figure>>, next: Result<Figure>) -> Result<Figure> {
+    let Some(acc) = acc else { return next };
+    match (acc?, next?) {
+        (
+            Figure::Rate {
+                hist: h1,
+                cpu_s: c1,
+                gen_cpu_s: g1,
+                wall_s: w1,
+                msgs: m1,
+                peak_rss_kib: r1,
+                rate: rate1,
+            },
+            Figure::Rate {
+                hist: h2,
+                cpu_s: c2,
+                gen_cpu_s: g2,
+                wall_s: w2,
+                msgs: m2,
+                peak_rss_kib: r2,
+                rate: rate2,
+            },
+        ) => {
+            let hist = match (h1, h2) {
+                (Some(mut a), Some(b)) => {
+                    a.add(&b)?;
+                    Some(a)
+                }
+                (a, b) => a.or(b),
+            };
+            // Each rate is msgs over its own measured time: time = msgs / rate.
+            let time = |m: u64, r: f64| if r > 0.0 { m as f64 / r } else { 0.0 };
+            let total_time = time(m1, rate1) + time(m2, rate2);
+            Ok(Figure::Rate {
+                rate: if total_time > 0.0 {
+                    (m1 + m2) as f64 / total_time
+                } else {
+                    0.0
+                },
+                hist,
+                cpu_s: c1 + c2,
+                gen_cpu_s: g1 + g2,
+                wall_s: w1 + w2,
+                msgs: m1 + m2,
+                peak_rss_kib: r1.max(r2),
+            })
+        }
+        (a @ (Figure::Unavailable(_) | Figure::Pending(_)), _) => Ok(a),
+        (_, b) => Ok(b),
+    }
+}
+
 fn row(scenario: &str, server: &str, figure: Result<Figure>) -> Row {
     let figure = figure.unwrap_or_else(|e| Figure::Unavailable(format!("failed: {e:#}")));
     Row {
@@ -303,9 +380,10 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // SIGTERM first so that valgrind and Pigeon write their output, then SIGKILL.
-        // SAFETY: signalling our own child by pid.
+        // The child leads its own process group: signal the group (wrapper and server).
+        // SAFETY: signalling the process group of our own child.
         unsafe {
-            libc::kill(self.pid, libc::SIGTERM);
+            libc::kill(-self.pid, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -314,7 +392,10 @@ impl Drop for Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-self.pid, libc::SIGKILL);
+        }
         let _ = self.child.wait();
     }
 }
@@ -327,6 +408,10 @@ struct ProcStats {
 }
 
 impl ProcStats {
+    fn own() -> ProcStats {
+        ProcStats::read(std::process::id() as i32)
+    }
+
     fn read(pid: i32) -> ProcStats {
         let mut s = ProcStats::default();
         if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -371,7 +456,10 @@ fn pigeon_bin(cli: &Cli) -> PathBuf {
 
 /// Starts `peer` on a fresh loopback port; `Err` says why it is not available.
 async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> {
-    let dir = tempfile::tempdir()?;
+    let dir = match &cli.data_base {
+        Some(base) => tempfile::tempdir_in(base)?,
+        None => tempfile::tempdir()?,
+    };
     let port = free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let peers_dir = Path::new(MANIFEST_DIR).join("benches/peers");
@@ -442,6 +530,8 @@ async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> 
         None => Stdio::null(),
     };
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    // Its own process group, so that a wrapper's child (perf, strace) is stopped too.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let child = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("not available: cannot start {cmd:?}: {e}"))?;
@@ -624,9 +714,11 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
     }
     tokio::time::sleep(Duration::from_nanos(warmup)).await;
     let before = server.stats();
+    let gen_before = ProcStats::own();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_nanos(measured)).await;
     let after = server.stats();
+    let gen_after = ProcStats::own();
     let wall = t0.elapsed().as_secs_f64();
     shared.stop.store(true, Ordering::Release);
     for w in &windows {
@@ -658,6 +750,7 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
         rate: msgs as f64 / (measured as f64 / 1e9),
         hist: Some(hist),
         cpu_s: after.cpu_s - before.cpu_s,
+        gen_cpu_s: gen_after.cpu_s - gen_before.cpu_s,
         wall_s: wall,
         msgs,
         peak_rss_kib: after.hwm_kib,
@@ -812,6 +905,7 @@ async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
     let ws = open_session(server.addr, "flush_src", Dialect::Json, None).await?;
     let (mut sink, mut stream) = ws.split();
     let s0 = server.stats();
+    let g0 = ProcStats::own();
     let t0 = Instant::now();
     let writer = tokio::spawn(async move {
         for i in 0..m {
@@ -838,11 +932,13 @@ async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
     }
     let store_wall = t0.elapsed().as_secs_f64();
     let s1 = server.stats();
+    let g1 = ProcStats::own();
     let _sink = writer.await??;
     let store = Figure::Rate {
         rate: m as f64 / store_wall,
         hist: None,
         cpu_s: s1.cpu_s - s0.cpu_s,
+        gen_cpu_s: g1.cpu_s - g0.cpu_s,
         wall_s: store_wall,
         msgs: m,
         peak_rss_kib: s1.hwm_kib,
@@ -896,13 +992,29 @@ async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
     }
     let wall = t0.elapsed().as_secs_f64();
     let s2 = server.stats();
+    let g2 = ProcStats::own();
     if received != m {
         bail!("flush delivered {received} of {m} messages");
+    }
+    drop(ws);
+    // Untimed check that the acks emptied the mailbox: a new login sees nothing pending.
+    let mut ws = connect(server.addr, "/ws?user=flush_dst", None).await?;
+    while let Some(frame) = ws.next().await {
+        if let Message::Text(t) = frame? {
+            let t = t.as_str();
+            if t.contains(r#""type":"welcome""#) {
+                if !t.contains(r#""pending":0"#) {
+                    bail!("mailbox not empty after the acks: {t}");
+                }
+                break;
+            }
+        }
     }
     let flush = Figure::Rate {
         rate: m as f64 / wall,
         hist: None,
         cpu_s: s2.cpu_s - s1.cpu_s,
+        gen_cpu_s: g2.cpu_s - g1.cpu_s,
         wall_s: wall,
         msgs: m,
         peak_rss_kib: s2.hwm_kib,
@@ -979,8 +1091,9 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nPigeon load bench — {} s measured (+{} s warm-up) per server; loopback; \
-         nproc {}; open-files limit {nofile}",
+        "\nPigeon load bench — pairs: {} round(s) × {} s measured (+{} s warm-up) per server; \
+         loopback; nproc {}; open-files limit {nofile}",
+        cli.rounds,
         cli.seconds,
         cli.warmup,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -992,7 +1105,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
     );
     let _ = writeln!(
         out,
-        "| {:<24} | {:<13} | {:>15} | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>9} | {:>9} |",
+        "| {:<24} | {:<13} | {:>15} | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>9} | {:>9} | {:>9} |",
         "scenario",
         "server",
         "result",
@@ -1002,12 +1115,13 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
         "p99.9 µs",
         "CPU %",
         "CPU µs/msg",
-        "peak RSS"
+        "peak RSS",
+        "gen CPU %"
     );
     let _ = writeln!(
         out,
-        "|{:-<26}|{:-<15}|{:-<17}|{:-<8}|{:-<10}|{:-<10}|{:-<10}|{:-<8}|{:-<11}|{:-<11}|",
-        "", "", "", "", "", "", "", "", "", ""
+        "|{:-<26}|{:-<15}|{:-<17}|{:-<8}|{:-<10}|{:-<10}|{:-<10}|{:-<8}|{:-<11}|{:-<11}|{:-<11}|",
+        "", "", "", "", "", "", "", "", "", "", ""
     );
     for r in rows {
         let reference = pigeon_of(&r.scenario);
@@ -1016,6 +1130,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                 rate,
                 hist,
                 cpu_s,
+                gen_cpu_s,
                 wall_s,
                 msgs,
                 peak_rss_kib,
@@ -1032,7 +1147,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                         .map_or("-".to_string(), |h| h.value_at_quantile(p).to_string())
                 };
                 format!(
-                    "| {:<24} | {:<13} | {:>9.0} msg/s | {:>6} | {:>8} | {:>8} | {:>8} | {:>6.0} | {:>10.1} | {:>6} MiB |",
+                    "| {:<24} | {:<13} | {:>9.0} msg/s | {:>6} | {:>8} | {:>8} | {:>8} | {:>6.0} | {:>10.1} | {:>5} MiB | {:>9.0} |",
                     r.scenario,
                     r.server,
                     rate,
@@ -1043,6 +1158,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                     100.0 * cpu_s / wall_s.max(1e-9),
                     1e6 * cpu_s / (*msgs).max(1) as f64,
                     peak_rss_kib / 1024,
+                    100.0 * gen_cpu_s / wall_s.max(1e-9),
                 )
             }
             Figure::Idle {
@@ -1059,7 +1175,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                     _ => "-".into(),
                 };
                 format!(
-                    "| {:<24} | {:<13} | {:>8.2} KiB/ses | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>10} | {:>6} MiB | RSS {} → {} MiB for {} sessions",
+                    "| {:<24} | {:<13} | {:>8.2} KiB/ses | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>10} | {:>5} MiB | {:>9} | RSS {} → {} MiB for {} sessions",
                     r.scenario,
                     r.server,
                     per_session_kib,
@@ -1070,6 +1186,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                     "-",
                     "-",
                     peak_rss_kib / 1024,
+                    "-",
                     rss_before_kib / 1024,
                     rss_after_kib / 1024,
                     sessions,
