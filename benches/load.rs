@@ -89,6 +89,11 @@ struct Cli {
     /// Run Pigeon under this command, e.g. "valgrind --tool=callgrind" (for profiling).
     #[arg(long)]
     pigeon_wrap: Option<String>,
+    /// Start every server (Pigeon and peers) under this command, e.g. "taskset -c 0"
+    /// to pin the servers to core 0 (see docs/BENCHMARKS.md). Nothing is pinned unless
+    /// asked.
+    #[arg(long)]
+    server_prefix: Option<String>,
     /// The pigeon binary (default: the one cargo built for this bench).
     #[arg(long)]
     pigeon_bin: Option<PathBuf>,
@@ -521,6 +526,9 @@ async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> 
     for (k, v) in env {
         cmd.env(k, v);
     }
+    if let Some(prefix) = &cli.server_prefix {
+        cmd = prefixed(cmd, prefix)?;
+    }
     let log = match &cli.log_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
@@ -559,6 +567,27 @@ async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(server)
+}
+
+/// `cmd` run under `prefix` (a program and its arguments), with the same environment
+/// and working directory.
+fn prefixed(cmd: Command, prefix: &str) -> Result<Command> {
+    let mut words = prefix.split_whitespace();
+    let Some(prog) = words.next() else {
+        bail!("--server-prefix is empty")
+    };
+    let mut out = Command::new(prog);
+    out.args(words).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => out.env(k, v),
+            None => out.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        out.current_dir(dir);
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------
