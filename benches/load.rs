@@ -194,7 +194,7 @@ fn raise_nofile_limit() -> u64 {
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 // ---------------------------------------------------------------------------------------
@@ -988,7 +988,7 @@ async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
         if t.starts_with(r#"{"type":"msg""#) {
             received += 1;
             last_seq = seq_of(t).unwrap_or(last_seq);
-            if received % cli.ack_every == 0 {
+            if received.is_multiple_of(cli.ack_every.max(1)) {
                 ws.send(Message::text(format!(
                     r#"{{"type":"ack","upto":{last_seq}}}"#
                 )))
