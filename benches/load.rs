@@ -1,0 +1,1235 @@
+//! Load generator: measures Pigeon against bare relays (a tokio-tungstenite relay, Node.js
+//! `ws`, tornado) on loopback, with the same client and the same message shape for all.
+//!
+//! `cargo bench --bench load -- all --peers all --seconds 10` (see docs/BENCHMARKS.md).
+//! Every server runs as a subprocess started afresh for each scenario, so its CPU time
+//! (`/proc/PID/stat`) and peak RSS (`/proc/PID/status` VmHWM) belong to that scenario
+//! alone. Latencies are in microseconds, recorded with `hdrhistogram`. Nothing is pinned
+//! to a core; use `taskset` around the command for that. A peer that cannot be started
+//! gets a "not available: why" row, never a figure.
+//!
+//! The same binary also runs the bare relay (`load bare-relay --bind ADDR`), so that
+//! `cargo bench` builds it with no extra step.
+
+#[path = "peers/bare_relay.rs"]
+mod bare_relay;
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Mutex, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type Ws = WebSocketStream<TcpStream>;
+type Sink = Arc<Mutex<SplitSink<Ws, Message>>>;
+
+const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "load", about = "Pigeon load generator (loopback only)")]
+struct Cli {
+    /// What to run.
+    #[arg(value_enum, default_value = "all")]
+    scenario: Scenario,
+    /// Servers to measure: `all` or a comma list of pigeon, bare, node, tornado.
+    /// Pigeon always runs (every ratio is to it).
+    #[arg(long, default_value = "all")]
+    peers: String,
+    /// Measured seconds per server, scenario and round (after the warm-up).
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// pairs: rounds over all servers (interleaved); each server is measured
+    /// `rounds × seconds` in all.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Unmeasured seconds before each measurement.
+    #[arg(long, default_value_t = 1)]
+    warmup: u64,
+    /// pairs: pairs of online users.
+    #[arg(long, default_value_t = 50)]
+    pairs: usize,
+    /// pairs: messages in flight per sender, one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    windows: Vec<usize>,
+    /// pairs: body bytes per message (at least 20: a send timestamp).
+    #[arg(long, default_value_t = 32)]
+    body_bytes: usize,
+    /// pairs, Pigeon JSON run: acknowledge every this many messages received.
+    #[arg(long, default_value_t = 16)]
+    pair_ack_every: u64,
+    /// offline flush: messages stored for the offline user.
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// offline flush: cumulative ack every this many messages.
+    #[arg(long, default_value_t = 512)]
+    ack_every: u64,
+    /// offline flush: the store backend (mongodb is pending: its backend is not merged).
+    #[arg(long, value_enum, default_value = "sqlite")]
+    store: StoreKind,
+    /// idle: sessions to open (clamped to what the file limit allows).
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    /// idle: source addresses 127.0.0.2, 127.0.0.3, … to spread the client sockets over.
+    #[arg(long, default_value_t = 4)]
+    source_addrs: u8,
+    /// Run Pigeon under this command, e.g. "valgrind --tool=callgrind" (for profiling).
+    #[arg(long)]
+    pigeon_wrap: Option<String>,
+    /// Start every server (Pigeon and peers) under this command, e.g. "taskset -c 0"
+    /// to pin the servers to core 0 (see docs/BENCHMARKS.md). Nothing is pinned unless
+    /// asked.
+    #[arg(long)]
+    server_prefix: Option<String>,
+    /// The pigeon binary (default: the one cargo built for this bench).
+    #[arg(long)]
+    pigeon_bin: Option<PathBuf>,
+    /// Where Pigeon's temporary data directories go (default: the system temp dir;
+    /// e.g. /dev/shm to take the disk out of the measurement).
+    #[arg(long)]
+    data_base: Option<PathBuf>,
+    /// Keep each server's log under this directory (default: discarded).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    All,
+    Pairs,
+    Flush,
+    Idle,
+    Blob,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreKind {
+    Sqlite,
+    Mongodb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    Pigeon,
+    Bare,
+    Node,
+    Tornado,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Pigeon => "pigeon",
+            Peer::Bare => "bare",
+            Peer::Node => "node ws",
+            Peer::Tornado => "tornado",
+        }
+    }
+}
+
+fn parse_peers(s: &str) -> Result<Vec<Peer>> {
+    let mut out = vec![Peer::Pigeon];
+    for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let add: &[Peer] = match name {
+            "all" => &[Peer::Bare, Peer::Node, Peer::Tornado],
+            "pigeon" => &[],
+            "bare" => &[Peer::Bare],
+            "node" => &[Peer::Node],
+            "tornado" => &[Peer::Tornado],
+            other => bail!("unknown peer {other:?} (all, pigeon, bare, node, tornado)"),
+        };
+        for p in add {
+            if !out.contains(p) {
+                out.push(*p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench` to harness-less benches.
+    let args: Vec<String> = std::env::args().filter(|a| a != "--bench").collect();
+    if args.get(1).map(String::as_str) == Some("bare-relay") {
+        let bind = match (args.get(2).map(String::as_str), args.get(3)) {
+            (Some("--bind"), Some(addr)) => addr.parse().context("--bind ADDR")?,
+            _ => bail!("usage: load bare-relay --bind ADDR"),
+        };
+        return bare_relay::main(bind);
+    }
+    let cli = Cli::parse_from(args);
+    let peers = parse_peers(&cli.peers)?;
+    let nofile = raise_nofile_limit();
+    let rt = tokio::runtime::Runtime::new()?;
+    let rows = rt.block_on(run(&cli, &peers, nofile))?;
+    print_table(&cli, nofile, &rows);
+    Ok(())
+}
+
+/// Raises the soft open-files limit to the hard one; servers started later inherit it.
+fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+// ---------------------------------------------------------------------------------------
+// Results
+
+#[derive(Debug, Clone)]
+enum Figure {
+    /// msgs/s with latency histogram (µs), server CPU seconds and peak RSS.
+    Rate {
+        rate: f64,
+        hist: Option<Histogram<u64>>,
+        cpu_s: f64,
+        /// The load generator's own CPU seconds over the same interval.
+        gen_cpu_s: f64,
+        wall_s: f64,
+        msgs: u64,
+        peak_rss_kib: u64,
+    },
+    /// Idle sessions: RSS per session.
+    Idle {
+        sessions: usize,
+        per_session_kib: f64,
+        rss_before_kib: u64,
+        rss_after_kib: u64,
+        peak_rss_kib: u64,
+    },
+    Unavailable(String),
+    Pending(String),
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    scenario: String,
+    server: String,
+    figure: Figure,
+    note: String,
+}
+
+async fn run(cli: &Cli, peers: &[Peer], nofile: u64) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let sc = cli.scenario;
+    if matches!(sc, Scenario::All | Scenario::Pairs) {
+        for &w in &cli.windows {
+            // Rounds interleave the servers, so that a noisy minute on a shared machine
+            // does not land on one server only; the figures add the rounds up.
+            let mut hash: Vec<Option<Result<Figure>>> = peers.iter().map(|_| None).collect();
+            let mut json: Option<Result<Figure>> = None;
+            for _ in 0..cli.rounds.max(1) {
+                for (k, &peer) in peers.iter().enumerate() {
+                    let f = pairs_run(cli, peer, w, Dialect::Hash).await;
+                    hash[k] = Some(merge(hash[k].take(), f));
+                }
+                let f = pairs_run(cli, Peer::Pigeon, w, Dialect::Json).await;
+                json = Some(merge(json.take(), f));
+            }
+            let scenario = format!("pairs {} w={w} hash", cli.pairs);
+            for (k, &peer) in peers.iter().enumerate() {
+                if let Some(f) = hash[k].take() {
+                    rows.push(row(&scenario, peer.name(), f));
+                }
+            }
+            if let Some(f) = json {
+                let scenario = format!("pairs {} w={w} JSON", cli.pairs);
+                rows.push(row(&scenario, "pigeon", f));
+            }
+        }
+    }
+    if matches!(sc, Scenario::All | Scenario::Flush) {
+        let scenario = format!("offline flush {}", cli.messages);
+        match cli.store {
+            StoreKind::Sqlite => {
+                let (store, flush) = flush_run(cli).await;
+                rows.push(row(&format!("{scenario}: store"), "pigeon sqlite", store));
+                rows.push(row(&scenario, "pigeon sqlite", flush));
+            }
+            StoreKind::Mongodb => rows.push(row(
+                &scenario,
+                "pigeon mongodb",
+                Ok(Figure::Pending(
+                    "pending: MongoDB backend not merged yet".into(),
+                )),
+            )),
+        }
+    }
+    if matches!(sc, Scenario::All | Scenario::Idle) {
+        // The bench and the server each hold one descriptor per session.
+        let max = (nofile as usize).saturating_sub(200);
+        let n = cli.idle.min(max);
+        let scenario = format!("idle {n}");
+        for &peer in peers {
+            let figure = idle_run(cli, peer, n).await;
+            let mut r = row(&scenario, peer.name(), figure);
+            if n < cli.idle {
+                r.note = format!("clamped from {} by the file limit {nofile}", cli.idle);
+            }
+            rows.push(r);
+        }
+    }
+    if matches!(sc, Scenario::All | Scenario::Blob) {
+        rows.push(row(
+            "blob",
+            "-",
+            Ok(Figure::Pending("blob: pending issue 6".into())),
+        ));
+    }
+    Ok(rows)
+}
+
+/// Adds up two rounds of the same measurement; an error or "not available" wins.
+fn merge(acc: Option<Result<Figure>>, next: Result<Figure>) -> Result<Figure> {
+    let Some(acc) = acc else { return next };
+    match (acc?, next?) {
+        (
+            Figure::Rate {
+                hist: h1,
+                cpu_s: c1,
+                gen_cpu_s: g1,
+                wall_s: w1,
+                msgs: m1,
+                peak_rss_kib: r1,
+                rate: rate1,
+            },
+            Figure::Rate {
+                hist: h2,
+                cpu_s: c2,
+                gen_cpu_s: g2,
+                wall_s: w2,
+                msgs: m2,
+                peak_rss_kib: r2,
+                rate: rate2,
+            },
+        ) => {
+            let hist = match (h1, h2) {
+                (Some(mut a), Some(b)) => {
+                    a.add(&b)?;
+                    Some(a)
+                }
+                (a, b) => a.or(b),
+            };
+            // Each rate is msgs over its own measured time: time = msgs / rate.
+            let time = |m: u64, r: f64| if r > 0.0 { m as f64 / r } else { 0.0 };
+            let total_time = time(m1, rate1) + time(m2, rate2);
+            Ok(Figure::Rate {
+                rate: if total_time > 0.0 {
+                    (m1 + m2) as f64 / total_time
+                } else {
+                    0.0
+                },
+                hist,
+                cpu_s: c1 + c2,
+                gen_cpu_s: g1 + g2,
+                wall_s: w1 + w2,
+                msgs: m1 + m2,
+                peak_rss_kib: r1.max(r2),
+            })
+        }
+        (a @ (Figure::Unavailable(_) | Figure::Pending(_)), _) => Ok(a),
+        (_, b) => Ok(b),
+    }
+}
+
+fn row(scenario: &str, server: &str, figure: Result<Figure>) -> Row {
+    let figure = figure.unwrap_or_else(|e| Figure::Unavailable(format!("failed: {e:#}")));
+    Row {
+        scenario: scenario.to_string(),
+        server: server.to_string(),
+        figure,
+        note: String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Server processes
+
+struct Server {
+    child: Child,
+    pid: i32,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn stats(&self) -> ProcStats {
+        ProcStats::read(self.pid)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM first so that valgrind and Pigeon write their output, then SIGKILL.
+        // The child leads its own process group: signal the group (wrapper and server).
+        // SAFETY: signalling the process group of our own child.
+        unsafe {
+            libc::kill(-self.pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-self.pid, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcStats {
+    cpu_s: f64,
+    rss_kib: u64,
+    hwm_kib: u64,
+}
+
+impl ProcStats {
+    fn own() -> ProcStats {
+        ProcStats::read(std::process::id() as i32)
+    }
+
+    fn read(pid: i32) -> ProcStats {
+        let mut s = ProcStats::default();
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Fields after "pid (comm) ": state is field 3, utime 14, stime 15.
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                // SAFETY: sysconf has no preconditions.
+                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+                s.cpu_s = (ticks(11) + ticks(12)) as f64 / hz;
+            }
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            for line in status.lines() {
+                let kib = || {
+                    line.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0)
+                };
+                if line.starts_with("VmRSS:") {
+                    s.rss_kib = kib();
+                } else if line.starts_with("VmHWM:") {
+                    s.hwm_kib = kib();
+                }
+            }
+        }
+        s
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn pigeon_bin(cli: &Cli) -> PathBuf {
+    cli.pigeon_bin
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pigeon")))
+}
+
+/// Starts `peer` on a fresh loopback port; `Err` says why it is not available.
+async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> {
+    let dir = match &cli.data_base {
+        Some(base) => tempfile::tempdir_in(base)?,
+        None => tempfile::tempdir()?,
+    };
+    let port = free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let peers_dir = Path::new(MANIFEST_DIR).join("benches/peers");
+    let mut cmd = match peer {
+        Peer::Pigeon => {
+            let bin = pigeon_bin(cli);
+            if !bin.exists() {
+                bail!("not available: {} does not exist", bin.display());
+            }
+            let mut cmd = match &cli.pigeon_wrap {
+                Some(wrap) => {
+                    let mut words = wrap.split_whitespace();
+                    let Some(prog) = words.next() else {
+                        bail!("--pigeon-wrap is empty")
+                    };
+                    let mut c = Command::new(prog);
+                    c.args(words).arg(&bin);
+                    c
+                }
+                None => Command::new(&bin),
+            };
+            cmd.arg("serve")
+                .arg("--bind")
+                .arg(addr.to_string())
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .env("PIGEON_LOG_LEVEL", "warn")
+                .current_dir(dir.path()); // no ./config.toml: the defaults
+            cmd
+        }
+        Peer::Bare => {
+            let mut cmd = Command::new(std::env::current_exe()?);
+            cmd.arg("bare-relay").arg("--bind").arg(addr.to_string());
+            cmd
+        }
+        Peer::Node => {
+            if !peers_dir.join("node_modules/ws").exists() {
+                bail!("not available: npm `ws` missing; run `npm ci --prefix benches/peers`");
+            }
+            let mut cmd = Command::new("node");
+            cmd.arg(peers_dir.join("node_ws_relay.js"))
+                .arg(port.to_string());
+            cmd
+        }
+        Peer::Tornado => {
+            let python = peers_dir.join(".venv/bin/python");
+            if !python.exists() {
+                bail!(
+                    "not available: no venv; run `python3 -m venv benches/peers/.venv && \
+                     benches/peers/.venv/bin/pip install -r benches/peers/requirements.txt`"
+                );
+            }
+            let mut cmd = Command::new(python);
+            cmd.arg(peers_dir.join("tornado_relay.py"))
+                .arg(port.to_string());
+            cmd
+        }
+    };
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(prefix) = &cli.server_prefix {
+        cmd = prefixed(cmd, prefix)?;
+    }
+    let log = match &cli.log_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            let name = format!("{}-{port}.log", peer.name().replace(' ', "_"));
+            Stdio::from(std::fs::File::create(d.join(name))?)
+        }
+        None => Stdio::null(),
+    };
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    // Its own process group, so that a wrapper's child (perf, strace) is stopped too.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("not available: cannot start {cmd:?}: {e}"))?;
+    let mut server = Server {
+        pid: child.id() as i32,
+        child,
+        addr,
+        _dir: dir,
+    };
+    let wait = if cli.pigeon_wrap.is_some() { 120 } else { 15 };
+    let deadline = Instant::now() + Duration::from_secs(wait);
+    loop {
+        if TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        if let Ok(Some(status)) = server.child.try_wait() {
+            bail!("not available: {} exited at start ({status})", peer.name());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "not available: {} did not listen within {wait} s",
+                peer.name()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(server)
+}
+
+/// `cmd` run under `prefix` (a program and its arguments), with the same environment
+/// and working directory.
+fn prefixed(cmd: Command, prefix: &str) -> Result<Command> {
+    let mut words = prefix.split_whitespace();
+    let Some(prog) = words.next() else {
+        bail!("--server-prefix is empty")
+    };
+    let mut out = Command::new(prog);
+    out.args(words).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => out.env(k, v),
+            None => out.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        out.current_dir(dir);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// Client side
+
+fn client_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(16 * 1024)
+}
+
+async fn connect(addr: SocketAddr, path: &str, source: Option<IpAddr>) -> Result<Ws> {
+    let socket = TcpSocket::new_v4()?;
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let url = format!("ws://{addr}{path}");
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(url, stream, Some(client_ws_config())).await?;
+    Ok(ws)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Hash,
+    Json,
+}
+
+/// Opens a session for `user`: hash sessions identify with a message to themselves and
+/// wait for it to come back; Pigeon JSON sessions log in by query and wait for `synced`.
+async fn open_session(
+    addr: SocketAddr,
+    user: &str,
+    dialect: Dialect,
+    source: Option<IpAddr>,
+) -> Result<Ws> {
+    let (path, hello) = match dialect {
+        Dialect::Hash => ("/ws".to_string(), Some(format!("{user}#hello#{user}"))),
+        Dialect::Json => (format!("/ws?user={user}"), None),
+    };
+    let mut ws = connect(addr, &path, source).await?;
+    if let Some(h) = &hello {
+        ws.send(Message::text(h.clone())).await?;
+    }
+    let deadline = Duration::from_secs(30);
+    loop {
+        let frame = tokio::time::timeout(deadline, ws.next())
+            .await
+            .with_context(|| format!("{user}: no answer to the login"))?;
+        let Some(frame) = frame else {
+            bail!("{user}: closed during login")
+        };
+        if let Message::Text(t) = frame? {
+            let t = t.as_str();
+            let done = match &hello {
+                Some(h) => t == h,
+                None => t.contains("\"synced\""),
+            };
+            if done {
+                return Ok(ws);
+            }
+            if t.starts_with('!') || t.contains("\"error\"") {
+                bail!("{user}: login refused: {t}");
+            }
+        }
+    }
+}
+
+fn new_hist() -> Histogram<u64> {
+    // 1 µs to 100 s, 3 significant digits; record() saturates beyond.
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("static bounds")
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 1: pairs
+
+struct PairsShared {
+    start: Instant,
+    measure_from: u64,
+    measure_to: u64,
+    stop: AtomicBool,
+    errors: AtomicU64,
+    out_lines: AtomicU64,
+}
+
+impl PairsShared {
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+}
+
+async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Result<Figure> {
+    let env = [(
+        "PIGEON_LIMITS_MAILBOX_MAX",
+        (window as u64 * 4 + 10_000).to_string(),
+    )];
+    let server = match start(cli, peer, &env).await {
+        Ok(s) => s,
+        Err(e) => return Ok(Figure::Unavailable(format!("{e:#}"))),
+    };
+    let n = cli.pairs * 2;
+    let partner = |i: usize| i ^ 1;
+    let tag = match dialect {
+        Dialect::Hash => "h",
+        Dialect::Json => "j",
+    };
+    let users: Vec<String> = (0..n)
+        .map(|i| format!("p{tag}{}{}", i / 2, i % 2))
+        .collect();
+    let mut sessions = Vec::with_capacity(n);
+    for u in &users {
+        sessions.push(open_session(server.addr, u, dialect, None).await?);
+    }
+    let warmup = Duration::from_secs(cli.warmup).as_nanos() as u64;
+    let measured = Duration::from_secs(cli.seconds).as_nanos() as u64;
+    let shared = Arc::new(PairsShared {
+        start: Instant::now(),
+        measure_from: warmup,
+        measure_to: warmup + measured,
+        stop: AtomicBool::new(false),
+        errors: AtomicU64::new(0),
+        out_lines: AtomicU64::new(0),
+    });
+    let windows: Vec<Arc<Semaphore>> = (0..n).map(|_| Arc::new(Semaphore::new(window))).collect();
+    let done = CancellationToken::new();
+    let mut readers = Vec::new();
+    let mut senders = Vec::new();
+    let pad = "x".repeat(cli.body_bytes.saturating_sub(20));
+    for (i, ws) in sessions.into_iter().enumerate() {
+        let (sink, stream) = ws.split();
+        let sink: Sink = Arc::new(Mutex::new(sink));
+        readers.push(tokio::spawn(pairs_reader(
+            stream,
+            sink.clone(),
+            dialect,
+            windows[partner(i)].clone(),
+            shared.clone(),
+            cli.pair_ack_every,
+            done.clone(),
+        )));
+        senders.push(tokio::spawn(pairs_sender(
+            sink,
+            dialect,
+            users[i].clone(),
+            users[partner(i)].clone(),
+            pad.clone(),
+            windows[i].clone(),
+            window,
+            shared.clone(),
+        )));
+    }
+    tokio::time::sleep(Duration::from_nanos(warmup)).await;
+    let before = server.stats();
+    let gen_before = ProcStats::own();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_nanos(measured)).await;
+    let after = server.stats();
+    let gen_after = ProcStats::own();
+    let wall = t0.elapsed().as_secs_f64();
+    shared.stop.store(true, Ordering::Release);
+    for w in &windows {
+        w.close(); // wakes senders waiting for a permit
+    }
+    let mut hist = new_hist();
+    for s in senders {
+        s.await??;
+    }
+    // Let in-flight messages land, then stop reading.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    done.cancel();
+    for r in readers {
+        hist.add(&r.await??)?;
+    }
+    let errors = shared.errors.load(Ordering::Relaxed);
+    if errors > 0 {
+        bail!("{errors} error frames from the server");
+    }
+    let out_lines = shared.out_lines.load(Ordering::Relaxed);
+    if out_lines > 0 {
+        eprintln!(
+            "warning: {} answered Out Line {out_lines} times",
+            peer.name()
+        );
+    }
+    let msgs = hist.len();
+    Ok(Figure::Rate {
+        rate: msgs as f64 / (measured as f64 / 1e9),
+        hist: Some(hist),
+        cpu_s: after.cpu_s - before.cpu_s,
+        gen_cpu_s: gen_after.cpu_s - gen_before.cpu_s,
+        wall_s: wall,
+        msgs,
+        peak_rss_kib: after.hwm_kib,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pairs_sender(
+    sink: Sink,
+    dialect: Dialect,
+    me: String,
+    to: String,
+    pad: String,
+    window: Arc<Semaphore>,
+    size: usize,
+    shared: Arc<PairsShared>,
+) -> Result<()> {
+    let mut id = 0u64;
+    loop {
+        let Ok(permit) = window.acquire().await else {
+            return Ok(());
+        };
+        permit.forget();
+        let mut sink = sink.lock().await;
+        let mut batch = 1;
+        loop {
+            if shared.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let t = shared.now_ns();
+            id += 1;
+            let frame = match dialect {
+                Dialect::Hash => format!("{me}#{t:020}{pad}#{to}"),
+                Dialect::Json => {
+                    format!(r#"{{"type":"send","id":"{id}","to":"{to}","body":"{t:020}{pad}"}}"#)
+                }
+            };
+            sink.feed(Message::text(frame)).await?;
+            if batch >= size {
+                break;
+            }
+            match window.try_acquire() {
+                Ok(p) => {
+                    p.forget();
+                    batch += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        sink.flush().await?;
+    }
+}
+
+async fn pairs_reader(
+    mut stream: SplitStream<Ws>,
+    sink: Sink,
+    dialect: Dialect,
+    partner_window: Arc<Semaphore>,
+    shared: Arc<PairsShared>,
+    ack_every: u64,
+    done: CancellationToken,
+) -> Result<Histogram<u64>> {
+    let mut hist = new_hist();
+    let mut unacked = 0u64;
+    loop {
+        let frame = tokio::select! {
+            f = stream.next() => f,
+            _ = done.cancelled() => break,
+        };
+        let Some(frame) = frame else { break };
+        let Message::Text(text) = frame? else {
+            continue;
+        };
+        let t = text.as_str();
+        let sent_at = match dialect {
+            Dialect::Hash => {
+                if t == "send success" {
+                    continue;
+                }
+                if t == "Out Line" {
+                    shared.out_lines.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if t.starts_with('!') {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let body = t.split('#').nth(1).unwrap_or("");
+                body.get(..20).and_then(|v| v.parse::<u64>().ok())
+            }
+            Dialect::Json => {
+                let v: serde_json::Value = serde_json::from_str(t)?;
+                match v["type"].as_str() {
+                    Some("msg") => {
+                        let seq = v["seq"].as_u64().unwrap_or(0);
+                        unacked += 1;
+                        if unacked >= ack_every {
+                            unacked = 0;
+                            let ack = format!(r#"{{"type":"ack","upto":{seq}}}"#);
+                            sink.lock().await.send(Message::text(ack)).await?;
+                        }
+                        v["body"]
+                            .as_str()
+                            .and_then(|b| b.get(..20))
+                            .and_then(|b| b.parse::<u64>().ok())
+                    }
+                    Some("error") => {
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    _ => continue,
+                }
+            }
+        };
+        let Some(sent_at) = sent_at else {
+            continue; // the hello, or someone else's frame
+        };
+        let now = shared.now_ns();
+        partner_window.add_permits(1);
+        if sent_at >= shared.measure_from && now < shared.measure_to {
+            let us = (now.saturating_sub(sent_at) / 1000).max(1);
+            hist.saturating_record(us);
+        }
+    }
+    Ok(hist)
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 2: offline flush
+
+async fn flush_run(cli: &Cli) -> (Result<Figure>, Result<Figure>) {
+    match flush_inner(cli).await {
+        Ok((a, b)) => (Ok(a), Ok(b)),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            (Err(anyhow::anyhow!(msg.clone())), Err(anyhow::anyhow!(msg)))
+        }
+    }
+}
+
+async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
+    let m = cli.messages;
+    let env = [("PIGEON_LIMITS_MAILBOX_MAX", (m + 1000).to_string())];
+    let server = match start(cli, Peer::Pigeon, &env).await {
+        Ok(s) => s,
+        Err(e) => {
+            let f = Figure::Unavailable(format!("{e:#}"));
+            return Ok((f.clone(), f));
+        }
+    };
+    // Store phase: one sender, pipelined, recipient offline.
+    let ws = open_session(server.addr, "flush_src", Dialect::Json, None).await?;
+    let (mut sink, mut stream) = ws.split();
+    let s0 = server.stats();
+    let g0 = ProcStats::own();
+    let t0 = Instant::now();
+    let writer = tokio::spawn(async move {
+        for i in 0..m {
+            let f = format!(
+                r#"{{"type":"send","id":"f{i}","to":"flush_dst","body":"offline message {i:08}"}}"#
+            );
+            sink.feed(Message::text(f)).await?;
+        }
+        sink.flush().await?;
+        anyhow::Ok(sink)
+    });
+    let mut stored = 0u64;
+    while stored < m {
+        let Some(frame) = stream.next().await else {
+            bail!("sender closed after {stored} sends")
+        };
+        if let Message::Text(t) = frame? {
+            if t.as_str().contains(r#""type":"sent""#) {
+                stored += 1;
+            } else if t.as_str().contains(r#""type":"error""#) {
+                bail!("store phase: {}", t.as_str());
+            }
+        }
+    }
+    let store_wall = t0.elapsed().as_secs_f64();
+    let s1 = server.stats();
+    let g1 = ProcStats::own();
+    let _sink = writer.await??;
+    let store = Figure::Rate {
+        rate: m as f64 / store_wall,
+        hist: None,
+        cpu_s: s1.cpu_s - s0.cpu_s,
+        gen_cpu_s: g1.cpu_s - g0.cpu_s,
+        wall_s: store_wall,
+        msgs: m,
+        peak_rss_kib: s1.hwm_kib,
+    };
+
+    // Flush phase: the recipient logs in and acks cumulatively.
+    let t0 = Instant::now();
+    let mut ws = connect(server.addr, "/ws?user=flush_dst", None).await?;
+    let mut received = 0u64;
+    let mut last_seq = 0u64;
+    let mut acked = 0u64;
+    loop {
+        let Some(frame) = ws.next().await else {
+            bail!("recipient closed after {received} messages")
+        };
+        let Message::Text(t) = frame? else { continue };
+        let t = t.as_str();
+        if t.starts_with(r#"{"type":"msg""#) {
+            received += 1;
+            last_seq = seq_of(t).unwrap_or(last_seq);
+            if received.is_multiple_of(cli.ack_every.max(1)) {
+                ws.send(Message::text(format!(
+                    r#"{{"type":"ack","upto":{last_seq}}}"#
+                )))
+                .await?;
+                acked = last_seq;
+            }
+        } else if t.contains(r#""type":"synced""#) {
+            break;
+        } else if t.contains(r#""type":"error""#) {
+            bail!("flush: {t}");
+        }
+    }
+    if acked < last_seq {
+        ws.send(Message::text(format!(
+            r#"{{"type":"ack","upto":{last_seq}}}"#
+        )))
+        .await?;
+    }
+    // The reader handles frames in order: the pong comes after the last ack is stored.
+    ws.send(Message::text(r#"{"type":"ping"}"#)).await?;
+    loop {
+        let Some(frame) = ws.next().await else {
+            bail!("recipient closed before the pong")
+        };
+        if let Message::Text(t) = frame? {
+            if t.as_str().contains("pong") {
+                break;
+            }
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let s2 = server.stats();
+    let g2 = ProcStats::own();
+    if received != m {
+        bail!("flush delivered {received} of {m} messages");
+    }
+    drop(ws);
+    // Untimed check that the acks emptied the mailbox: a new login sees nothing pending.
+    let mut ws = connect(server.addr, "/ws?user=flush_dst", None).await?;
+    while let Some(frame) = ws.next().await {
+        if let Message::Text(t) = frame? {
+            let t = t.as_str();
+            if t.contains(r#""type":"welcome""#) {
+                if !t.contains(r#""pending":0"#) {
+                    bail!("mailbox not empty after the acks: {t}");
+                }
+                break;
+            }
+        }
+    }
+    let flush = Figure::Rate {
+        rate: m as f64 / wall,
+        hist: None,
+        cpu_s: s2.cpu_s - s1.cpu_s,
+        gen_cpu_s: g2.cpu_s - g1.cpu_s,
+        wall_s: wall,
+        msgs: m,
+        peak_rss_kib: s2.hwm_kib,
+    };
+    Ok((store, flush))
+}
+
+fn seq_of(t: &str) -> Option<u64> {
+    let rest = &t[t.find(r#""seq":"#)? + 6..];
+    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+    rest[..end].parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 3: idle sessions
+
+async fn idle_run(cli: &Cli, peer: Peer, n: usize) -> Result<Figure> {
+    let env = [("PIGEON_SERVER_MAX_CONNECTIONS", (n + 100).to_string())];
+    let server = match start(cli, peer, &env).await {
+        Ok(s) => s,
+        Err(e) => return Ok(Figure::Unavailable(format!("{e:#}"))),
+    };
+    // Pigeon as specified: Pigeon JSON sessions; the peers only speak hash.
+    let dialect = if peer == Peer::Pigeon {
+        Dialect::Json
+    } else {
+        Dialect::Hash
+    };
+    // One session first, so that lazily built state is in the baseline.
+    let first = open_session(server.addr, "idlewarm", dialect, None).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.stats();
+    let sources: Vec<IpAddr> = (0..cli.source_addrs.max(1))
+        .map(|k| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + k)))
+        .collect();
+    let gate = Arc::new(Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let gate = gate.clone();
+        let src = sources[i % sources.len()];
+        let addr = server.addr;
+        tasks.spawn(async move {
+            let _p = gate.acquire_owned().await?;
+            open_session(addr, &format!("idle{i}"), dialect, Some(src)).await
+        });
+    }
+    let mut sessions = Vec::with_capacity(n);
+    while let Some(r) = tasks.join_next().await {
+        sessions.push(r??);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = server.stats();
+    let per = (after.rss_kib as f64 - before.rss_kib as f64) / n.max(1) as f64;
+    drop(sessions);
+    drop(first);
+    Ok(Figure::Idle {
+        sessions: n,
+        per_session_kib: per,
+        rss_before_kib: before.rss_kib,
+        rss_after_kib: after.rss_kib,
+        peak_rss_kib: after.hwm_kib,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The table
+
+fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
+    let pigeon_of = |scenario: &str| {
+        rows.iter()
+            .find(|r| r.scenario == scenario && r.server.starts_with("pigeon"))
+            .map(|r| r.figure.clone())
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nPigeon load bench — pairs: {} round(s) × {} s measured (+{} s warm-up) per server; \
+         loopback; nproc {}; open-files limit {nofile}",
+        cli.rounds,
+        cli.seconds,
+        cli.warmup,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    let _ = writeln!(
+        out,
+        "ratio = Pigeon ÷ this server (throughput: >1 means Pigeon is faster; \
+         idle: <1 means Pigeon uses less memory)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| {:<24} | {:<13} | {:>15} | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>9} | {:>9} | {:>9} |",
+        "scenario",
+        "server",
+        "result",
+        "ratio",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "CPU %",
+        "CPU µs/msg",
+        "peak RSS",
+        "gen CPU %"
+    );
+    let _ = writeln!(
+        out,
+        "|{:-<26}|{:-<15}|{:-<17}|{:-<8}|{:-<10}|{:-<10}|{:-<10}|{:-<8}|{:-<11}|{:-<11}|{:-<11}|",
+        "", "", "", "", "", "", "", "", "", "", ""
+    );
+    for r in rows {
+        let reference = pigeon_of(&r.scenario);
+        let line = match &r.figure {
+            Figure::Rate {
+                rate,
+                hist,
+                cpu_s,
+                gen_cpu_s,
+                wall_s,
+                msgs,
+                peak_rss_kib,
+            } => {
+                let ratio = match reference {
+                    Some(Figure::Rate { rate: p, .. }) if *rate > 0.0 => {
+                        format!("{:.2}×", p / rate)
+                    }
+                    _ => "-".into(),
+                };
+                let q = |h: &Option<Histogram<u64>>, p: f64| {
+                    h.as_ref()
+                        .filter(|h| !h.is_empty())
+                        .map_or("-".to_string(), |h| h.value_at_quantile(p).to_string())
+                };
+                format!(
+                    "| {:<24} | {:<13} | {:>9.0} msg/s | {:>6} | {:>8} | {:>8} | {:>8} | {:>6.0} | {:>10.1} | {:>5} MiB | {:>9.0} |",
+                    r.scenario,
+                    r.server,
+                    rate,
+                    ratio,
+                    q(hist, 0.5),
+                    q(hist, 0.99),
+                    q(hist, 0.999),
+                    100.0 * cpu_s / wall_s.max(1e-9),
+                    1e6 * cpu_s / (*msgs).max(1) as f64,
+                    peak_rss_kib / 1024,
+                    100.0 * gen_cpu_s / wall_s.max(1e-9),
+                )
+            }
+            Figure::Idle {
+                sessions,
+                per_session_kib,
+                rss_before_kib,
+                rss_after_kib,
+                peak_rss_kib,
+            } => {
+                let ratio = match reference {
+                    Some(Figure::Idle {
+                        per_session_kib: p, ..
+                    }) if *per_session_kib > 0.0 => format!("{:.2}×", p / per_session_kib),
+                    _ => "-".into(),
+                };
+                format!(
+                    "| {:<24} | {:<13} | {:>8.2} KiB/ses | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>10} | {:>5} MiB | {:>9} | RSS {} → {} MiB for {} sessions",
+                    r.scenario,
+                    r.server,
+                    per_session_kib,
+                    ratio,
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    peak_rss_kib / 1024,
+                    "-",
+                    rss_before_kib / 1024,
+                    rss_after_kib / 1024,
+                    sessions,
+                )
+            }
+            Figure::Unavailable(why) | Figure::Pending(why) => {
+                format!("| {:<24} | {:<13} | {why}", r.scenario, r.server)
+            }
+        };
+        let _ = write!(out, "{line}");
+        if !r.note.is_empty() {
+            let _ = write!(out, " ({})", r.note);
+        }
+        let _ = writeln!(out);
+    }
+    print!("{out}");
+}
