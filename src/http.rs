@@ -256,6 +256,7 @@ async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
         "status": "ok",
         "store": ctx.app.store.backend(),
         "online": ctx.app.router.online_count(),
+        "auth": ctx.app.config.auth.mode,
     });
     if let Some(c) = &ctx.app.cluster {
         body["node"] = c.node().into();
