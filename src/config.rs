@@ -41,6 +41,9 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// How long a new login waits for the session it replaces to finish.
     pub takeover_wait_ms: u64,
+    /// Test-only: serve `GET /echo`, a WebSocket that echoes every text and binary
+    /// message, for WebSocket conformance tests (Autobahn). Never enable in production.
+    pub echo_route: bool,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +54,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             shutdown_grace_secs: 5,
             takeover_wait_ms: 2_000,
+            echo_route: false,
         }
     }
 }

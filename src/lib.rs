@@ -3,11 +3,13 @@
 //! `server::run` serves an already bound listener; everything else hangs off it:
 //! `http` (routes and the WebSocket upgrade), `session` (one connection's life),
 //! `router` (who is online, take-over), `protocol` (the three wire dialects),
-//! `store` (the offline mailbox), `config`, `metrics`, and `client` (the terminal client).
+//! `store` (the offline mailbox), `config`, `metrics`, `client` (the terminal client),
+//! and `echo` (a test-only WebSocket echo for conformance tests).
 
 pub mod app;
 pub mod client;
 pub mod config;
+pub mod echo;
 pub mod http;
 pub mod metrics;
 pub mod protocol;
