@@ -74,6 +74,8 @@ pub async fn run<S>(
                 let _ = tx.send(Out::Close(CLOSE_GOING_AWAY, "server shutting down")).await;
                 break;
             }
+            // The writer gave up (socket broken, write timeout): nothing can be echoed.
+            _ = tx.closed() => break,
             frame = stream.next() => frame,
         };
         let out = match frame {
