@@ -305,7 +305,7 @@ export class PigeonConnection extends EventTarget {
 
   #blobStart(f) {
     if (typeof f.stream !== 'number') return;
-    const key = `${f.from}\u0000${f.id ?? 's' + f.stream + '-' + Date.now()}`;
+    const key = `${f.from}/${f.id ?? 's' + f.stream + '-' + Date.now()}`;
     const meta = { from: f.from, to: f.to, id: f.id ?? null, name: f.name ?? '', mime: f.mime || 'application/octet-stream',
       size: f.size, sha256: f.sha256 ?? null, offline: !!f.offline };
     this.downloads.set(f.stream, { key, meta, chunks: [], received: 0 });
