@@ -5,11 +5,10 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync } from 'node:fs';
 import path from 'node:path';
 import {
   PigeonServer, launchBrowser, openClient, signIn, openChat, send, bodies, sleep,
-  ensureResultsDir, repoRoot,
+  ensureResultsDir,
 } from './harness.js';
 
 let server;
@@ -90,7 +89,6 @@ test('two people chat both ways, with unread counts and delivery status', async 
     const dir = ensureResultsDir();
     const shot = path.join(dir, 'conversation.png');
     await a.page.screenshot({ path: shot });
-    if (process.env.PIGEON_UPDATE_SCREENSHOT === '1') copyFileSync(shot, path.join(repoRoot, 'docs/screenshot.png'));
     assert.deepEqual(a.page.errors, []);
     assert.deepEqual(b.page.errors, []);
   } finally {

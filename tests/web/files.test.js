@@ -238,11 +238,18 @@ test('an image sent to someone offline arrives at their sign-in as a picture', a
 });
 
 test('screenshot: a conversation with text, a picture and a file', async () => {
-  const a = await openClient(browser, server);
+  const a = await openClient(browser, server, { viewport: { width: 1100, height: 800 } });
   const b = await openClient(browser, server);
   try {
     await signIn(a.page, 'lena');
     await signIn(b.page, 'milo');
+    // Another conversation waiting in the list, with an unread message.
+    const c = await openClient(browser, server);
+    await signIn(c.page, 'fiona');
+    await openChat(c.page, 'lena');
+    await send(c.page, 'Coffee tomorrow at 9? ☕');
+    await a.page.locator('#conversations li[data-peer="fiona"]').waitFor();
+    await c.context.close();
     await openChat(b.page, 'lena');
     await send(b.page, 'Did you make it up the hill before sunset? 🌄');
     await openChat(a.page, 'milo');
