@@ -37,8 +37,9 @@ pub enum Outgoing {
         dialect: Dialect,
         generation: u64,
         replaced: Option<Arc<SessionShared>>,
-        /// The user's session on another node, in cluster mode.
-        replaced_remote: Option<crate::cluster::Owner>,
+        /// A take-over of the user's session on another node (cluster mode), already
+        /// requested: wait for it before the flush.
+        replaced_remote: Option<crate::cluster::KickWait>,
     },
     /// Close the socket with this code and reason, then stop.
     Close(u16, &'static str),

@@ -587,8 +587,13 @@ impl Reader {
         self.user = Some(user.clone());
         self.dialect = Some(dialect);
         self.errors_in_row = 0;
+        // The kick goes out now, not when the writer starts: this session may itself be
+        // replaced before then, and the session it replaced must still be stopped.
         let replaced_remote = match &self.app.cluster {
-            Some(c) => c.claim(&user, self.generation).await,
+            Some(c) => match c.claim(&user, self.generation).await {
+                Some(owner) => Some(c.kick(&owner, &user).await),
+                None => None,
+            },
             None => None,
         };
         let start = Outgoing::Start {
@@ -1169,16 +1174,25 @@ where
         dialect: Dialect,
         generation: u64,
         replaced: Option<Arc<SessionShared>>,
-        replaced_remote: Option<crate::cluster::Owner>,
+        replaced_remote: Option<crate::cluster::KickWait>,
     ) -> Result<(), Exit> {
         let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
-        if let Some(old) = replaced {
-            if tokio::time::timeout(wait, old.wait_done()).await.is_err() {
-                tracing::warn!(%user, "replaced session did not finish in time");
+        let handover = async {
+            if let Some(old) = replaced {
+                if tokio::time::timeout(wait, old.wait_done()).await.is_err() {
+                    tracing::warn!(%user, "replaced session did not finish in time");
+                }
             }
-        }
-        if let (Some(owner), Some(cluster)) = (replaced_remote, &self.app.cluster) {
-            cluster.kick(&owner, &user, wait).await;
+            if let Some(kick) = replaced_remote {
+                kick.wait(wait).await;
+            }
+        };
+        // Replaced in turn while waiting (many logins at once): stop waiting, so this
+        // session's own notice and `done` are not held up by the one it replaced.
+        let mut stop = self.shared.stop_signal();
+        tokio::select! {
+            _ = handover => {}
+            _ = stop.wait_for(|r| r.is_some()) => return Ok(()),
         }
         self.dialect = dialect;
         if dialect == Dialect::Pigeon {
