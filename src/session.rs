@@ -34,7 +34,7 @@ use crate::protocol::{
     self, hash, pigeon, seed_json, valid_username, Dialect, ErrorCode, Event, Fate, ProtocolError,
     Request,
 };
-use crate::router::{Outgoing, SessionHandle, SessionShared, StopReason};
+use crate::router::{BlobChunk, Outgoing, SessionHandle, SessionShared, Start, StopReason};
 use crate::store::{BlobMeta, Body, Enqueued, NewMessage, StoreError, StoredMessage};
 use crate::transfer::{new_blob_key, ChunkOutcome, Transfers};
 use bytes::Bytes;
@@ -596,13 +596,13 @@ impl Reader {
             },
             None => None,
         };
-        let start = Outgoing::Start {
+        let start = Outgoing::Start(Box::new(Start {
             user,
             dialect,
             generation: self.generation,
             replaced,
             replaced_remote,
-        };
+        }));
         self.push(start).await
     }
 
@@ -1022,13 +1022,14 @@ where
                 }
                 self.write_message(&msg, false).await
             }
-            Outgoing::Start {
-                user,
-                dialect,
-                generation,
-                replaced,
-                replaced_remote,
-            } => {
+            Outgoing::Start(start) => {
+                let Start {
+                    user,
+                    dialect,
+                    generation,
+                    replaced,
+                    replaced_remote,
+                } = *start;
                 self.start(user, dialect, generation, replaced, replaced_remote)
                     .await
             }
@@ -1056,7 +1057,8 @@ where
                 };
                 self.write_event(&start).await
             }
-            Outgoing::BlobChunk { key, data, permit } => {
+            Outgoing::BlobChunk(chunk) => {
+                let BlobChunk { key, data, permit } = *chunk;
                 let Some(&stream) = self.live_blobs.get(&key) else {
                     return Ok(());
                 };
