@@ -107,7 +107,11 @@ impl SqliteStore {
             StoreError::Unavailable(format!("cannot create {}: {e}", cfg.data_dir.display()))
         })?;
         let path = cfg.data_dir.join("pigeon.db");
-        let conn = open_connection(&path, &cfg.sqlite_synchronous)?;
+        let conn = open_connection(
+            &path,
+            &cfg.sqlite_synchronous,
+            Duration::from_millis(cfg.sqlite_busy_timeout_ms),
+        )?;
         let blobs = BlobFiles::open(&cfg.data_dir)?;
         let swept = blobs.sweep(&referenced_blobs(&conn)?);
         if swept > 0 {
@@ -142,7 +146,11 @@ impl SqliteStore {
     }
 }
 
-fn open_connection(path: &PathBuf, synchronous: &str) -> Result<Connection, StoreError> {
+fn open_connection(
+    path: &PathBuf,
+    synchronous: &str,
+    busy_timeout: Duration,
+) -> Result<Connection, StoreError> {
     let unavailable = |e: rusqlite::Error| {
         StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
     };
@@ -151,7 +159,7 @@ fn open_connection(path: &PathBuf, synchronous: &str) -> Result<Connection, Stor
         | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
         | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
-    conn.busy_timeout(Duration::from_secs(5))
+    conn.busy_timeout(busy_timeout)
         .map_err(unavailable)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(unavailable)?;
