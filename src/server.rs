@@ -168,8 +168,16 @@ async fn serve(
             let _ = socket.set_nodelay(true);
             match tls {
                 None => {
-                    connection(socket, peer, permit, routes, over_cap, header_timeout, shutdown)
-                        .await
+                    connection(
+                        socket,
+                        peer,
+                        permit,
+                        routes,
+                        over_cap,
+                        header_timeout,
+                        shutdown,
+                    )
+                    .await
                 }
                 Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(socket)).await {
                     Ok(Ok(s)) => {
