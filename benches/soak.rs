@@ -368,7 +368,7 @@ async fn soak(o: Opts) -> i32 {
             let mut n = 0u64;
             while !s1.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                let to = if n % 2 == 0 { "on0" } else { "off0" };
+                let to = if n.is_multiple_of(2) { "on0" } else { "off0" };
                 blob_once(&b, to, n, &c1).await;
                 n += 1;
             }

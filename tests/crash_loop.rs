@@ -191,7 +191,11 @@ async fn send_until_killed(base: &str, me: &str, mut log: Sent, blob: bool) -> S
     loop {
         log.next += 1;
         let id = format!("{me}-{:06}", log.next);
-        let to = if log.next % 2 == 0 { "ron" } else { "olga" };
+        let to = if log.next.is_multiple_of(2) {
+            "ron"
+        } else {
+            "olga"
+        };
         let send = json!({"type":"send","id":id,"to":to,"body":log.next});
         log.attempted.insert(id.clone());
         if c.try_send(Message::text(send.to_string())).await.is_err() {

@@ -334,7 +334,7 @@ async fn ping_flood_is_answered_or_bounded() {
     let served_during = others_are_served(&base, "during").await;
     let (pongs, texts) = counter.await.unwrap();
     assert!(texts >= 1, "the session stopped answering after the flood");
-    assert!(pongs >= 1 && pongs <= 10_000, "{pongs} pongs");
+    assert!((1..=10_000).contains(&pongs), "{pongs} pongs");
 
     // A client that does not read: 20 000 pings, nothing read back.
     let (mut deaf, _) = Client::pigeon(&base, "deaf").await;
