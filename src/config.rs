@@ -44,6 +44,9 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// How long a new login waits for the session it replaces to finish.
     pub takeover_wait_ms: u64,
+    /// Slowloris guard: how long a client may take to send its HTTP request headers (and
+    /// the TLS handshake) before the connection is closed.
+    pub header_timeout_secs: u64,
     /// Test-only: serve `GET /echo`, a WebSocket that echoes every text and binary
     /// message, for WebSocket conformance tests (Autobahn). Never enable in production.
     pub echo_route: bool,
@@ -57,6 +60,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             shutdown_grace_secs: 5,
             takeover_wait_ms: 2_000,
+            header_timeout_secs: 10,
             echo_route: false,
         }
     }
@@ -74,6 +78,9 @@ pub struct StorageConfig {
     pub sqlite_synchronous: String,
     /// How long a (sender, client id) pair is remembered to drop retried sends.
     pub dedupe_window_secs: u64,
+    /// SQLite: how long a write waits for a lock held by another connection on the same
+    /// file before the write fails (the sender gets `store_unavailable`).
+    pub sqlite_busy_timeout_ms: u64,
     /// MongoDB connection string (backend "mongodb").
     pub mongodb_uri: String,
     /// MongoDB database Pigeon keeps its collections in.
@@ -94,6 +101,7 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("data"),
             sqlite_synchronous: "normal".into(),
             dedupe_window_secs: 86_400,
+            sqlite_busy_timeout_ms: 5_000,
             mongodb_uri: "mongodb://127.0.0.1:27017".into(),
             mongodb_database: "pigeon".into(),
             mongodb_write_concern: "majority".into(),
@@ -375,6 +383,9 @@ impl Config {
         // the echo route): the writer would fail and the session die.
         if self.websocket.max_write_buffer_bytes <= l.max_message_bytes + 14 {
             return bad("websocket.max_write_buffer_bytes must be above limits.max_message_bytes (plus 14 bytes of frame header)");
+        }
+        if self.server.header_timeout_secs == 0 {
+            return bad("server.header_timeout_secs must be positive");
         }
         if self.server.max_connections == 0 {
             return bad("server.max_connections must be positive");

@@ -31,9 +31,6 @@ use crate::router::Router;
 use crate::store::{self, StoreError};
 use crate::tls::{self, TlsError};
 
-/// Slowloris guard: how long a client may take to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
@@ -166,12 +163,27 @@ async fn serve(
         let routes = routes.clone();
         let shutdown = shutdown_rx.clone();
         let tls = tls.clone();
+        let header_timeout = Duration::from_secs(app.config.server.header_timeout_secs);
         tracker.spawn(async move {
             let _ = socket.set_nodelay(true);
             match tls {
-                None => connection(socket, peer, permit, routes, over_cap, shutdown).await,
-                Some(tls) => match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(socket)).await {
-                    Ok(Ok(s)) => connection(s, peer, permit, routes, over_cap, shutdown).await,
+                None => {
+                    connection(
+                        socket,
+                        peer,
+                        permit,
+                        routes,
+                        over_cap,
+                        header_timeout,
+                        shutdown,
+                    )
+                    .await
+                }
+                Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(socket)).await {
+                    Ok(Ok(s)) => {
+                        connection(s, peer, permit, routes, over_cap, header_timeout, shutdown)
+                            .await
+                    }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 },
@@ -231,6 +243,7 @@ async fn connection<S>(
     permit: Permit,
     routes: axum::Router,
     over_cap: bool,
+    header_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -250,7 +263,7 @@ async fn connection<S>(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .serve_connection(TokioIo::new(socket), service)
         .with_upgrades();
     tokio::pin!(conn);

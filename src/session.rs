@@ -765,6 +765,11 @@ impl Reader {
         if self.reply(dialect, &Event::Error(&e)).await == Flow::Close {
             return Flow::Close;
         }
+        // A store outage is not the client's fault: a client retrying through one must
+        // not be closed as a protocol offender.
+        if e.code == ErrorCode::StoreUnavailable {
+            return Flow::Continue;
+        }
         self.errors_in_row += 1;
         if self.errors_in_row >= self.app.config.limits.max_consecutive_errors {
             return self.close(CLOSE_PROTOCOL_ERROR, "protocol_error").await;
@@ -951,6 +956,12 @@ where
         mut stop: watch::Receiver<Option<StopReason>>,
     ) {
         let end = self.serve(&mut rx, &mut stop).await;
+        if end.is_err() {
+            // The socket is gone or stopped taking bytes (write timeout): end the reader
+            // too, or a client that never reads or sends would keep its session, socket
+            // and connection permit forever.
+            self.shared.stop(StopReason::Closed);
+        }
         if let Ok(()) = end {
             let reason = *stop.borrow();
             if let Some(d) = self.shared.dialect.get() {

@@ -108,7 +108,11 @@ impl SqliteStore {
             StoreError::Unavailable(format!("cannot create {}: {e}", cfg.data_dir.display()))
         })?;
         let path = cfg.data_dir.join("pigeon.db");
-        let conn = open_connection(&path, &cfg.sqlite_synchronous)?;
+        let conn = open_connection(
+            &path,
+            &cfg.sqlite_synchronous,
+            Duration::from_millis(cfg.sqlite_busy_timeout_ms),
+        )?;
         let blobs = BlobFiles::open(&cfg.data_dir)?;
         let swept = blobs.sweep(&referenced_blobs(&conn)?);
         if swept > 0 {
@@ -143,7 +147,11 @@ impl SqliteStore {
     }
 }
 
-fn open_connection(path: &PathBuf, synchronous: &str) -> Result<Connection, StoreError> {
+fn open_connection(
+    path: &PathBuf,
+    synchronous: &str,
+    busy_timeout: Duration,
+) -> Result<Connection, StoreError> {
     let unavailable = |e: rusqlite::Error| {
         StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
     };
@@ -152,8 +160,7 @@ fn open_connection(path: &PathBuf, synchronous: &str) -> Result<Connection, Stor
         | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
         | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(unavailable)?;
+    conn.busy_timeout(busy_timeout).map_err(unavailable)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(unavailable)?;
     conn.pragma_update(None, "synchronous", synchronous)
@@ -310,8 +317,11 @@ impl Worker {
         }
     }
 
-    /// Runs `batch` in one transaction; on any SQL error, rolls back and runs each
-    /// request in a transaction of its own.
+    /// Runs `batch` in one transaction; on an SQL error inside it, rolls back and runs
+    /// each request in a transaction of its own. When the transaction cannot even begin
+    /// (another connection holds the lock past the busy timeout, the file cannot be
+    /// written), every request would fail the same way, each after its own busy timeout:
+    /// the whole batch fails at once instead.
     fn run_batch(&mut self, batch: &mut Vec<Request>) {
         match self.transaction(batch) {
             Ok(answers) => {
@@ -319,8 +329,18 @@ impl Worker {
                     answer_request(req, answer);
                 }
             }
-            Err(_) if batch.len() > 1 => {
+            Err(TxError::Begin(e)) => {
                 for req in batch.drain(..) {
+                    fail_request(req, clone_err(&e));
+                }
+            }
+            Err(_) if batch.len() > 1 => {
+                let mut cannot_begin: Option<StoreError> = None;
+                for req in batch.drain(..) {
+                    if let Some(e) = &cannot_begin {
+                        fail_request(req, clone_err(e));
+                        continue;
+                    }
                     let one = [req];
                     match self.transaction(&one) {
                         Ok(mut answers) => {
@@ -329,14 +349,19 @@ impl Worker {
                                 answer_request(req, a);
                             }
                         }
-                        Err(e) => {
+                        Err(TxError::Begin(e)) => {
+                            let [req] = one;
+                            fail_request(req, clone_err(&e));
+                            cannot_begin = Some(e);
+                        }
+                        Err(TxError::Statement(e)) => {
                             let [req] = one;
                             fail_request(req, e);
                         }
                     }
                 }
             }
-            Err(e) => {
+            Err(TxError::Statement(e)) => {
                 for req in batch.drain(..) {
                     fail_request(req, clone_err(&e));
                 }
@@ -344,70 +369,18 @@ impl Worker {
         }
     }
 
-    fn transaction(&mut self, batch: &[Request]) -> Result<Vec<Answer>, StoreError> {
+    fn transaction(&mut self, batch: &[Request]) -> Result<Vec<Answer>, TxError> {
         // IMMEDIATE: take the write lock up front (waiting up to busy_timeout). A deferred
         // transaction that reads and then writes fails at once with "database is locked"
         // when another connection (another process on the same file) wrote meanwhile.
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        let mut answers = Vec::with_capacity(batch.len());
-        let mut dead_blobs = Vec::new();
-        for req in batch {
-            let answer = match req {
-                Request::Enqueue(msgs, _) => {
-                    let mut each = Vec::with_capacity(msgs.len());
-                    for msg in msgs {
-                        match enqueue(&tx, msg, self.mailbox_max, self.dedupe_window_ms) {
-                            // A full mailbox is an answer, not a failed transaction.
-                            Err(e @ StoreError::MailboxFull { .. }) => each.push(Err(e)),
-                            other => each.push(Ok(other?)),
-                        }
-                    }
-                    Answer::Enqueue(Ok(each))
-                }
-                Request::Fetch {
-                    recipient,
-                    after,
-                    limit,
-                    ..
-                } => Answer::Fetch(Ok(fetch(&tx, recipient, *after, *limit)?)),
-                Request::Ack {
-                    recipient, ranges, ..
-                } => {
-                    let mut deleted = 0;
-                    for &(lo, hi) in ranges {
-                        deleted += ack(&tx, recipient, lo, hi, &mut dead_blobs)?;
-                    }
-                    Answer::Count(Ok(deleted))
-                }
-                Request::Pending { recipient, .. } => Answer::Count(Ok(pending(&tx, recipient)?)),
-                Request::CreateUser { user, hash, .. } => {
-                    match create_user(&tx, user, hash) {
-                        // A taken name is an answer, not a failed transaction.
-                        Err(e @ StoreError::UserExists(_)) => Answer::Unit(Err(e)),
-                        other => Answer::Unit(Ok(other?)),
-                    }
-                }
-                Request::DeleteUser { user, .. } => Answer::Flag(Ok(tx
-                    .prepare_cached("DELETE FROM users WHERE name = ?1")
-                    .and_then(|mut s| s.execute(params![user]))
-                    .map_err(sql)?
-                    > 0)),
-                Request::SetHash { user, hash, .. } => Answer::Flag(Ok(tx
-                    .prepare_cached("UPDATE users SET password_hash = ?2 WHERE name = ?1")
-                    .and_then(|mut s| s.execute(params![user, hash]))
-                    .map_err(sql)?
-                    > 0)),
-                Request::GetHash { user, .. } => Answer::Hash(Ok(tx
-                    .prepare_cached("SELECT password_hash FROM users WHERE name = ?1")
-                    .and_then(|mut s| s.query_row(params![user], |r| r.get(0)).optional())
-                    .map_err(sql)?)),
-            };
-            answers.push(answer);
-        }
-        tx.commit().map_err(sql)?;
+            .map_err(|e| TxError::Begin(sql(e)))?;
+        let (answers, dead_blobs) =
+            run_requests(&tx, batch, self.mailbox_max, self.dedupe_window_ms)
+                .map_err(TxError::Statement)?;
+        tx.commit().map_err(|e| TxError::Statement(sql(e)))?;
         for key in dead_blobs {
             self.blobs.remove(&key);
         }
@@ -427,6 +400,80 @@ impl Worker {
             tracing::warn!(error = %e, "pruning old client ids failed");
         }
     }
+}
+
+/// Runs every request of a batch inside `tx`; returns the answers and the blobs whose
+/// messages were acknowledged (to delete once the transaction commits).
+fn run_requests(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &[Request],
+    mailbox_max: u64,
+    dedupe_window_ms: i64,
+) -> Result<(Vec<Answer>, Vec<String>), StoreError> {
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut dead_blobs = Vec::new();
+    for req in batch {
+        let answer = match req {
+            Request::Enqueue(msgs, _) => {
+                let mut each = Vec::with_capacity(msgs.len());
+                for msg in msgs {
+                    match enqueue(tx, msg, mailbox_max, dedupe_window_ms) {
+                        // A full mailbox is an answer, not a failed transaction.
+                        Err(e @ StoreError::MailboxFull { .. }) => each.push(Err(e)),
+                        other => each.push(Ok(other?)),
+                    }
+                }
+                Answer::Enqueue(Ok(each))
+            }
+            Request::Fetch {
+                recipient,
+                after,
+                limit,
+                ..
+            } => Answer::Fetch(Ok(fetch(tx, recipient, *after, *limit)?)),
+            Request::Ack {
+                recipient, ranges, ..
+            } => {
+                let mut deleted = 0;
+                for &(lo, hi) in ranges {
+                    deleted += ack(tx, recipient, lo, hi, &mut dead_blobs)?;
+                }
+                Answer::Count(Ok(deleted))
+            }
+            Request::Pending { recipient, .. } => Answer::Count(Ok(pending(tx, recipient)?)),
+            Request::CreateUser { user, hash, .. } => {
+                match create_user(tx, user, hash) {
+                    // A taken name is an answer, not a failed transaction.
+                    Err(e @ StoreError::UserExists(_)) => Answer::Unit(Err(e)),
+                    other => Answer::Unit(Ok(other?)),
+                }
+            }
+            Request::DeleteUser { user, .. } => Answer::Flag(Ok(tx
+                .prepare_cached("DELETE FROM users WHERE name = ?1")
+                .and_then(|mut s| s.execute(params![user]))
+                .map_err(sql)?
+                > 0)),
+            Request::SetHash { user, hash, .. } => Answer::Flag(Ok(tx
+                .prepare_cached("UPDATE users SET password_hash = ?2 WHERE name = ?1")
+                .and_then(|mut s| s.execute(params![user, hash]))
+                .map_err(sql)?
+                > 0)),
+            Request::GetHash { user, .. } => Answer::Hash(Ok(tx
+                .prepare_cached("SELECT password_hash FROM users WHERE name = ?1")
+                .and_then(|mut s| s.query_row(params![user], |r| r.get(0)).optional())
+                .map_err(sql)?)),
+        };
+        answers.push(answer);
+    }
+    Ok((answers, dead_blobs))
+}
+
+/// Why a batch's transaction failed.
+enum TxError {
+    /// It could not begin: every request would fail the same way.
+    Begin(StoreError),
+    /// A statement or the commit failed: requests may succeed on their own.
+    Statement(StoreError),
 }
 
 fn sql(e: rusqlite::Error) -> StoreError {

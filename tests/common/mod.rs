@@ -118,6 +118,11 @@ impl ServerProcess {
         format!("ws://{}{}", self.addr, path)
     }
 
+    /// The server's process id (for `/proc/PID/status` and `/proc/PID/fd`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill9(&mut self) {
         // SIGKILL, like `kill -9`: no chance to clean up.
         self.child.kill().unwrap();
@@ -378,4 +383,25 @@ pub fn unique_name(prefix: &str) -> String {
         pigeon::now_ms(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`, ...); `pid` "self" for this
+/// process. 0 when it cannot be read.
+pub fn proc_status_kib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(&format!("{field}:")))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of a process (`/proc/PID/fd`).
+pub fn proc_fd_count(pid: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
