@@ -104,6 +104,7 @@ pub async fn run<S>(
         written: SeqRanges::default(),
         unflushed: false,
         unacked_writes: 0,
+        unfinished_handover: None,
         live_blobs: HashMap::new(),
         next_stream: 0,
         write_timeout: Duration::from_secs(app.config.limits.write_timeout_secs),
@@ -153,7 +154,8 @@ pub async fn run<S>(
     shared.stop(StopReason::Closed);
 
     // The writer says goodbye (kick notice, close frame) and records its acks.
-    let grace = Duration::from_millis(app.config.server.takeover_wait_ms);
+    // Room for its goodbye plus a hand-over it may still be waiting for.
+    let grace = Duration::from_millis(app.config.server.takeover_wait_ms.saturating_mul(3));
     let abort = writer.abort_handle();
     if tokio::time::timeout(grace, writer).await.is_err() {
         tracing::debug!(user = ?reader.user, "writer did not finish in time; aborting it");
@@ -213,7 +215,9 @@ impl Reader {
             if !self.pending.is_empty() {
                 match futures_util::FutureExt::now_or_never(stream.next()) {
                     Some(frame) => {
-                        if self.on_frame(frame).await == Flow::Close {
+                        // Boxed: the frame handlers are large futures, and inline they would make
+                        // every idle session's task that large too.
+                        if Box::pin(self.on_frame(frame)).await == Flow::Close {
                             return;
                         }
                         continue;
@@ -243,7 +247,9 @@ impl Reader {
                 }
                 frame = stream.next() => frame,
             };
-            if self.on_frame(frame).await == Flow::Close {
+            // Boxed: the frame handlers are large futures, and inline they would make
+            // every idle session's task that large too.
+            if Box::pin(self.on_frame(frame)).await == Flow::Close {
                 return;
             }
         }
@@ -917,6 +923,9 @@ fn guess_dialect(text: &str) -> Dialect {
     }
 }
 
+/// Waiting for the session(s) a login replaced to finish.
+type Handover = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>;
+
 /// The writer ends for one of these.
 enum Exit {
     /// The socket failed; nothing more can be written.
@@ -940,6 +949,8 @@ struct Writer<S> {
     unflushed: bool,
     /// Messages written since the last acknowledgement on write (legacy dialects).
     unacked_writes: u64,
+    /// The wait for a replaced session, cut short because this one was replaced too.
+    unfinished_handover: Option<Handover>,
     /// Blobs arriving live, by key, with the stream number this client sees them on.
     live_blobs: HashMap<Arc<str>, u32>,
     next_stream: u32,
@@ -979,6 +990,9 @@ where
             };
         }
         self.ack_written().await;
+        if let Some(handover) = self.unfinished_handover.take() {
+            handover.await;
+        }
     }
 
     /// Writes until asked to stop (`Ok`) or the socket ends (`Err`).
@@ -1009,10 +1023,11 @@ where
                 }
             };
             let Some(first) = first else { return Ok(()) };
-            self.handle(first).await?;
+            // Boxed for the same reason as the reader's frame handling: idle sessions stay small.
+            Box::pin(self.handle(first)).await?;
             for _ in 1..WRITE_BATCH {
                 match rx.try_recv() {
-                    Ok(out) => self.handle(out).await?,
+                    Ok(out) => Box::pin(self.handle(out)).await?,
                     Err(_) => break,
                 }
             }
@@ -1211,22 +1226,27 @@ where
         replaced_remote: Option<crate::cluster::KickWait>,
     ) -> Result<(), Exit> {
         let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
-        let handover = async {
+        let user_for_log = user.clone();
+        let mut handover: Handover = Box::pin(async move {
             if let Some(old) = replaced {
                 if tokio::time::timeout(wait, old.wait_done()).await.is_err() {
-                    tracing::warn!(%user, "replaced session did not finish in time");
+                    tracing::warn!(user = %user_for_log, "replaced session did not finish in time");
                 }
             }
             if let Some(kick) = replaced_remote {
                 kick.wait(wait).await;
             }
-        };
-        // Replaced in turn while waiting (many logins at once): stop waiting, so this
-        // session's own notice and `done` are not held up by the one it replaced.
+        });
+        // Replaced in turn while waiting (many logins at once): say so at once rather
+        // than after the wait, but finish the wait before this session counts as done,
+        // so whoever replaced it still starts after the session this one replaced.
         let mut stop = self.shared.stop_signal();
         tokio::select! {
-            _ = handover => {}
-            _ = stop.wait_for(|r| r.is_some()) => return Ok(()),
+            _ = &mut handover => {}
+            _ = stop.wait_for(|r| r.is_some()) => {
+                self.unfinished_handover = Some(handover);
+                return Ok(());
+            }
         }
         self.dialect = dialect;
         if dialect == Dialect::Pigeon {
