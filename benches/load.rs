@@ -28,6 +28,7 @@ use clap::{Parser, ValueEnum};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use sha2::Digest;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -77,9 +78,41 @@ struct Cli {
     /// offline flush: cumulative ack every this many messages.
     #[arg(long, default_value_t = 512)]
     ack_every: u64,
-    /// offline flush: the store backend (mongodb is pending: its backend is not merged).
-    #[arg(long, value_enum, default_value = "sqlite")]
-    store: StoreKind,
+    /// offline flush: the store backends to run it on, one row pair each.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sqlite,mongodb"
+    )]
+    store: Vec<StoreKind>,
+    /// offline flush on MongoDB: messages stored (small by default: the nx-27017 test
+    /// server does about 1,500 operations per second).
+    #[arg(long, default_value_t = 2_000)]
+    mongo_messages: u64,
+    /// MongoDB connection string for `--store mongodb` and the cluster scenario
+    /// (`eval "$(bash .ci/mongo.sh start)"` starts the nx-27017 test server and sets it).
+    #[arg(long, env = "PIGEON_TEST_MONGODB_URI")]
+    mongodb_uri: Option<String>,
+    /// What the MongoDB URI points at, printed next to every figure that depends on it.
+    #[arg(long, default_value = "nx-27017 test server")]
+    mongodb_label: String,
+    /// cluster: pairs of online users (each pair's two users on different nodes).
+    #[arg(long, default_value_t = 10)]
+    cluster_pairs: usize,
+    /// cluster: the Redis server binary (started on a free loopback port per run).
+    #[arg(long, default_value = "redis-server")]
+    redis_server: String,
+    /// blob: MiB sent in one transfer.
+    #[arg(long, default_value_t = 1024)]
+    blob_mib: u64,
+    /// blob: payload KiB per binary frame.
+    #[arg(long, default_value_t = 256)]
+    blob_chunk_kib: usize,
+    /// blob: announce without `sha256` (by default the sender announces it, as
+    /// `pigeon chat`'s `/send` does, and the server checks it).
+    #[arg(long)]
+    blob_no_sha256: bool,
     /// idle: sessions to open (clamped to what the file limit allows).
     #[arg(long, default_value_t = 10_000)]
     idle: usize,
@@ -113,6 +146,7 @@ enum Scenario {
     Flush,
     Idle,
     Blob,
+    Cluster,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,8 +255,18 @@ enum Figure {
         rss_after_kib: u64,
         peak_rss_kib: u64,
     },
+    /// One blob transfer: bytes over wall time, and the server's RSS around it.
+    Blob {
+        bytes: u64,
+        wall_s: f64,
+        cpu_s: f64,
+        gen_cpu_s: f64,
+        /// VmRSS just before the transfer.
+        rss_before_kib: u64,
+        /// Highest VmRSS sampled every 50 ms during the transfer.
+        rss_peak_kib: u64,
+    },
     Unavailable(String),
-    Pending(String),
 }
 
 #[derive(Debug, Clone)]
@@ -263,20 +307,23 @@ async fn run(cli: &Cli, peers: &[Peer], nofile: u64) -> Result<Vec<Row>> {
         }
     }
     if matches!(sc, Scenario::All | Scenario::Flush) {
-        let scenario = format!("offline flush {}", cli.messages);
-        match cli.store {
-            StoreKind::Sqlite => {
-                let (store, flush) = flush_run(cli).await;
-                rows.push(row(&format!("{scenario}: store"), "pigeon sqlite", store));
-                rows.push(row(&scenario, "pigeon sqlite", flush));
-            }
-            StoreKind::Mongodb => rows.push(row(
-                &scenario,
-                "pigeon mongodb",
-                Ok(Figure::Pending(
-                    "pending: MongoDB backend not merged yet".into(),
-                )),
-            )),
+        for &store in &cli.store {
+            let (label, m, note) = match store {
+                StoreKind::Sqlite => ("pigeon sqlite", cli.messages, String::new()),
+                StoreKind::Mongodb => (
+                    "pigeon mongodb",
+                    cli.mongo_messages,
+                    format!("measures the {}, not MongoDB", cli.mongodb_label),
+                ),
+            };
+            let scenario = format!("offline flush {m}");
+            let (store_fig, flush_fig) = flush_run(cli, store, m).await;
+            let mut r = row(&format!("{scenario}: store"), label, store_fig);
+            r.note.clone_from(&note);
+            rows.push(r);
+            let mut r = row(&scenario, label, flush_fig);
+            r.note = note;
+            rows.push(r);
         }
     }
     if matches!(sc, Scenario::All | Scenario::Idle) {
@@ -294,11 +341,38 @@ async fn run(cli: &Cli, peers: &[Peer], nofile: u64) -> Result<Vec<Row>> {
         }
     }
     if matches!(sc, Scenario::All | Scenario::Blob) {
-        rows.push(row(
-            "blob",
-            "-",
-            Ok(Figure::Pending("blob: pending issue 6".into())),
-        ));
+        let scenario = format!("blob {} MiB", cli.blob_mib);
+        for &peer in peers {
+            // The bare relay forwards binary frames too (a ceiling); the others do not.
+            if !matches!(peer, Peer::Pigeon | Peer::Bare) {
+                continue;
+            }
+            let (figure, note) = match blob_run(cli, peer).await {
+                Ok((f, n)) => (Ok(f), n),
+                Err(e) => (Err(e), String::new()),
+            };
+            let mut r = row(&scenario, peer.name(), figure);
+            r.note = note;
+            rows.push(r);
+        }
+    }
+    if matches!(sc, Scenario::All | Scenario::Cluster) {
+        // Rounds interleave the two set-ups like pairs does.
+        let mut two = None;
+        let mut one = None;
+        for _ in 0..cli.rounds.max(1) {
+            two = Some(merge(two.take(), cluster_run(cli, 2).await));
+            one = Some(merge(one.take(), cluster_run(cli, 1).await));
+        }
+        let scenario = format!("cluster pairs {} w=1 hash", cli.cluster_pairs);
+        let note = format!("store: {}, not MongoDB", cli.mongodb_label);
+        for (label, f) in [("pigeon 2 nodes", two), ("pigeon 1 node", one)] {
+            if let Some(f) = f {
+                let mut r = row(&scenario, label, f);
+                r.note.clone_from(&note);
+                rows.push(r);
+            }
+        }
     }
     Ok(rows)
 }
@@ -351,7 +425,7 @@ fn merge(acc: Option<Result<Figure>>, next: Result<Figure>) -> Result<Figure> {
                 peak_rss_kib: r1.max(r2),
             })
         }
-        (a @ (Figure::Unavailable(_) | Figure::Pending(_)), _) => Ok(a),
+        (a @ Figure::Unavailable(_), _) => Ok(a),
         (_, b) => Ok(b),
     }
 }
@@ -493,6 +567,12 @@ async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> 
                 .arg(dir.path().join("data"))
                 .env("PIGEON_LOG_LEVEL", "warn")
                 .current_dir(dir.path()); // no ./config.toml: the defaults
+                                          // Stated, not inherited from the built-in defaults: no accounts and no abuse
+                                          // limits, so that the load is not throttled (the shipped config.toml has
+                                          // passwords and a 50 frames/s rate limit).
+            for (k, v) in PIGEON_BENCH_ENV {
+                cmd.env(k, v);
+            }
             cmd
         }
         Peer::Bare => {
@@ -526,13 +606,70 @@ async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> 
     for (k, v) in env {
         cmd.env(k, v);
     }
+    launch(cli, peer.name(), cmd, addr, dir).await
+}
+
+/// Pigeon's settings for every benchmark server (scenarios add their own).
+const PIGEON_BENCH_ENV: [(&str, &str); 4] = [
+    ("PIGEON_AUTH_MODE", "open"),
+    ("PIGEON_LIMITS_RATE_PER_SEC", "0"),
+    ("PIGEON_LIMITS_MAX_CONNECTIONS_PER_IP", "0"),
+    ("PIGEON_LIMITS_LOGIN_TIMEOUT_SECS", "600"),
+];
+
+/// A Redis server for the cluster scenario, on a free loopback port, nothing persisted.
+async fn start_redis(cli: &Cli) -> Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut cmd = Command::new(&cli.redis_server);
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .current_dir(dir.path());
+    launch(cli, "redis", cmd, addr, dir).await
+}
+
+/// Environment for a Pigeon on MongoDB with database `db`; `Err` says why not available.
+fn mongo_env(cli: &Cli, db: &str) -> Result<Vec<(&'static str, String)>> {
+    let Some(uri) = cli.mongodb_uri.as_deref().filter(|u| !u.is_empty()) else {
+        bail!(
+            "not available: no MongoDB: set --mongodb-uri or PIGEON_TEST_MONGODB_URI \
+             (eval \"$(bash .ci/mongo.sh start)\" starts the nx-27017 test server)"
+        );
+    };
+    Ok(vec![
+        ("PIGEON_STORAGE_BACKEND", "mongodb".into()),
+        ("PIGEON_STORAGE_MONGODB_URI", uri.into()),
+        ("PIGEON_STORAGE_MONGODB_DATABASE", db.into()),
+    ])
+}
+
+/// A database name no other run of this or another bench uses.
+fn fresh_db(tag: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "pigeon_bench_{tag}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Starts `cmd` in its own process group and waits until `addr` accepts connections.
+async fn launch(
+    cli: &Cli,
+    name: &str,
+    mut cmd: Command,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+) -> Result<Server> {
+    let port = addr.port();
     if let Some(prefix) = &cli.server_prefix {
         cmd = prefixed(cmd, prefix)?;
     }
     let log = match &cli.log_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
-            let name = format!("{}-{port}.log", peer.name().replace(' ', "_"));
+            let name = format!("{}-{port}.log", name.replace(' ', "_"));
             Stdio::from(std::fs::File::create(d.join(name))?)
         }
         None => Stdio::null(),
@@ -556,13 +693,10 @@ async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> 
             break;
         }
         if let Ok(Some(status)) = server.child.try_wait() {
-            bail!("not available: {} exited at start ({status})", peer.name());
+            bail!("not available: {name} exited at start ({status})");
         }
         if Instant::now() > deadline {
-            bail!(
-                "not available: {} did not listen within {wait} s",
-                peer.name()
-            );
+            bail!("not available: {name} did not listen within {wait} s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -690,7 +824,57 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
         Ok(s) => s,
         Err(e) => return Ok(Figure::Unavailable(format!("{e:#}"))),
     };
-    let n = cli.pairs * 2;
+    pairs_measure(cli, &[&server], cli.pairs, window, dialect, peer.name()).await
+}
+
+/// Cluster pairs: hash dialect, window 1, on `nodes` Pigeon nodes sharing one MongoDB
+/// database (and, for more than one node, a fresh Redis); user `2k` is on node 0 and
+/// its partner `2k+1` on node 1.
+async fn cluster_run(cli: &Cli, nodes: usize) -> Result<Figure> {
+    let mut env = match mongo_env(cli, &fresh_db("cluster")) {
+        Ok(env) => env,
+        Err(e) => return Ok(Figure::Unavailable(format!("{e:#}"))),
+    };
+    env.push(("PIGEON_LIMITS_MAILBOX_MAX", "10000".into()));
+    let _redis = if nodes > 1 {
+        let redis = match start_redis(cli).await {
+            Ok(r) => r,
+            Err(e) => return Ok(Figure::Unavailable(format!("{e:#}"))),
+        };
+        env.push((
+            "PIGEON_CLUSTER_REDIS_URL",
+            format!("redis://{}/", redis.addr),
+        ));
+        Some(redis)
+    } else {
+        None
+    };
+    let mut servers = Vec::new();
+    for k in 0..nodes {
+        let mut env = env.clone();
+        if nodes > 1 {
+            env.push(("PIGEON_CLUSTER_NODE_ID", format!("node{k}")));
+        }
+        match start(cli, Peer::Pigeon, &env).await {
+            Ok(s) => servers.push(s),
+            Err(e) => return Ok(Figure::Unavailable(format!("{e:#}"))),
+        }
+    }
+    let refs: Vec<&Server> = servers.iter().collect();
+    pairs_measure(cli, &refs, cli.cluster_pairs, 1, Dialect::Hash, "pigeon").await
+}
+
+/// Runs pairs against `servers` (user `i` on server `i % len`) and measures. CPU time
+/// and peak RSS are the sums over the servers.
+async fn pairs_measure(
+    cli: &Cli,
+    servers: &[&Server],
+    pairs: usize,
+    window: usize,
+    dialect: Dialect,
+    name: &str,
+) -> Result<Figure> {
+    let n = pairs * 2;
     let partner = |i: usize| i ^ 1;
     let tag = match dialect {
         Dialect::Hash => "h",
@@ -700,9 +884,20 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
         .map(|i| format!("p{tag}{}{}", i / 2, i % 2))
         .collect();
     let mut sessions = Vec::with_capacity(n);
-    for u in &users {
-        sessions.push(open_session(server.addr, u, dialect, None).await?);
+    for (i, u) in users.iter().enumerate() {
+        let addr = servers[i % servers.len()].addr;
+        sessions.push(open_session(addr, u, dialect, None).await?);
     }
+    let stats = || {
+        servers
+            .iter()
+            .map(|s| s.stats())
+            .fold(ProcStats::default(), |a, b| ProcStats {
+                cpu_s: a.cpu_s + b.cpu_s,
+                rss_kib: a.rss_kib + b.rss_kib,
+                hwm_kib: a.hwm_kib + b.hwm_kib,
+            })
+    };
     let warmup = Duration::from_secs(cli.warmup).as_nanos() as u64;
     let measured = Duration::from_secs(cli.seconds).as_nanos() as u64;
     let shared = Arc::new(PairsShared {
@@ -742,11 +937,11 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
         )));
     }
     tokio::time::sleep(Duration::from_nanos(warmup)).await;
-    let before = server.stats();
+    let before = stats();
     let gen_before = ProcStats::own();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_nanos(measured)).await;
-    let after = server.stats();
+    let after = stats();
     let gen_after = ProcStats::own();
     let wall = t0.elapsed().as_secs_f64();
     shared.stop.store(true, Ordering::Release);
@@ -769,10 +964,7 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
     }
     let out_lines = shared.out_lines.load(Ordering::Relaxed);
     if out_lines > 0 {
-        eprintln!(
-            "warning: {} answered Out Line {out_lines} times",
-            peer.name()
-        );
+        eprintln!("warning: {name} answered Out Line {out_lines} times");
     }
     let msgs = hist.len();
     Ok(Figure::Rate {
@@ -910,8 +1102,8 @@ async fn pairs_reader(
 // ---------------------------------------------------------------------------------------
 // Scenario 2: offline flush
 
-async fn flush_run(cli: &Cli) -> (Result<Figure>, Result<Figure>) {
-    match flush_inner(cli).await {
+async fn flush_run(cli: &Cli, store: StoreKind, m: u64) -> (Result<Figure>, Result<Figure>) {
+    match flush_inner(cli, store, m).await {
         Ok((a, b)) => (Ok(a), Ok(b)),
         Err(e) => {
             let msg = format!("{e:#}");
@@ -920,9 +1112,17 @@ async fn flush_run(cli: &Cli) -> (Result<Figure>, Result<Figure>) {
     }
 }
 
-async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
-    let m = cli.messages;
-    let env = [("PIGEON_LIMITS_MAILBOX_MAX", (m + 1000).to_string())];
+async fn flush_inner(cli: &Cli, store: StoreKind, m: u64) -> Result<(Figure, Figure)> {
+    let mut env = vec![("PIGEON_LIMITS_MAILBOX_MAX", (m + 1000).to_string())];
+    if store == StoreKind::Mongodb {
+        match mongo_env(cli, &fresh_db("flush")) {
+            Ok(e) => env.extend(e),
+            Err(e) => {
+                let f = Figure::Unavailable(format!("{e:#}"));
+                return Ok((f.clone(), f));
+            }
+        }
+    }
     let server = match start(cli, Peer::Pigeon, &env).await {
         Ok(s) => s,
         Err(e) => {
@@ -1109,6 +1309,335 @@ async fn idle_run(cli: &Cli, peer: Peer, n: usize) -> Result<Figure> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Scenario 4: one large blob between two online users
+
+/// A running checksum of a byte stream (64-bit words, order-sensitive); the sender and
+/// the recipient each compute it over the payload bytes they saw.
+#[derive(Clone, Copy)]
+struct Checksum {
+    h: u64,
+    tail: [u8; 8],
+    tail_len: usize,
+}
+
+impl Checksum {
+    fn new() -> Checksum {
+        Checksum {
+            h: 0xcbf2_9ce4_8422_2325,
+            tail: [0; 8],
+            tail_len: 0,
+        }
+    }
+
+    fn word(&mut self, w: u64) {
+        self.h = (self.h.rotate_left(23) ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+
+    fn update(&mut self, mut data: &[u8]) {
+        // Chunks need not be multiples of 8 bytes: carry the odd bytes over.
+        while self.tail_len > 0 && !data.is_empty() {
+            self.tail[self.tail_len] = data[0];
+            self.tail_len += 1;
+            data = &data[1..];
+            if self.tail_len == 8 {
+                self.word(u64::from_le_bytes(self.tail));
+                self.tail_len = 0;
+            }
+        }
+        let mut words = data.chunks_exact(8);
+        for w in &mut words {
+            self.word(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        }
+        for &b in words.remainder() {
+            self.tail[self.tail_len] = b;
+            self.tail_len += 1;
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        for k in self.tail_len..8 {
+            self.tail[k] = 0;
+        }
+        self.word(u64::from_le_bytes(self.tail) ^ self.tail_len as u64);
+        self.h
+    }
+}
+
+/// The blob's bytes, chunk by chunk: pseudo-random, with each chunk's index in its
+/// first 8 bytes so that no two chunks are equal.
+struct BlobData {
+    base: Vec<u8>,
+    size: u64,
+}
+
+impl BlobData {
+    fn new(size: u64, chunk: usize) -> BlobData {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let base = (0..chunk)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        BlobData { base, size }
+    }
+
+    fn chunks(&self) -> u64 {
+        self.size.div_ceil(self.base.len() as u64)
+    }
+
+    /// Chunk `k` as a binary frame: the 4-byte stream number, then the payload.
+    fn frame(&self, stream: u32, k: u64) -> Vec<u8> {
+        let len = (self.size - k * self.base.len() as u64).min(self.base.len() as u64) as usize;
+        let mut f = Vec::with_capacity(4 + len);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(&self.base[..len]);
+        let n = len.min(8);
+        f[4..4 + n].copy_from_slice(&k.to_le_bytes()[..n]);
+        f
+    }
+}
+
+/// Samples a process's VmRSS every 50 ms on its own thread until stopped; the highest.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: i32) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            loop {
+                peak = peak.max(ProcStats::read(pid).rss_kib);
+                if flag.load(Ordering::Acquire) {
+                    return peak;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        RssSampler { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().unwrap_or(0)
+    }
+}
+
+/// Pigeon: a Pigeon JSON sender announces the blob (`size`, and `sha256` unless
+/// `--blob-no-sha256`) to an online Pigeon JSON recipient and sends it in
+/// `--blob-chunk-kib` frames, awaiting each send (the socket's backpressure); the
+/// recipient counts and checksums the payload and acks at `blob_end`. The clock runs
+/// from the announce until the recipient has `blob_end` and the sender `sent`.
+/// Bare relay (a ceiling): the same frames after a hash text frame that names the
+/// recipient; it relays binary frames to the last recipient, with no flow control.
+async fn blob_run(cli: &Cli, peer: Peer) -> Result<(Figure, String)> {
+    let size = cli.blob_mib * 1024 * 1024;
+    let chunk = cli.blob_chunk_kib.max(1) * 1024;
+    if size == 0 {
+        bail!("--blob-mib must be positive");
+    }
+    let env = [
+        ("PIGEON_LIMITS_MAX_BLOB_BYTES", size.to_string()),
+        (
+            "PIGEON_LIMITS_MAX_MESSAGE_BYTES",
+            (chunk + 4).max(1024 * 1024).to_string(),
+        ),
+    ];
+    let server = match start(cli, peer, &env).await {
+        Ok(s) => s,
+        Err(e) => return Ok((Figure::Unavailable(format!("{e:#}")), String::new())),
+    };
+    let data = Arc::new(BlobData::new(size, chunk));
+    // The sender's checksum (and sha256) over exactly the bytes it will send.
+    let mut sum = Checksum::new();
+    let mut sha = sha2::Sha256::new();
+    let announce_sha = peer == Peer::Pigeon && !cli.blob_no_sha256;
+    for k in 0..data.chunks() {
+        let f = data.frame(0, k);
+        sum.update(&f[4..]);
+        if announce_sha {
+            sha.update(&f[4..]);
+        }
+    }
+    let sent_sum = sum.finish();
+    let sha_hex: String = sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
+
+    let dialect = if peer == Peer::Pigeon {
+        Dialect::Json
+    } else {
+        Dialect::Hash
+    };
+    let src = open_session(server.addr, "blob_src", dialect, None).await?;
+    let dst = open_session(server.addr, "blob_dst", dialect, None).await?;
+    let (mut src_sink, mut src_stream) = src.split();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.stats();
+    let g0 = ProcStats::own();
+    let sampler = RssSampler::start(server.pid);
+    let t0 = Instant::now();
+    let receiver = tokio::spawn(blob_receive(dst, peer, size));
+    let stream = if peer == Peer::Pigeon {
+        let sha_field = if announce_sha {
+            format!(r#","sha256":"{sha_hex}""#)
+        } else {
+            String::new()
+        };
+        let announce = format!(
+            r#"{{"type":"blob","id":"b-1","to":"blob_dst","name":"bench.bin","mime":"application/octet-stream","size":{size}{sha_field}}}"#
+        );
+        src_sink.send(Message::text(announce)).await?;
+        loop {
+            let Some(frame) = src_stream.next().await else {
+                bail!("sender closed before blob_accepted")
+            };
+            if let Message::Text(t) = frame? {
+                let v: serde_json::Value = serde_json::from_str(t.as_str())?;
+                match v["type"].as_str() {
+                    Some("blob_accepted") => {
+                        break v["stream"].as_u64().context("stream")? as u32;
+                    }
+                    Some("error") => bail!("blob refused: {}", t.as_str()),
+                    _ => {}
+                }
+            }
+        }
+    } else {
+        src_sink
+            .send(Message::text("blob_src#start#blob_dst"))
+            .await?;
+        0
+    };
+    for k in 0..data.chunks() {
+        src_sink
+            .send(Message::binary(data.frame(stream, k)))
+            .await?;
+    }
+    if peer == Peer::Pigeon {
+        loop {
+            let Some(frame) = src_stream.next().await else {
+                bail!("sender closed before sent")
+            };
+            if let Message::Text(t) = frame? {
+                let t = t.as_str();
+                if t.contains(r#""type":"sent""#) {
+                    if !t.contains(r#""status":"delivered""#) {
+                        bail!("blob not delivered live: {t}");
+                    }
+                    break;
+                }
+                if t.contains(r#""type":"error""#) {
+                    bail!("blob transfer: {t}");
+                }
+            }
+        }
+    }
+    let (got, got_sum, mut dst) = receiver.await??;
+    let wall = t0.elapsed().as_secs_f64();
+    let after = server.stats();
+    let g1 = ProcStats::own();
+    let rss_peak = sampler.stop().max(after.rss_kib);
+    if got != size {
+        bail!("recipient got {got} of {size} bytes");
+    }
+    if got_sum != sent_sum {
+        bail!("checksum mismatch: sent {sent_sum:016x}, received {got_sum:016x}");
+    }
+    // Untimed: the ack deletes the blob; a new login must see nothing pending.
+    if peer == Peer::Pigeon {
+        dst.send(Message::text(r#"{"type":"ping"}"#)).await?;
+        while let Some(frame) = dst.next().await {
+            if let Message::Text(t) = frame? {
+                if t.as_str().contains("pong") {
+                    break;
+                }
+            }
+        }
+        drop(dst);
+        let mut ws = connect(server.addr, "/ws?user=blob_dst", None).await?;
+        while let Some(frame) = ws.next().await {
+            if let Message::Text(t) = frame? {
+                let t = t.as_str();
+                if t.contains(r#""type":"welcome""#) {
+                    if !t.contains(r#""pending":0"#) {
+                        bail!("blob still pending after its ack: {t}");
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    let note = format!(
+        "{} KiB chunks; {}checksum ok",
+        chunk / 1024,
+        match peer {
+            Peer::Pigeon if announce_sha => "sha256 announced; ",
+            Peer::Pigeon => "no sha256; ",
+            _ => "",
+        },
+    );
+    Ok((
+        Figure::Blob {
+            bytes: size,
+            wall_s: wall,
+            cpu_s: after.cpu_s - before.cpu_s,
+            gen_cpu_s: g1.cpu_s - g0.cpu_s,
+            rss_before_kib: before.rss_kib,
+            rss_peak_kib: rss_peak,
+        },
+        note,
+    ))
+}
+
+/// The recipient's side: payload bytes and their checksum, then the socket back.
+async fn blob_receive(mut ws: Ws, peer: Peer, size: u64) -> Result<(u64, u64, Ws)> {
+    let mut stream: Option<u32> = if peer == Peer::Pigeon { None } else { Some(0) };
+    let mut got = 0u64;
+    let mut sum = Checksum::new();
+    loop {
+        let Some(frame) = ws.next().await else {
+            bail!("recipient closed after {got} bytes")
+        };
+        match frame? {
+            Message::Binary(b) => {
+                if b.len() < 4 {
+                    bail!("binary frame of {} bytes", b.len());
+                }
+                let s = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                if Some(s) != stream {
+                    bail!("chunk on stream {s}, expected {stream:?}");
+                }
+                got += (b.len() - 4) as u64;
+                sum.update(&b[4..]);
+                if peer != Peer::Pigeon && got >= size {
+                    return Ok((got, sum.finish(), ws));
+                }
+            }
+            Message::Text(t) if peer == Peer::Pigeon => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str())?;
+                match v["type"].as_str() {
+                    Some("blob_start") => stream = v["stream"].as_u64().map(|s| s as u32),
+                    Some("blob_end") => {
+                        let seq = v["seq"].as_u64().context("blob_end without seq")?;
+                        ws.send(Message::text(format!(r#"{{"type":"ack","upto":{seq}}}"#)))
+                            .await?;
+                        return Ok((got, sum.finish(), ws));
+                    }
+                    Some("blob_abort" | "error") => bail!("recipient: {}", t.as_str()),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // The table
 
 fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
@@ -1130,11 +1659,12 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
     let _ = writeln!(
         out,
         "ratio = Pigeon ÷ this server (throughput: >1 means Pigeon is faster; \
-         idle: <1 means Pigeon uses less memory)\n"
+         idle: <1 means Pigeon uses less memory); cluster: 2 nodes ÷ this row; \
+         MB = 10^6 bytes; blob peak RSS = highest VmRSS sampled every 50 ms\n"
     );
     let _ = writeln!(
         out,
-        "| {:<24} | {:<13} | {:>15} | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>9} | {:>9} | {:>9} |",
+        "| {:<28} | {:<14} | {:>15} | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>9} | {:>9} | {:>9} |",
         "scenario",
         "server",
         "result",
@@ -1149,7 +1679,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
     );
     let _ = writeln!(
         out,
-        "|{:-<26}|{:-<15}|{:-<17}|{:-<8}|{:-<10}|{:-<10}|{:-<10}|{:-<8}|{:-<11}|{:-<11}|{:-<11}|",
+        "|{:-<30}|{:-<16}|{:-<17}|{:-<8}|{:-<10}|{:-<10}|{:-<10}|{:-<8}|{:-<11}|{:-<11}|{:-<11}|",
         "", "", "", "", "", "", "", "", "", "", ""
     );
     for r in rows {
@@ -1176,7 +1706,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                         .map_or("-".to_string(), |h| h.value_at_quantile(p).to_string())
                 };
                 format!(
-                    "| {:<24} | {:<13} | {:>9.0} msg/s | {:>6} | {:>8} | {:>8} | {:>8} | {:>6.0} | {:>10.1} | {:>5} MiB | {:>9.0} |",
+                    "| {:<28} | {:<14} | {:>9.0} msg/s | {:>6} | {:>8} | {:>8} | {:>8} | {:>6.0} | {:>10.1} | {:>5} MiB | {:>9.0} |",
                     r.scenario,
                     r.server,
                     rate,
@@ -1204,7 +1734,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                     _ => "-".into(),
                 };
                 format!(
-                    "| {:<24} | {:<13} | {:>8.2} KiB/ses | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>10} | {:>5} MiB | {:>9} | RSS {} → {} MiB for {} sessions",
+                    "| {:<28} | {:<14} | {:>8.2} KiB/ses | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>10} | {:>5} MiB | {:>9} | RSS {} → {} MiB for {} sessions",
                     r.scenario,
                     r.server,
                     per_session_kib,
@@ -1221,8 +1751,45 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                     sessions,
                 )
             }
-            Figure::Unavailable(why) | Figure::Pending(why) => {
-                format!("| {:<24} | {:<13} | {why}", r.scenario, r.server)
+            Figure::Blob {
+                bytes,
+                wall_s,
+                cpu_s,
+                gen_cpu_s,
+                rss_before_kib,
+                rss_peak_kib,
+            } => {
+                let mb_s = *bytes as f64 / 1e6 / wall_s.max(1e-9);
+                let ratio = match reference {
+                    Some(Figure::Blob {
+                        bytes: b,
+                        wall_s: w,
+                        ..
+                    }) if mb_s > 0.0 => {
+                        format!("{:.2}×", (b as f64 / 1e6 / w.max(1e-9)) / mb_s)
+                    }
+                    _ => "-".into(),
+                };
+                format!(
+                    "| {:<28} | {:<14} | {:>10.0} MB/s | {:>6} | {:>8} | {:>8} | {:>8} | {:>6.0} | {:>10} | {:>5} MiB | {:>9.0} | RSS {} → peak {} MiB: +{:.1} MiB",
+                    r.scenario,
+                    r.server,
+                    mb_s,
+                    ratio,
+                    "-",
+                    "-",
+                    "-",
+                    100.0 * cpu_s / wall_s.max(1e-9),
+                    "-",
+                    rss_peak_kib / 1024,
+                    100.0 * gen_cpu_s / wall_s.max(1e-9),
+                    rss_before_kib / 1024,
+                    rss_peak_kib / 1024,
+                    rss_peak_kib.saturating_sub(*rss_before_kib) as f64 / 1024.0,
+                )
+            }
+            Figure::Unavailable(why) => {
+                format!("| {:<28} | {:<14} | {why}", r.scenario, r.server)
             }
         };
         let _ = write!(out, "{line}");
