@@ -1705,8 +1705,10 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                         .filter(|h| !h.is_empty())
                         .map_or("-".to_string(), |h| h.value_at_quantile(p).to_string())
                 };
+                // /proc counts CPU time in clock ticks (10 ms): below 5 ticks, no figure.
+                let cpu = |c: f64, f: String| if c < 0.05 { "-".to_string() } else { f };
                 format!(
-                    "| {:<28} | {:<14} | {:>9.0} msg/s | {:>6} | {:>8} | {:>8} | {:>8} | {:>6.0} | {:>10.1} | {:>5} MiB | {:>9.0} |",
+                    "| {:<28} | {:<14} | {:>9.0} msg/s | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>10} | {:>5} MiB | {:>9} |",
                     r.scenario,
                     r.server,
                     rate,
@@ -1714,10 +1716,13 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                     q(hist, 0.5),
                     q(hist, 0.99),
                     q(hist, 0.999),
-                    100.0 * cpu_s / wall_s.max(1e-9),
-                    1e6 * cpu_s / (*msgs).max(1) as f64,
+                    cpu(*cpu_s, format!("{:.0}", 100.0 * cpu_s / wall_s.max(1e-9))),
+                    cpu(*cpu_s, format!("{:.1}", 1e6 * cpu_s / (*msgs).max(1) as f64)),
                     peak_rss_kib / 1024,
-                    100.0 * gen_cpu_s / wall_s.max(1e-9),
+                    cpu(
+                        *gen_cpu_s,
+                        format!("{:.0}", 100.0 * gen_cpu_s / wall_s.max(1e-9))
+                    ),
                 )
             }
             Figure::Idle {
