@@ -44,6 +44,9 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// How long a new login waits for the session it replaces to finish.
     pub takeover_wait_ms: u64,
+    /// Test-only: serve `GET /echo`, a WebSocket that echoes every text and binary
+    /// message, for WebSocket conformance tests (Autobahn). Never enable in production.
+    pub echo_route: bool,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +57,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             shutdown_grace_secs: 5,
             takeover_wait_ms: 2_000,
+            echo_route: false,
         }
     }
 }
@@ -366,6 +370,12 @@ impl Config {
         if l.blob_relay_bytes < l.max_message_bytes {
             return bad("limits.blob_relay_bytes must be at least limits.max_message_bytes");
         }
+        // Tungstenite refuses to queue a frame larger than its write buffer limit, so a
+        // message the server accepted could never be written back out (legacy blob relay,
+        // the echo route): the writer would fail and the session die.
+        if self.websocket.max_write_buffer_bytes <= l.max_message_bytes + 14 {
+            return bad("websocket.max_write_buffer_bytes must be above limits.max_message_bytes (plus 14 bytes of frame header)");
+        }
         if self.server.max_connections == 0 {
             return bad("server.max_connections must be positive");
         }
@@ -539,6 +549,12 @@ mod tests {
         assert!(Config::load(None, env(&[("PIGEON_STORAGE_MONGODB_WRITE_CONCERN", "0")])).is_err());
         assert!(Config::load(None, env(&[("PIGEON_LIMITS_MAILBOX_MAX", "0")])).is_err());
         assert!(Config::load(None, env(&[("PIGEON_LOG_FORMAT", "xml")])).is_err());
+        // A message above the write buffer limit could never be written back out.
+        let too_big = env(&[
+            ("PIGEON_LIMITS_MAX_MESSAGE_BYTES", "8388608"),
+            ("PIGEON_LIMITS_BLOB_RELAY_BYTES", "16777216"),
+        ]);
+        assert!(Config::load(None, too_big).is_err());
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! HTTP on the WebSocket port: the upgrade routes (`/ws`, `/web`, `/ws/<user>`,
-//! `/web/<user>`), `/healthz`, `/metrics`, the account API (`api`), and the web client
-//! from `static/` at `/`. Before an upgrade it checks the `Origin` against
+//! `/web/<user>`), `/healthz`, `/metrics`, the account API (`api`), the web client
+//! from `static/` at `/`, and, only with `[server] echo_route = true`, the test-only
+//! WebSocket echo at `/echo`. Before an upgrade it checks the `Origin` against
 //! `[auth] allowed_origins` and resolves a token (`?token=` or `Authorization: Bearer`)
 //! into the session's identity.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
@@ -14,6 +17,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -41,7 +45,12 @@ pub struct ConnGuard(pub Arc<dyn Send + Sync>);
 
 pub fn routes(ctx: Arc<Ctx>) -> Router {
     let static_dir = ServeDir::new(&ctx.app.config.server.static_dir);
-    Router::new()
+    let mut router = Router::new();
+    if ctx.app.config.server.echo_route {
+        tracing::warn!("test-only WebSocket echo route /echo is enabled");
+        router = router.route("/echo", get(upgrade_echo));
+    }
+    router
         .route("/ws", get(upgrade_anonymous))
         .route("/web", get(upgrade_anonymous))
         .route("/ws/{user}", get(upgrade_named))
@@ -155,6 +164,15 @@ fn origin_allowed(allowed: &[String], origin: &str, host: Option<&str>) -> bool 
     }
 }
 
+async fn upgrade_echo(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
+    let limits = &ctx.app.config.limits;
+    let queue = limits.session_queue;
+    let write_timeout = Duration::from_secs(limits.write_timeout_secs);
+    handshake(ctx, req, move |ws, ctx, _peer| {
+        crate::echo::run(ws, queue, write_timeout, ctx.shutdown.clone())
+    })
+}
+
 fn bad_request(msg: &'static str) -> Response {
     (StatusCode::BAD_REQUEST, msg).into_response()
 }
@@ -169,7 +187,22 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
 }
 
 /// Completes the RFC 6455 handshake and hands the socket to a session task.
-fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, mut req: Request) -> Response {
+fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, req: Request) -> Response {
+    handshake(ctx, req, move |ws, ctx, peer| async move {
+        session::run(ws, ctx.app.clone(), greeting, peer, ctx.shutdown.clone()).await
+    })
+}
+
+/// The upgraded socket every WebSocket route gets.
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Checks the upgrade request, answers 101 and runs `serve` on the upgraded socket (with
+/// the server's tungstenite settings) in a tracked task that holds the connection permit.
+fn handshake<F, Fut>(ctx: Arc<Ctx>, mut req: Request, serve: F) -> Response
+where
+    F: FnOnce(Ws, Arc<Ctx>, Option<IpAddr>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let headers = req.headers();
     if !header_has(headers, header::CONNECTION, "upgrade")
         || !header_has(headers, header::UPGRADE, "websocket")
@@ -230,14 +263,7 @@ fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, mut req: Request) -> Response {
             Some(task_ctx.ws_config),
         )
         .await;
-        session::run(
-            ws,
-            task_ctx.app.clone(),
-            greeting,
-            peer,
-            task_ctx.shutdown.clone(),
-        )
-        .await;
+        serve(ws, task_ctx, peer).await;
         drop(guard);
     });
     let mut res = Response::new(Body::empty());
@@ -256,6 +282,7 @@ async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
         "status": "ok",
         "store": ctx.app.store.backend(),
         "online": ctx.app.router.online_count(),
+        "auth": ctx.app.config.auth.mode,
     });
     if let Some(c) = &ctx.app.cluster {
         body["node"] = c.node().into();

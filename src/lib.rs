@@ -3,9 +3,11 @@
 //! `server::run` serves an already bound listener; everything else hangs off it:
 //! `http` (routes and the WebSocket upgrade), `session` (one connection's life),
 //! `router` (who is online, take-over), `protocol` (the three wire dialects),
-//! `store` (the offline mailbox), `config`, `metrics`, and `client` (the terminal client).
-//! Security: `auth` (passwords, tokens), `token`, `api` (`/api/login`, `/api/register`),
-//! `accounts` (`pigeon user ...`), `limits` (rate, throttles, caps) and `tls`.
+//! `store` (the offline mailbox), `config`, `metrics`, `client` (the terminal client),
+//! `transfer` (incoming blobs), `cluster` (nodes through Redis), and `echo` (a test-only
+//! WebSocket echo for conformance tests). Security: `auth` (passwords, tokens), `token`,
+//! `api` (`/api/login`, `/api/register`), `accounts` (`pigeon user ...`), `limits` (rate,
+//! throttles, caps) and `tls`.
 
 pub mod accounts;
 pub mod api;
@@ -14,6 +16,7 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod echo;
 pub mod http;
 pub mod limits;
 pub mod metrics;

@@ -61,6 +61,9 @@ pub struct SessionShared {
     pub lagging: AtomicBool,
     /// Highest seq written to the socket (acks are clamped to it).
     pub last_sent: AtomicU64,
+    /// The session's dialect, set once it is known (before the session is registered), so
+    /// a take-over notice is worded right even before the writer saw `Start`.
+    pub dialect: std::sync::OnceLock<Dialect>,
     /// Bytes of live blob chunks that may be queued for this session's writer.
     pub blob_budget: Arc<Semaphore>,
     stop: watch::Sender<Option<StopReason>>,
@@ -73,6 +76,7 @@ impl SessionShared {
             lagging: AtomicBool::new(false),
             last_sent: AtomicU64::new(0),
             blob_budget: Arc::new(Semaphore::new(blob_budget)),
+            dialect: std::sync::OnceLock::new(),
             stop: watch::channel(None).0,
             done: watch::channel(false).0,
         })

@@ -53,6 +53,12 @@ pub const CLOSE_LOGIN_TIMEOUT: u16 = 4010;
 
 /// Queued frames the writer handles before it flushes the socket and looks around.
 const WRITE_BATCH: usize = 256;
+/// Sends read off the socket before they are stored together.
+const READ_BATCH: usize = 64;
+/// Legacy sessions record written messages as received after this much quiet...
+const ACK_DELAY: Duration = Duration::from_millis(5);
+/// ...or after this many, whichever comes first (and always when the session ends).
+const ACK_BATCH: u64 = 64;
 
 /// How the connection said who it is, before any frame arrived.
 #[derive(Debug, Clone)]
@@ -112,6 +118,7 @@ pub async fn run<S>(
         errors_in_row: 0,
         transfers: Transfers::default(),
         last_to: None,
+        pending: Vec::new(),
         peer,
         authenticated: None,
         bucket: TokenBucket::new(
@@ -137,6 +144,8 @@ pub async fn run<S>(
     };
     if flow == Flow::Continue {
         reader.read_loop(stream, &mut stop, &mut shutdown).await;
+        // Sends read before the socket ended are stored all the same.
+        reader.flush_sends().await;
     }
     reader.transfers.abort_all("sender_gone").await;
     shared.stop(StopReason::Closed);
@@ -176,6 +185,8 @@ struct Reader {
     transfers: Transfers,
     /// The last recipient this session sent to (legacy binary frames go there).
     last_to: Option<String>,
+    /// Sends read but not yet stored (at most `READ_BATCH`).
+    pending: Vec<NewMessage>,
     peer: Option<IpAddr>,
     /// The user a token in the URL proved, before the first frame picked the dialect.
     authenticated: Option<String>,
@@ -195,6 +206,23 @@ impl Reader {
         let login_deadline = tokio::time::sleep(login_timeout);
         tokio::pin!(login_deadline);
         loop {
+            // While sends are pending, take only frames that are already here; when none
+            // is, store the pending ones before waiting.
+            if !self.pending.is_empty() {
+                match futures_util::FutureExt::now_or_never(stream.next()) {
+                    Some(frame) => {
+                        if self.on_frame(frame).await == Flow::Close {
+                            return;
+                        }
+                        continue;
+                    }
+                    None => {
+                        if self.flush_sends().await == Flow::Close {
+                            return;
+                        }
+                    }
+                }
+            }
             let frame = tokio::select! {
                 biased;
                 _ = stop.changed() => return,
@@ -213,30 +241,42 @@ impl Reader {
                 }
                 frame = stream.next() => frame,
             };
-            if let Some(Ok(Message::Text(_) | Message::Binary(_))) = &frame {
-                match self.rate_check().await {
-                    Some(Flow::Close) => return,
-                    Some(Flow::Continue) => continue,
-                    None => {}
-                }
-            }
-            let flow = match frame {
-                None => return,
-                Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
-                Some(Ok(Message::Binary(data))) => self.on_binary(data).await,
-                // Pings are answered by tungstenite itself; close frames end the stream.
-                Some(Ok(_)) => Flow::Continue,
-                Some(Err(tungstenite::Error::Capacity(e))) => {
-                    tracing::debug!(user = ?self.user, error = %e, "message too big");
-                    self.close(CLOSE_TOO_BIG, "message too big").await
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(user = ?self.user, error = %e, "read error");
-                    return;
-                }
-            };
-            if flow == Flow::Close {
+            if self.on_frame(frame).await == Flow::Close {
                 return;
+            }
+        }
+    }
+
+    /// Handles one frame off the socket (`None`: the socket ended).
+    async fn on_frame(&mut self, frame: Option<Result<Message, tungstenite::Error>>) -> Flow {
+        // Chunks of an accepted blob are paced by the relay's backpressure, not by the
+        // frame rate (a 256 MiB file is a thousand frames).
+        let rated = match &frame {
+            Some(Ok(Message::Text(_))) => true,
+            Some(Ok(Message::Binary(_))) => {
+                self.dialect != Some(Dialect::Pigeon) || self.transfers.is_empty()
+            }
+            _ => false,
+        };
+        if rated {
+            match self.rate_check().await {
+                Some(flow) => return flow,
+                None => {}
+            }
+        }
+        match frame {
+            None => Flow::Close,
+            Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
+            Some(Ok(Message::Binary(data))) => self.on_binary(data).await,
+            // Pings are answered by tungstenite itself; close frames end the stream.
+            Some(Ok(_)) => Flow::Continue,
+            Some(Err(tungstenite::Error::Capacity(e))) => {
+                tracing::debug!(user = ?self.user, error = %e, "message too big");
+                self.close(CLOSE_TOO_BIG, "message too big").await
+            }
+            Some(Err(e)) => {
+                tracing::debug!(user = ?self.user, error = %e, "read error");
+                Flow::Close
             }
         }
     }
@@ -530,6 +570,7 @@ impl Reader {
             );
             return self.refuse_and_close(dialect, e, CLOSE_TAKEOVER_LOOP).await;
         }
+        let _ = self.shared.dialect.set(dialect);
         self.generation = self.app.router.next_generation();
         let handle = SessionHandle {
             generation: self.generation,
@@ -567,20 +608,52 @@ impl Reader {
             return self.refuse(dialect, e.with_id(id).with_to(Some(to))).await;
         }
         self.last_to = Some(to.clone());
-        match self.accept(user, id.clone(), to.clone(), body).await {
-            Ok((seq, fate, duplicate)) => {
-                self.errors_in_row = 0;
-                let sent = Event::Sent {
-                    id: id.as_deref(),
-                    to: &to,
-                    seq,
-                    fate,
-                    duplicate,
-                };
-                self.reply(dialect, &sent).await
-            }
-            Err(e) => self.refuse(dialect, e).await,
+        // Held until the frames already waiting on the socket are read too, then stored
+        // together (see `flush_sends`).
+        self.pending.push(NewMessage {
+            sender: user.to_string(),
+            recipient: to,
+            client_id: id,
+            body,
+            accepted_at: crate::now_ms(),
+        });
+        if self.pending.len() >= READ_BATCH {
+            return self.flush_sends().await;
         }
+        Flow::Continue
+    }
+
+    /// Stores the pending sends in one go (in order), routes them, and answers each.
+    /// Anything else this session writes first flushes them (`push`), so answers keep
+    /// the order of the frames.
+    async fn flush_sends(&mut self) -> Flow {
+        if self.pending.is_empty() {
+            return Flow::Continue;
+        }
+        let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
+        let batch = std::mem::take(&mut self.pending);
+        let results = self.app.store.enqueue_many(batch.clone()).await;
+        for (msg, result) in batch.into_iter().zip(results) {
+            let (id, to) = (msg.client_id.clone(), msg.recipient.clone());
+            let flow = match self.route(msg, result).await {
+                Ok((seq, fate, duplicate)) => {
+                    self.errors_in_row = 0;
+                    let sent = Event::Sent {
+                        id: id.as_deref(),
+                        to: &to,
+                        seq,
+                        fate,
+                        duplicate,
+                    };
+                    self.reply(dialect, &sent).await
+                }
+                Err(e) => self.refuse(dialect, e).await,
+            };
+            if flow == Flow::Close {
+                return Flow::Close;
+            }
+        }
+        Flow::Continue
     }
 
     /// Accepts one message: store first, then route. Returns (seq, fate, duplicate).
@@ -591,23 +664,38 @@ impl Reader {
         to: String,
         body: Body,
     ) -> Result<(u64, Fate, bool), ProtocolError> {
+        if self.flush_sends().await == Flow::Close {
+            return Err(ProtocolError::new(
+                ErrorCode::StoreUnavailable,
+                "session closing",
+            ));
+        }
         let msg = NewMessage {
             sender: user.to_string(),
-            recipient: to.clone(),
-            client_id: id.clone(),
-            body: body.clone(),
+            recipient: to,
+            client_id: id,
+            body,
             accepted_at: crate::now_ms(),
         };
-        let accepted_at = msg.accepted_at;
-        match self.app.store.enqueue(msg).await {
+        let result = self.app.store.enqueue(msg.clone()).await;
+        self.route(msg, result).await
+    }
+
+    /// After the store answered for `msg`: hands a new message to its recipient.
+    async fn route(
+        &mut self,
+        msg: NewMessage,
+        stored: Result<Enqueued, StoreError>,
+    ) -> Result<(u64, Fate, bool), ProtocolError> {
+        match stored {
             Ok(Enqueued::New { seq }) => {
                 let stored = Arc::new(StoredMessage {
                     seq,
-                    sender: user.to_string(),
-                    recipient: to,
-                    client_id: id,
-                    body,
-                    accepted_at,
+                    sender: msg.sender,
+                    recipient: msg.recipient,
+                    client_id: msg.client_id,
+                    body: msg.body,
+                    accepted_at: msg.accepted_at,
                 });
                 let fate = match &self.app.cluster {
                     Some(c) if !self.app.router.is_online(&stored.recipient) => {
@@ -633,13 +721,13 @@ impl Reader {
                     StoreError::MailboxFull { .. } => ErrorCode::MailboxFull,
                     _ => {
                         inc(&self.app.metrics.store_errors);
-                        tracing::warn!(%user, error = %e, "enqueue failed");
+                        tracing::warn!(user = %msg.sender, error = %e, "enqueue failed");
                         ErrorCode::StoreUnavailable
                     }
                 };
                 Err(ProtocolError::new(code, e.to_string())
-                    .with_id(id)
-                    .with_to(Some(to)))
+                    .with_id(msg.client_id)
+                    .with_to(Some(msg.recipient)))
             }
         }
     }
@@ -787,6 +875,10 @@ impl Reader {
     }
 
     async fn push(&mut self, out: Outgoing) -> Flow {
+        // Boxed: flushing answers through `push` again (with nothing pending by then).
+        if !self.pending.is_empty() && Box::pin(self.flush_sends()).await == Flow::Close {
+            return Flow::Close;
+        }
         match self.tx.send(out).await {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Close, // the writer is gone: the socket is dead
@@ -844,6 +936,9 @@ where
         let end = self.serve(&mut rx, &mut stop).await;
         if let Ok(()) = end {
             let reason = *stop.borrow();
+            if let Some(d) = self.shared.dialect.get() {
+                self.dialect = *d; // stopped before `Start` was handled
+            }
             let _ = match reason {
                 Some(StopReason::Replaced) => match self.write_event(&Event::Kicked).await {
                     Ok(()) => self.close(CLOSE_REPLACED, "session_replaced").await,
@@ -878,6 +973,12 @@ where
                     return Ok(());
                 }
                 out = rx.recv() => out,
+                // Legacy dialects: record what was written once things are quiet, rather
+                // than one store round trip per flush.
+                _ = tokio::time::sleep(ACK_DELAY), if self.ack_due() => {
+                    self.ack_written().await;
+                    continue;
+                }
             };
             let Some(first) = first else { return Ok(()) };
             self.handle(first).await?;
@@ -891,8 +992,15 @@ where
                 self.catch_up(false).await?;
             }
             self.flush().await?;
-            self.ack_written().await;
+            if self.flushed.saturating_sub(self.acked) >= ACK_BATCH {
+                self.ack_written().await;
+            }
         }
+    }
+
+    /// Written messages a legacy session has not recorded as received yet.
+    fn ack_due(&self) -> bool {
+        self.user.is_some() && self.dialect.acks_on_write() && self.flushed > self.acked
     }
 
     async fn handle(&mut self, out: Outgoing) -> Result<(), Exit> {

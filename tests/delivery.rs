@@ -264,3 +264,53 @@ async fn acknowledged_messages_survive_kill_9() {
         assert!(got.windows(2).all(|w| w[0] < w[1]), "{who}: out of order");
     }
 }
+
+/// Sends written back to back are stored together, but every frame is still answered
+/// in the order it was sent, errors and pongs included, and delivered in that order.
+#[tokio::test]
+async fn pipelined_frames_are_answered_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(test_config(dir.path())).await;
+    let (mut a, _) = Client::pigeon(&base(&srv), "a").await;
+    let (mut b, _) = Client::pigeon(&base(&srv), "b").await;
+    let mut expected = Vec::new();
+    for i in 0..200 {
+        match i % 50 {
+            17 => {
+                a.text(
+                    json!({"type":"send","id":format!("x{i}"),"to":"no body!","body":1})
+                        .to_string(),
+                )
+                .await;
+                expected.push(format!("error:x{i}"));
+            }
+            33 => {
+                a.text(r#"{"type":"ping"}"#).await;
+                expected.push("pong".to_string());
+            }
+            _ => {
+                a.text(json!({"type":"send","id":format!("m{i}"),"to":"b","body":i}).to_string())
+                    .await;
+                expected.push(format!("sent:m{i}"));
+            }
+        }
+    }
+    let mut got = Vec::new();
+    for _ in 0..expected.len() {
+        let v = a.json().await;
+        got.push(match v["type"].as_str().unwrap() {
+            "sent" => format!("sent:{}", v["id"].as_str().unwrap()),
+            "error" => format!("error:{}", v["id"].as_str().unwrap()),
+            other => other.to_string(),
+        });
+    }
+    assert_eq!(got, expected);
+    let mut last = -1;
+    for _ in 0..192 {
+        let m = b.json().await;
+        let i = m["body"].as_i64().unwrap();
+        assert!(i > last, "out of order: {i} after {last}");
+        last = i;
+    }
+    srv.stop().await;
+}

@@ -117,7 +117,11 @@ async fn concurrent_logins_leave_one_session_and_lose_nothing() {
                             if v["error"] == "kicked" {
                                 return (true, got);
                             }
-                            got.push(v["msg"].as_i64().unwrap());
+                            got.push(
+                                v["msg"]
+                                    .as_i64()
+                                    .unwrap_or_else(|| panic!("unexpected frame {v}")),
+                            );
                         }
                         None => return (false, got),
                     }

@@ -171,6 +171,16 @@ pub trait Store: Send + Sync + 'static {
     /// Persists `msg` for its recipient and returns its seq (see the module contract).
     async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError>;
 
+    /// Stores several messages in this order (a sender's pipelined sends); one answer
+    /// each. Backends that can, do it in one round trip.
+    async fn enqueue_many(&self, msgs: Vec<NewMessage>) -> Vec<Result<Enqueued, StoreError>> {
+        let mut out = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            out.push(self.enqueue(m).await);
+        }
+        out
+    }
+
     /// Up to `limit` messages for `recipient` with `seq > after`, in seq order.
     async fn fetch(
         &self,

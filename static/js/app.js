@@ -1,68 +1,184 @@
 // app.js — the web client's entry point: wires the connection (protocol.js), this
-// browser's history (store.js) and the page (ui.js) together, and owns the session
-// lifecycle (sign in, remembered sign-in, sign out, "use here" after a kick).
+// browser's history (store.js), file bytes (files.js) and the page (ui.js) together, and
+// owns the session lifecycle: sign in (name only on an open server; password → token on
+// a server with accounts), remembered sign-in by token, sign out, "use here" after a kick,
+// and sending and receiving files.
 
-import { PigeonConnection, newMessageId, validUsername } from './protocol.js';
+import { PigeonConnection, fetchToken, newMessageId, validUsername } from './protocol.js';
 import { ChatStore } from './store.js';
 import { ChatView } from './ui.js';
+import { putFile, getFile, urlFor, loadUrl, forgetUrls, sha256Hex } from './files.js';
 
+// {user, token?, expiresAt?}: never a password. The token is what reconnects use.
 const SESSION_KEY = 'pigeon:v1:session';
+// Set once this server answered auth_required: the sign-in form then asks for a password.
+const NEEDS_PASSWORD_KEY = 'pigeon:v1:needs-password';
 
 const ui = new ChatView();
 let store = null;
 let conn = null;
 let me = null;
+let shown = false;      // the chat is on screen (not the sign-in form)
+let usingToken = false; // this session logs in with a token (not name only)
 let renderQueued = false;
+const loading = new Set(); // file keys being read back from IndexedDB
 
-function remembered() {
-  try { return JSON.parse(localStorage.getItem(SESSION_KEY) ?? 'null'); } catch { return null; }
+const local = {
+  get(k) { try { return JSON.parse(localStorage.getItem(k) ?? 'null'); } catch { return null; } },
+  set(k, v) { try { localStorage.setItem(k, JSON.stringify(v)); } catch {} },
+  del(k) { try { localStorage.removeItem(k); } catch {} },
+};
+const needsPassword = () => local.get(NEEDS_PASSWORD_KEY) === true;
+
+/** Words for a refused sign-in: `code` from the HTTP API or from a login frame. */
+function authMessage(code, { tryAgainIn, message, name } = {}) {
+  switch (code) {
+    case 'bad_credentials': return usingToken && !name ? 'Your sign-in is no longer valid (was the password changed?). Enter your password.' : 'Wrong name or password.';
+    case 'token_expired': return 'Your sign-in has expired. Enter your password again.';
+    case 'auth_required': return 'This server needs a password. Enter yours to sign in.';
+    case 'too_many_attempts': return `Too many failed sign-ins. Try again in ${tryAgainIn ?? 60} s.`;
+    case 'too_many_connections': return 'Too many connections from your address. Try again in a moment.';
+    case 'takeover_loop': return 'This account switched devices too often just now. Wait a minute, then sign in again.';
+    case 'invalid_user': return `The server refused “${me}”: ${message ?? 'not a valid name'}`;
+    case 'network': return 'Cannot reach the server. Check your connection and try again.';
+    case 'store_unavailable': return 'The server cannot check passwords right now. Try again later.';
+    default: return message ? `Sign-in failed: ${message}` : 'Sign-in failed.';
+  }
 }
 
-function signIn({ user, password }) {
+async function submitSignIn({ user, password }) {
   if (!validUsername(user)) {
     ui.signInError(user ? `“${user}” is not a valid name: use 1–32 letters, digits, _ . or -` : 'Enter your name.');
     return;
   }
+  if (!password) {
+    if (needsPassword()) { ui.showPassword(true); ui.signInError('Enter your password.'); return; }
+    startSession({ user }); // an open server needs no more; otherwise it says auth_required
+    return;
+  }
+  ui.signInBusy(true);
+  ui.signInError(null);
+  try {
+    const t = await fetchToken(user, password);
+    startSession({ user, token: t.token, expiresAt: t.expires_at });
+  } catch (e) {
+    ui.signInBusy(false);
+    usingToken = false;
+    ui.signInError(authMessage(e.code, { tryAgainIn: e.tryAgainIn, message: e.message, name: user }));
+    if (e.code === 'bad_credentials') document.getElementById('signin-password').select();
+  }
+}
+
+function startSession({ user, token = null, expiresAt = null }) {
   me = user;
+  usingToken = !!token;
   store = new ChatStore(user);
   store.addEventListener('change', scheduleRender);
-  // Accounts are not implemented on the server yet; once they are, the password goes
-  // into the login frame here (never into the URL, which ends up in logs).
-  const credentials = {}; // later: { password }
-  void password;
-  conn = new PigeonConnection({ user, credentials, journal: store });
+  conn = new PigeonConnection({ user, credentials: token ? { token } : {}, journal: store });
   conn.addEventListener('state', (e) => onState(e.detail));
   conn.addEventListener('message', (e) => {
     const rec = store.addIncoming(e.detail, { activePeer: visiblePeer() });
     if (rec && e.detail.from !== me) document.dispatchEvent(new CustomEvent('pigeon:message', { detail: rec }));
   });
-  conn.addEventListener('sent', (e) => store.confirm(e.detail));
-  conn.addEventListener('failed', (e) => store.fail(e.detail));
+  conn.addEventListener('sent', (e) => { store.confirm(e.detail); ui.clearProgress(e.detail.id); });
+  conn.addEventListener('failed', (e) => { store.fail(e.detail); ui.clearProgress(e.detail.id); });
+  conn.addEventListener('error', (e) => onServerError(e.detail));
   conn.addEventListener('frame', (e) => onOtherFrame(e.detail));
-  try { localStorage.setItem(SESSION_KEY, JSON.stringify({ user })); } catch {}
-  ui.showApp(user);
-  render();
+  conn.addEventListener('upload', (e) => ui.setProgress(e.detail.id, e.detail.sent, e.detail.size));
+  conn.addEventListener('blob-start', (e) => {
+    if (store.fileStarted(e.detail)) ui.setProgress(e.detail.key, 0, e.detail.size);
+  });
+  conn.addEventListener('blob-progress', (e) => ui.setProgress(e.detail.key, e.detail.received, e.detail.size));
+  conn.addEventListener('blob', (e) => onFile(e.detail));
+  conn.addEventListener('blob-abort', (e) => { store.fileAborted(e.detail, e.detail.reason); ui.clearProgress(e.detail.key); });
+  local.set(SESSION_KEY, token ? { user, token, expiresAt } : { user });
+  // A remembered or token sign-in shows the chat at once (history works offline); a
+  // name-only first sign-in waits to hear whether the server wants a password.
+  shown = false;
+  if (token || remembered()) showChat();
+  else ui.signInBusy(true);
+  // Files picked before a reload and not yet confirmed go out again (same id).
+  for (const m of store.unconfirmedFiles()) {
+    getFile(m.file.key).then((blob) => {
+      if (blob && conn && store?.user === user) conn.sendFile({ id: m.id, to: m.to, file: blob, name: m.file.name, mime: m.file.mime, sha256: m.file.sha256 });
+      else if (!blob) store?.fail({ id: m.id, code: 'missing', message: 'The file is no longer in this browser' });
+    });
+  }
   conn.start();
 }
 
-function signOut({ error = null } = {}) {
+let rememberedFlag = false;
+const remembered = () => rememberedFlag;
+
+function showChat() {
+  if (shown) return;
+  shown = true;
+  ui.showApp(me);
+  render();
+}
+
+function signOut({ error = null, keepName = true } = {}) {
   conn?.stop();
   conn = null;
-  try { localStorage.removeItem(SESSION_KEY); } catch {}
+  local.del(SESSION_KEY);
   ui.setConnection({ state: 'closed' });
-  ui.showSignIn({ user: me ?? '', error });
+  ui.showSignIn({ user: keepName ? me ?? '' : '', error, password: needsPassword() });
   store = null;
+  shown = false;
+  rememberedFlag = false;
+  forgetUrls();
+  ui.media.clear();
+  loading.clear();
 }
 
 function onState(detail) {
+  if (detail.state === 'syncing' || detail.state === 'online' || detail.state === 'waiting') showChat();
   ui.setConnection(detail);
-  if (detail.state === 'rejected') signOut({ error: `The server refused “${me}”: ${detail.reason}` });
+  if (detail.state === 'rejected') {
+    if (['auth_required', 'bad_credentials', 'token_expired'].includes(detail.code)) local.set(NEEDS_PASSWORD_KEY, true);
+    signOut({ error: authMessage(detail.code, { tryAgainIn: detail.tryAgainIn, message: detail.reason }) });
+  }
+}
+
+function onServerError(f) {
+  if (f.code === 'rate_limited') ui.notice('Sending too fast: the server dropped something. It is being sent again.');
+  else if (f.message) ui.notice(`Server: ${f.message}`);
 }
 
 /** Frames protocol.js does not know yet. Presence will arrive here once the server has it. */
 function onOtherFrame(frame) {
   if (frame.type === 'presence' && typeof frame.user === 'string') {
     ui.setPresence(frame.user, frame.online ? 'online' : 'offline');
+  }
+}
+
+/** A whole file arrived: show it now, keep its bytes, and let it be acked once kept. */
+function onFile(t) {
+  const key = `${me}/in/${t.from}/${t.id ?? 'seq-' + t.seq}`;
+  urlFor(key, t.blob);
+  ui.clearProgress(t.key);
+  const rec = store.fileDone(t, key, { activePeer: visiblePeer() });
+  t.waitUntil(putFile(key, t.blob).catch(() => {}));
+  if (rec && t.from !== me) document.dispatchEvent(new CustomEvent('pigeon:message', { detail: rec }));
+}
+
+async function sendFiles(files) {
+  const to = ui.activePeer;
+  if (!to || !store) return;
+  for (const file of files) {
+    if (!file.size) { ui.notice(`“${file.name}” is empty: nothing to send.`); continue; }
+    const id = newMessageId();
+    const key = `${me}/out/${id}`;
+    const meta = { name: file.name || 'file', mime: file.type || 'application/octet-stream', size: file.size, key };
+    urlFor(key, file);
+    store.addOutgoingFile({ id, to, file: meta }); // on screen (with its preview) at once
+    const s = store;
+    // Kept so that it can be resent after a reload; an upload needs no more than the File.
+    putFile(key, file).catch(() => {});
+    meta.sha256 = await sha256Hex(file).catch(() => null);
+    if (s !== store) return;
+    s.save();
+    conn?.sendFile({ id, to, file, name: meta.name, mime: meta.mime, sha256: meta.sha256 });
   }
 }
 
@@ -79,7 +195,7 @@ function scheduleRender() {
 
 function render() {
   renderQueued = false;
-  if (!store) return;
+  if (!store || !shown) return;
   const peer = ui.activePeer;
   if (peer && document.visibilityState === 'visible') store.markRead(peer);
   ui.renderConversations(store.list());
@@ -93,7 +209,7 @@ function open(peer) {
   render();
 }
 
-ui.on.signIn = signIn;
+ui.on.signIn = submitSignIn;
 ui.on.signOut = () => signOut();
 ui.on.open = open;
 ui.on.back = () => { ui.showConversation(null); render(); };
@@ -113,9 +229,23 @@ ui.on.send = (text) => {
   conn?.send(msg);
   return true;
 };
+ui.on.files = (files) => { sendFiles(files); };
+ui.on.cancelFile = (id) => {
+  if (conn?.cancelFile(id)) store?.fail({ id, code: 'cancelled', message: 'Cancelled' });
+};
 ui.on.retry = (id) => {
   const m = store?.retry(id);
-  if (m) conn?.send({ id: m.id, to: m.to, body: m.body });
+  if (!m) return;
+  if (!m.file) { conn?.send({ id: m.id, to: m.to, body: m.body }); return; }
+  getFile(m.file.key).then((blob) => {
+    if (blob) conn?.sendFile({ id: m.id, to: m.to, file: blob, name: m.file.name, mime: m.file.mime, sha256: m.file.sha256 });
+    else store?.fail({ id: m.id, code: 'missing', message: 'The file is no longer in this browser' });
+  });
+};
+ui.on.needFile = (key) => {
+  if (loading.has(key)) return;
+  loading.add(key); // stays in: a file missing from IndexedDB is not asked for again
+  loadUrl(key).then((u) => { if (u) scheduleRender(); });
 };
 ui.on.draft = (text) => { if (ui.activePeer) store?.setDraft(ui.activePeer, text); };
 ui.on.banner = (action) => {
@@ -130,6 +260,14 @@ ui.on.banner = (action) => {
 document.addEventListener('visibilitychange', () => { if (document.visibilityState === 'visible') render(); });
 window.addEventListener('online', () => conn?.retryNow());
 
-const session = remembered();
-if (session?.user && validUsername(session.user)) signIn({ user: session.user });
-else ui.showSignIn();
+const session = local.get(SESSION_KEY);
+if (session?.user && validUsername(session.user)) {
+  if (session.token && session.expiresAt && session.expiresAt * 1000 < Date.now()) {
+    me = session.user;
+    local.del(SESSION_KEY);
+    ui.showSignIn({ user: session.user, password: true, error: authMessage('token_expired') });
+  } else {
+    rememberedFlag = true;
+    startSession({ user: session.user, token: session.token ?? null, expiresAt: session.expiresAt ?? null });
+  }
+} else ui.showSignIn({ password: needsPassword() });

@@ -1,5 +1,6 @@
-// store.js — owns this browser's copy of one user's chats: conversations, messages,
-// unread counts, the outbox of unconfirmed sends, and the seqs already taken in.
+// store.js — owns this browser's copy of one user's chats: conversations, messages
+// (text, and file descriptions: the bytes live in IndexedDB, see files.js), unread
+// counts, the outbox of unconfirmed sends, and the seqs already taken in.
 // Kept in localStorage (one key per user) so history and unsent messages survive a
 // reload. It is also the `journal` the connection asks about duplicates and resends.
 
@@ -7,7 +8,8 @@ const PREFIX = 'pigeon:v1:';
 const MAX_PER_CONVERSATION = 1000;
 
 /** Identity of a received message apart from its seq (the server's ts may differ by a ms on redelivery). */
-const fingerprint = (m) => `${m.from}\u0000${m.id ?? ''}\u0000${typeof m.body === 'string' ? m.body : JSON.stringify(m.body)}`;
+const fingerprint = (m) => `${m.from}\u0000${m.id ?? ''}\u0000${m.file ? `file:${m.file.name}:${m.file.size}`
+  : typeof m.body === 'string' ? m.body : JSON.stringify(m.body)}`;
 
 export class ChatStore extends EventTarget {
   constructor(user, storage = globalThis.localStorage) {
@@ -64,9 +66,18 @@ export class ChatStore extends EventTarget {
   unconfirmed() {
     const out = [];
     for (const c of Object.values(this.convs)) {
-      for (const m of c.messages) if (m.dir === 'out' && m.status === 'sending') out.push(m);
+      for (const m of c.messages) if (m.dir === 'out' && m.status === 'sending' && !m.file) out.push(m);
     }
     return out.sort((a, b) => a.ts - b.ts).map(({ id, to, body }) => ({ id, to, body }));
+  }
+
+  /** Files sent here and not yet confirmed (they go out again after a reload). */
+  unconfirmedFiles() {
+    const out = [];
+    for (const c of Object.values(this.convs)) {
+      for (const m of c.messages) if (m.dir === 'out' && m.status === 'sending' && m.file) out.push(m);
+    }
+    return out.sort((a, b) => a.ts - b.ts);
   }
 
   // ---- changes ----
@@ -102,6 +113,78 @@ export class ChatStore extends EventTarget {
     c.lastTs = rec.ts;
     this.#changed(to);
     return rec;
+  }
+
+  /** A file picked here: `file` is {name, mime, size, key}; `sending` until confirmed. */
+  addOutgoingFile({ id, to, file }) {
+    const c = this.conversation(to);
+    const rec = { dir: 'out', id, from: this.user, to, body: null, file, ts: Date.now(), status: 'sending' };
+    c.messages.push(rec);
+    c.lastTs = rec.ts;
+    this.#changed(to);
+    return rec;
+  }
+
+  #findIn(peer, tkey) {
+    return this.convs[peer]?.messages.find((m) => m.dir === 'in' && m.file && m.file.tkey === tkey) ?? null;
+  }
+
+  /**
+   * A file started arriving (`blob-start`): a record in state `receiving`, or the earlier
+   * record of the same transfer if an earlier attempt was cut off. Null if it is already here.
+   */
+  fileStarted(t) {
+    const own = t.from === this.user;
+    if (own && t.id && this.#findOut(t.id)[1]) return null; // a file to ourselves
+    const peer = own ? t.to : t.from;
+    const old = this.#findIn(peer, t.key);
+    if (old?.file.state === 'done') return null;
+    const file = { name: t.name, mime: t.mime, size: t.size, sha256: t.sha256 ?? null, tkey: t.key, state: 'receiving' };
+    if (old) { old.file = file; this.#changed(peer); return old; }
+    const c = this.conversation(peer);
+    const rec = { dir: 'in', seq: null, id: t.id ?? null, from: t.from, to: t.to, body: null, file,
+      ts: Date.now(), offline: !!t.offline };
+    c.messages.push(rec);
+    this.#changed(peer);
+    return rec;
+  }
+
+  /** The whole file is here (`blob`): it becomes a message; `key` is where its bytes are kept. */
+  fileDone(t, key, { activePeer } = {}) {
+    const own = t.from === this.user;
+    if (own && t.id) { // a file to ourselves: the outgoing record already shows it
+      const [c, mine] = this.#findOut(t.id);
+      if (mine) { this.seen.set(t.seq, fingerprint(t)); this.#drop(t.to, t.key); this.#changed(c.peer); return null; }
+    }
+    const peer = own ? t.to : t.from;
+    let rec = this.#findIn(peer, t.key);
+    if (!rec) rec = this.fileStarted(t);
+    const c = this.conversation(peer);
+    Object.assign(rec, { seq: t.seq, ts: typeof t.ts === 'number' ? t.ts : Date.now(), offline: !!t.offline });
+    rec.file = { name: t.name, mime: t.mime, size: t.size, sha256: t.sha256 ?? null, key, tkey: t.key, state: 'done' };
+    // It takes its place in the conversation when its last byte arrived (its seq).
+    c.messages.splice(c.messages.indexOf(rec), 1);
+    c.messages.push(rec);
+    c.lastTs = Math.max(c.lastTs, rec.ts);
+    if (peer !== activePeer) c.unread += 1;
+    this.seen.set(t.seq, fingerprint(rec));
+    this.#changed(peer);
+    return rec;
+  }
+
+  /** A file stopped arriving; `reason` is the server's (or `connection_lost`). */
+  fileAborted(t, reason) {
+    for (const c of Object.values(this.convs)) {
+      const m = c.messages.find((x) => x.dir === 'in' && x.file?.tkey === t.key && x.file.state !== 'done');
+      if (m) { m.file.state = 'aborted'; m.file.reason = reason; this.#changed(c.peer); return m; }
+    }
+    return null;
+  }
+
+  #drop(peer, tkey) {
+    const c = this.convs[peer];
+    const i = c?.messages.findIndex((m) => m.dir === 'in' && m.file?.tkey === tkey && m.file.state !== 'done') ?? -1;
+    if (i >= 0) c.messages.splice(i, 1);
   }
 
   #findOut(id) {

@@ -1,7 +1,11 @@
-// ui.js — owns the DOM: sign-in form, conversation list, conversation view, composer and
-// the connection banner. It only renders what it is given and reports what the person
-// did through the `on*` callbacks; it never talks to the server or to storage.
-// Message text is always put in with textContent, never as HTML.
+// ui.js — owns the DOM: sign-in form (name, password when the server wants one),
+// conversation list, conversation view with file bubbles (image/video/audio previews,
+// download links, progress bars), composer with attach and drag-and-drop, and the
+// connection banner. It only renders what it is given and reports what the person did
+// through the `on*` callbacks; it never talks to the server or to storage.
+// Message text and file names are always put in with textContent, never as HTML.
+
+import { knownUrl, formatSize, kindOf } from './files.js';
 
 const $ = (id) => document.getElementById(id);
 
@@ -55,10 +59,32 @@ const STATUS = {
   failed: { icon: '!', text: 'Not sent', title: 'The server refused this message' },
 };
 
+/** One line about a message for the conversation list. */
+export function previewText(m) {
+  if (m.file) return `📎 ${m.file.name || 'file'}`;
+  return bodyText(m.body).replace(/\s+/g, ' ');
+}
+
+const ABORT_TEXT = {
+  sender_gone: 'The sender went offline before the file was complete; it comes again when they resend it.',
+  connection_lost: 'Interrupted: the connection dropped. The server keeps the file and sends it again.',
+  cancelled: 'The sender cancelled this file.',
+  duplicate: 'This file was already received.',
+  checksum_mismatch: 'The file arrived damaged (checksum mismatch) and was discarded.',
+  overflow: 'The sender sent more bytes than announced; the file was discarded.',
+  refused: 'The server refused this file (the mailbox may be full).',
+  unavailable: 'The server could not read this stored file.',
+  store_unavailable: 'The server could not store this file.',
+};
+
 export class ChatView {
   constructor() {
-    this.on = {}; // callbacks: signIn, signOut, open, back, newChat, send, retry, banner, draft
+    // callbacks: signIn, signOut, open, back, newChat, send, retry, banner, draft,
+    // files (File[] picked or dropped), cancelFile (id), needFile (key: load its bytes)
+    this.on = {};
     this.activePeer = null;
+    this.progress = new Map(); // transfer key -> {done, total}
+    this.media = new Map();    // object URL -> its <img>/<video>/<audio>, kept across renders
     this.#bind();
   }
 
@@ -83,6 +109,30 @@ export class ChatView {
     $('messages').addEventListener('click', (e) => {
       const b = e.target.closest('button[data-retry]');
       if (b) this.on.retry?.(b.dataset.retry);
+      const c = e.target.closest('button[data-cancel]');
+      if (c) this.on.cancelFile?.(c.dataset.cancel);
+    });
+    // Files: the paperclip opens the picker; dropping files anywhere on the chat sends them.
+    $('attach').hidden = false;
+    $('attach').addEventListener('click', () => $('file-input').click());
+    $('file-input').addEventListener('change', () => {
+      const files = [...$('file-input').files];
+      $('file-input').value = '';
+      if (files.length) this.on.files?.(files);
+    });
+    const pane = $('chat-pane');
+    let depth = 0;
+    const hasFiles = (e) => [...(e.dataTransfer?.types ?? [])].includes('Files');
+    pane.addEventListener('dragenter', (e) => { if (hasFiles(e)) { depth += 1; pane.classList.add('dropping'); } });
+    pane.addEventListener('dragleave', () => { depth = Math.max(0, depth - 1); if (!depth) pane.classList.remove('dropping'); });
+    pane.addEventListener('dragover', (e) => { if (hasFiles(e)) { e.preventDefault(); e.dataTransfer.dropEffect = 'copy'; } });
+    pane.addEventListener('drop', (e) => {
+      if (!hasFiles(e)) return;
+      e.preventDefault();
+      depth = 0;
+      pane.classList.remove('dropping');
+      const files = [...e.dataTransfer.files];
+      if (files.length) this.on.files?.(files);
     });
     const input = $('composer-input');
     $('composer').addEventListener('submit', (e) => { e.preventDefault(); this.#submit(); });
@@ -113,12 +163,27 @@ export class ChatView {
 
   // ---- sign in ----
 
-  showSignIn({ user = '', error = null } = {}) {
+  showSignIn({ user = '', error = null, password = false } = {}) {
     $('app').hidden = true;
     $('signin').hidden = false;
     $('signin-name').value = user;
+    $('signin-password').value = '';
+    this.showPassword(password);
+    this.signInBusy(false);
     this.signInError(error);
-    $('signin-name').focus();
+    (password && user ? $('signin-password') : $('signin-name')).focus();
+  }
+
+  /** The password row: shown once the server said it needs one. */
+  showPassword(show) {
+    $('signin-password-row').hidden = !show;
+    $('signin-password').required = show;
+  }
+
+  signInBusy(busy) {
+    const b = $('signin-form').querySelector('button[type=submit]');
+    b.disabled = busy;
+    b.textContent = busy ? 'Signing in…' : 'Sign in';
   }
 
   signInError(msg) {
@@ -162,7 +227,7 @@ export class ChatView {
       const last = c.messages[c.messages.length - 1];
       if (last) top.append(el('time', 'conv-time', listTime(last.ts)));
       const bottom = el('div', 'conv-bottom');
-      const preview = last ? (last.dir === 'out' ? 'You: ' : '') + bodyText(last.body).replace(/\s+/g, ' ') : 'No messages yet';
+      const preview = last ? (last.dir === 'out' ? 'You: ' : '') + previewText(last) : 'No messages yet';
       bottom.append(el('span', 'conv-preview', preview));
       if (c.unread) {
         const badge = el('span', 'badge', c.unread > 99 ? '99+' : String(c.unread));
@@ -252,8 +317,11 @@ export class ChatView {
       head.append(tag);
     }
     bubble.append(head);
-    const text = typeof m.body === 'string' ? el('div', 'body', m.body) : el('pre', 'body json', JSON.stringify(m.body, null, 2));
-    bubble.append(text);
+    if (m.file) bubble.append(this.#file(m));
+    else {
+      const text = typeof m.body === 'string' ? el('div', 'body', m.body) : el('pre', 'body json', JSON.stringify(m.body, null, 2));
+      bubble.append(text);
+    }
     const meta = el('div', 'msg-meta');
     const t = el('time', 'msg-time', timeFmt.format(new Date(m.ts)));
     t.dateTime = new Date(m.ts).toISOString();
@@ -278,6 +346,104 @@ export class ChatView {
     }
     li.append(bubble);
     return li;
+  }
+
+  /** The key a transfer's progress is reported under: the id going out, the transfer key coming in. */
+  static transferKey(m) { return m.dir === 'out' ? m.id : m.file.tkey; }
+
+  #file(m) {
+    const f = m.file;
+    const box = el('div', 'file');
+    const tkey = ChatView.transferKey(m);
+    box.dataset.fkey = tkey ?? '';
+    box.dataset.kind = kindOf(f.mime);
+    const url = f.key ? knownUrl(f.key) : null;
+    if (f.key && !url) this.on.needFile?.(f.key);
+    const done = m.dir === 'out' || f.state === 'done';
+    if (url && done) {
+      const kind = kindOf(f.mime);
+      let media = this.media.get(url);
+      if (!media && kind !== 'file') {
+        media = el(kind === 'image' ? 'img' : kind, `file-${kind}`);
+        if (kind === 'image') { media.alt = f.name; media.decoding = 'async'; } else {
+          media.controls = true;
+          media.preload = 'metadata';
+          if (kind === 'video') media.playsInline = true;
+        }
+        media.src = url;
+        this.media.set(url, media);
+      }
+      if (media) {
+        if (kind === 'image') {
+          const a = el('a', 'file-preview');
+          a.href = url; a.target = '_blank'; a.rel = 'noopener';
+          a.append(media);
+          box.append(a);
+        } else box.append(media);
+      }
+    }
+    const row = el('div', 'file-row');
+    row.append(el('span', 'file-icon', { image: '🖼', video: '🎬', audio: '🎵' }[kindOf(f.mime)] ?? '📄'));
+    const info = el('div', 'file-info');
+    info.append(el('span', 'file-name', f.name || 'file'), el('span', 'file-size', formatSize(f.size)));
+    row.append(info);
+    if (url && done) {
+      const a = el('a', 'file-download', 'Download');
+      a.href = url;
+      a.download = f.name || 'file';
+      row.append(a);
+    }
+    box.append(row);
+    const moving = (m.dir === 'out' && m.status === 'sending') || f.state === 'receiving';
+    if (moving) {
+      const p = this.progress.get(tkey);
+      const bar = el('progress', 'file-progress');
+      bar.max = f.size || 1;
+      if (p) bar.value = p.done;
+      const label = el('span', 'file-progress-text');
+      const line = el('div', 'file-progress-row');
+      line.append(bar, label);
+      if (m.dir === 'out') {
+        const c = el('button', 'btn-small ghost file-cancel', 'Cancel');
+        c.type = 'button';
+        c.dataset.cancel = m.id;
+        line.append(c);
+      }
+      box.append(line);
+      this.#progressLabel(box, m.dir, p?.done ?? 0, f.size);
+    }
+    if (f.state === 'aborted') {
+      box.append(el('div', 'file-error', ABORT_TEXT[f.reason] ?? `The transfer stopped (${f.reason}).`));
+    }
+    return box;
+  }
+
+  #progressLabel(box, dir, done, total) {
+    const pct = total ? Math.min(100, Math.floor((done / total) * 100)) : 0;
+    const label = box.querySelector('.file-progress-text');
+    if (label) label.textContent = `${dir === 'out' ? (done >= total ? 'Finishing' : 'Uploading') : 'Receiving'} ${pct} %`;
+  }
+
+  /** Progress of a transfer, straight into its bar (no re-render: cheap at many updates a second). */
+  setProgress(tkey, done, total) {
+    this.progress.set(tkey, { done, total });
+    const box = $('messages').querySelector(`.file[data-fkey="${CSS.escape(tkey)}"]`);
+    const bar = box?.querySelector('progress');
+    if (!bar) return;
+    bar.max = total || 1;
+    bar.value = done;
+    this.#progressLabel(box, box.closest('li.msg')?.dataset.dir, done, total);
+  }
+
+  clearProgress(tkey) { this.progress.delete(tkey); }
+
+  /** A passing remark (a few seconds), e.g. the server dropped a frame for going too fast. */
+  notice(text) {
+    const t = $('toast');
+    t.textContent = text;
+    t.hidden = false;
+    clearTimeout(this.toastTimer);
+    this.toastTimer = setTimeout(() => { t.hidden = true; }, 6000);
   }
 
   // ---- connection banner ----

@@ -210,6 +210,11 @@ impl Client {
         self.text(v.to_string()).await;
     }
 
+    /// Sends a message; an error (the server already closed) is returned, not a panic.
+    pub async fn try_send(&mut self, m: Message) -> Result<(), String> {
+        self.ws.send(m).await.map_err(|e| e.to_string())
+    }
+
     pub async fn binary(&mut self, b: Vec<u8>) {
         self.ws.send(Message::binary(b)).await.unwrap();
     }
@@ -243,6 +248,23 @@ impl Client {
                 Message::Binary(b) => return Frame::Binary(b.to_vec()),
                 Message::Close(c) => panic!("closed while waiting for a frame: {c:?}"),
                 _ => continue,
+            }
+        }
+    }
+
+    /// The next text or binary frame, or the close code once the server closed (0 when
+    /// the socket ended without a close frame). Panics on timeout.
+    pub async fn next_or_close(&mut self) -> Result<Frame, u16> {
+        loop {
+            let m = tokio::time::timeout(TIMEOUT, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame or a close");
+            match m {
+                Some(Ok(Message::Text(t))) => return Ok(Frame::Text(t.to_string())),
+                Some(Ok(Message::Binary(b))) => return Ok(Frame::Binary(b.to_vec())),
+                Some(Ok(Message::Close(Some(f)))) => return Err(u16::from(f.code)),
+                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return Err(0),
+                Some(Ok(_)) => continue,
             }
         }
     }

@@ -1,6 +1,8 @@
 // harness.js — test plumbing for the web client's end-to-end tests: starts and stops the
-// Pigeon server (binary from $PIGEON_BIN) on a free port with a temp data dir, launches
-// Debian's headless Chromium through playwright-core, and offers page helpers.
+// Pigeon server (binary from $PIGEON_BIN, cwd = repo root so config.toml applies: password
+// mode) on a free port with a temp data dir, creates accounts with the real CLI
+// (`pigeon user add`), launches Debian's headless Chromium through playwright-core, and
+// offers page helpers.
 
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync, mkdirSync } from 'node:fs';
@@ -27,13 +29,35 @@ export async function freePort() {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-/** One Pigeon server process; restartable on the same port and data dir. */
+/** The password every test account gets (tests that need another one say so). */
+export const PASSWORD = 'correct horse battery';
+
+/**
+ * One Pigeon server process; restartable on the same port and data dir. `auth` is
+ * 'password' (what the shipped config.toml says) or 'open' (PIGEON_AUTH_MODE=open).
+ */
 export class PigeonServer {
-  constructor() {
+  constructor({ auth = 'password' } = {}) {
     this.dataDir = mkdtempSync(path.join(tmpdir(), 'pigeon-web-'));
+    this.auth = auth;
     this.port = 0;
     this.proc = null;
     this.log = '';
+  }
+
+  /** Creates accounts with the real CLI: `echo PASSWORD | pigeon user add NAME --data-dir DIR`. */
+  async addUsers(names, password = PASSWORD) {
+    await Promise.all(names.map((name) => new Promise((resolve, reject) => {
+      const p = spawn(pigeonBin, ['user', 'add', name, '--data-dir', this.dataDir], {
+        cwd: repoRoot, env: { ...process.env, RUST_LOG: 'warn' }, stdio: ['pipe', 'pipe', 'pipe'],
+      });
+      let out = '';
+      p.stdout.on('data', (d) => { out += d; });
+      p.stderr.on('data', (d) => { out += d; });
+      p.on('error', reject);
+      p.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`pigeon user add ${name} failed (${code}): ${out}`))));
+      p.stdin.end(password + '\n');
+    })));
   }
 
   get url() { return `http://127.0.0.1:${this.port}`; }
@@ -43,7 +67,8 @@ export class PigeonServer {
     if (!this.port) this.port = await freePort();
     this.proc = spawn(pigeonBin, ['serve', '--bind', `127.0.0.1:${this.port}`, '--data-dir', this.dataDir], {
       cwd: repoRoot,
-      env: { ...process.env, PIGEON_SERVER_STATIC_DIR: path.join(repoRoot, 'static'), RUST_LOG: process.env.RUST_LOG ?? 'warn' },
+      env: { ...process.env, PIGEON_SERVER_STATIC_DIR: path.join(repoRoot, 'static'), PIGEON_AUTH_MODE: this.auth,
+        RUST_LOG: process.env.RUST_LOG ?? 'warn' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     const keep = (d) => { this.log = (this.log + d).slice(-20000); };
@@ -102,9 +127,20 @@ export async function openClient(browser, server, { viewport = { width: 1100, he
   return { context, page };
 }
 
-export async function signIn(page, user) {
+/**
+ * Signs in like a person: the name first; if the server asks for a password (the row
+ * appears), the password too. Waits until the page is online.
+ */
+export async function signIn(page, user, password = PASSWORD) {
   await page.fill('#signin-name', user);
-  await page.click('#signin-form button[type=submit]');
+  if (await page.isHidden('#signin-password-row')) {
+    await page.click('#signin-form button[type=submit]');
+    await page.waitForSelector('#conn-pill[data-state="online"], #signin-password-row:not([hidden])');
+  }
+  if (await page.isVisible('#signin-password-row')) {
+    await page.fill('#signin-password', password);
+    await page.click('#signin-form button[type=submit]');
+  }
   await page.waitForSelector('#conn-pill[data-state="online"]');
 }
 

@@ -1,15 +1,23 @@
 // protocol.test.js — unit tests of static/js/protocol.js with a scripted fake WebSocket
-// (no browser, no server): login frame, dedupe by seq, cumulative acks, resend with the
-// same id, backoff, and no reconnect after a kick or an invalid name.
+// (no browser, no server): login frame (name, password, token), dedupe by seq, cumulative
+// acks, resend with the same id, backoff, no reconnect after a kick, an invalid name or a
+// refused login, blob uploads (frame layout, backpressure) and downloads (ack held back
+// until the file is kept).
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { PigeonConnection, validUsername, backoffDelay } from '../../static/js/protocol.js';
+import { PigeonConnection, validUsername, backoffDelay, CHUNK_BYTES } from '../../static/js/protocol.js';
 
 class FakeSocket {
   static all = [];
-  constructor(url) { this.url = url; this.readyState = 0; this.sent = []; FakeSocket.all.push(this); }
-  send(text) { this.sent.push(JSON.parse(text)); }
+  constructor(url) { this.url = url; this.readyState = 0; this.sent = []; this.binary = []; this.bufferedAmount = 0; FakeSocket.all.push(this); }
+  send(data) { if (typeof data === 'string') this.sent.push(JSON.parse(data)); else this.binary.push(data); }
+  recvBinary(stream, bytes) {
+    const buf = new Uint8Array(4 + bytes.length);
+    new DataView(buf.buffer).setUint32(0, stream);
+    buf.set(bytes, 4);
+    this.onmessage?.({ data: buf.buffer });
+  }
   close(code = 1000) { if (this.readyState === 3) return; this.readyState = 3; this.onclose?.({ code, reason: '' }); }
   // server side
   open() { this.readyState = 1; this.onopen?.(); }
@@ -20,12 +28,12 @@ class FakeSocket {
 
 const tick = (ms = 0) => new Promise((r) => setTimeout(r, ms));
 
-function setup({ seen = new Set(), outbox = [] } = {}) {
+function setup({ seen = new Set(), outbox = [], credentials = {}, framesPerSec = 30 } = {}) {
   FakeSocket.all = [];
   const journal = { isDuplicate: (m) => seen.has(m.seq), unconfirmed: () => outbox };
-  const conn = new PigeonConnection({ user: 'ann', journal, url: 'ws://x/ws', WebSocketImpl: FakeSocket, backoff: () => 5 });
+  const conn = new PigeonConnection({ user: 'ann', journal, url: 'ws://x/ws', WebSocketImpl: FakeSocket, backoff: () => 5, credentials, framesPerSec });
   const events = [];
-  for (const t of ['state', 'message', 'sent', 'failed', 'synced']) conn.addEventListener(t, (e) => events.push([t, e.detail]));
+  for (const t of ['state', 'message', 'sent', 'failed', 'synced', 'upload', 'blob-start', 'blob', 'blob-abort']) conn.addEventListener(t, (e) => events.push([t, e.detail]));
   return { conn, events, seen, outbox, sock: () => FakeSocket.all.at(-1) };
 }
 
@@ -125,5 +133,126 @@ test('a refused send is reported with its id', () => {
   conn.send({ id: 'w-2', to: 'bo', body: 'x' });
   sock().recv({ type: 'error', code: 'mailbox_full', message: 'full', id: 'w-2' });
   assert.deepEqual(events.filter(([t]) => t === 'failed').map(([, d]) => d.code), ['mailbox_full']);
+  conn.stop();
+});
+
+test('logs in with a token or a password; a refused login does not retry', async () => {
+  const t = setup({ credentials: { token: 'T.1.x' } });
+  t.conn.start();
+  t.sock().open();
+  assert.deepEqual(t.sock().sent, [{ type: 'login', user: 'ann', token: 'T.1.x' }]);
+  t.sock().recv({ type: 'error', code: 'token_expired', message: 'expired' });
+  t.sock().drop(4003);
+  await tick(30);
+  assert.equal(t.conn.state, 'rejected');
+  assert.equal(t.events.filter(([e, d]) => e === 'state' && d.state === 'rejected')[0][1].code, 'token_expired');
+  assert.equal(FakeSocket.all.length, 1, 'no reconnect with a refused token');
+
+  const p = setup({ credentials: { password: 'pw' } });
+  p.conn.start();
+  p.sock().open();
+  assert.deepEqual(p.sock().sent, [{ type: 'login', user: 'ann', password: 'pw' }]);
+  p.sock().recv({ type: 'error', code: 'too_many_attempts', message: 'slow down', try_again_in: 42 });
+  await tick(30);
+  const rejected = p.events.find(([e, d]) => e === 'state' && d.state === 'rejected')[1];
+  assert.equal(rejected.code, 'too_many_attempts');
+  assert.equal(rejected.tryAgainIn, 42);
+  assert.equal(FakeSocket.all.length, 1);
+
+  // A close 4003 without an error frame means the same.
+  const q = setup();
+  q.conn.start();
+  q.sock().open();
+  q.sock().drop(4003);
+  await tick(30);
+  assert.equal(q.conn.state, 'rejected');
+  assert.equal(FakeSocket.all.length, 1);
+});
+
+test('a file goes out as 4-byte stream + chunk frames, waits on bufferedAmount, and is announced again after a reconnect', async () => {
+  const { conn, events, sock } = setup({ framesPerSec: 1000 });
+  conn.start();
+  sock().open();
+  sock().recv({ type: 'welcome', user: 'ann', pending: 0 });
+  const bytes = new Uint8Array(CHUNK_BYTES * 2 + 10).map((_, i) => i % 251);
+  conn.sendFile({ id: 'f-1', to: 'bo', file: new Blob([bytes], { type: 'video/mp4' }), name: 'a.mp4' });
+  assert.deepEqual(sock().frames('blob'), [{ type: 'blob', id: 'f-1', to: 'bo', name: 'a.mp4', mime: 'video/mp4', size: bytes.length }]);
+  sock().bufferedAmount = 10 * 1024 * 1024; // the socket is full: nothing may be sent
+  sock().recv({ type: 'blob_accepted', id: 'f-1', stream: 7 });
+  await tick(80);
+  assert.equal(sock().binary.length, 0, 'waits while bufferedAmount is high');
+  sock().bufferedAmount = 0;
+  await tick(150);
+  assert.equal(sock().binary.length, 3);
+  const joined = new Uint8Array(bytes.length);
+  let at = 0;
+  for (const f of sock().binary) {
+    assert.equal(new DataView(f.buffer).getUint32(0), 7);
+    assert.ok(f.length - 4 <= CHUNK_BYTES);
+    joined.set(f.subarray(4), at);
+    at += f.length - 4;
+  }
+  assert.equal(at, bytes.length);
+  assert.ok(Buffer.from(joined).equals(Buffer.from(bytes)), 'the chunks put together are the file');
+  assert.ok(events.some(([t, d]) => t === 'upload' && d.sent === bytes.length));
+
+  // Dropped before `sent`: announced again (same id) after the next welcome.
+  sock().drop();
+  await tick(20);
+  sock().open();
+  sock().recv({ type: 'welcome', user: 'ann', pending: 0 });
+  assert.equal(sock().frames('blob')[0].id, 'f-1');
+  sock().recv({ type: 'sent', id: 'f-1', to: 'bo', seq: 3, status: 'stored' });
+  sock().drop();
+  await tick(20);
+  sock().open();
+  sock().recv({ type: 'welcome', user: 'ann', pending: 0 });
+  assert.deepEqual(sock().frames('blob'), [], 'confirmed: not sent again');
+  conn.stop();
+});
+
+test('chunks are paced under the frame rate', async () => {
+  const { conn, sock } = setup({ framesPerSec: 20 });
+  conn.start();
+  sock().open();
+  sock().recv({ type: 'welcome', user: 'ann', pending: 0 });
+  const size = CHUNK_BYTES * 40;
+  conn.sendFile({ id: 'f-2', to: 'bo', file: new Blob([new Uint8Array(size)]), name: 'z' });
+  sock().recv({ type: 'blob_accepted', id: 'f-2', stream: 1 });
+  await tick(500);
+  // A bucket of 20 (less the login and blob frames), then 20 a second: about 28 by now, never 40.
+  assert.ok(sock().binary.length >= 20 && sock().binary.length <= 32, `sent ${sock().binary.length} chunks in 0.5 s`);
+  conn.stop();
+});
+
+test('a received file is put together from its chunks, and acked only once it is kept', async () => {
+  const { conn, events, sock } = setup();
+  conn.start();
+  sock().open();
+  sock().recv({ type: 'welcome', user: 'ann', pending: 0 });
+  sock().recv({ type: 'synced' });
+  sock().recv({ type: 'blob_start', stream: 5, from: 'bo', to: 'ann', id: 'f-9', name: 'x.png', mime: 'image/png', size: 6 });
+  sock().recvBinary(5, [1, 2, 3]);
+  sock().recvBinary(9, [7, 7]); // another stream: ignored
+  sock().recvBinary(5, [4, 5, 6]);
+  let keep;
+  conn.addEventListener('blob', (e) => e.detail.waitUntil(new Promise((r) => { keep = r; })));
+  sock().recv({ type: 'blob_end', stream: 5, seq: 11, ts: 1 });
+  sock().recv({ type: 'msg', seq: 12, from: 'bo', to: 'ann', body: 'after the file' });
+  const got = events.find(([t]) => t === 'blob')[1];
+  assert.equal(got.seq, 11);
+  assert.equal(got.name, 'x.png');
+  assert.deepEqual([...new Uint8Array(await got.blob.arrayBuffer())], [1, 2, 3, 4, 5, 6]);
+  await tick(100);
+  assert.deepEqual(sock().frames('ack'), [], 'nothing acked while the file is being kept');
+  keep();
+  await tick(100);
+  assert.deepEqual(sock().frames('ack'), [{ type: 'ack', upto: 12 }]);
+
+  // An abort is reported and nothing is acked for it.
+  sock().recv({ type: 'blob_start', stream: 6, from: 'bo', to: 'ann', id: 'f-10', name: 'y', mime: 'text/plain', size: 100 });
+  sock().recvBinary(6, [1]);
+  sock().recv({ type: 'blob_abort', stream: 6, reason: 'sender_gone' });
+  assert.deepEqual(events.filter(([t]) => t === 'blob-abort').map(([, d]) => d.reason), ['sender_gone']);
   conn.stop();
 });
