@@ -1,5 +1,7 @@
 //! Load generator: measures Pigeon against bare relays (a tokio-tungstenite relay, Node.js
 //! `ws`, tornado) on loopback, with the same client and the same message shape for all.
+//! Scenarios: pairs, offline flush (SQLite and MongoDB), idle sessions, one large blob,
+//! and pairs across two cluster nodes (Redis + MongoDB).
 //!
 //! `cargo bench --bench load -- all --peers all --seconds 10` (see docs/BENCHMARKS.md).
 //! Every server runs as a subprocess started afresh for each scenario, so its CPU time
