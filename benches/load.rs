@@ -688,10 +688,22 @@ async fn launch(
         addr,
         _dir: dir,
     };
-    let wait = if cli.pigeon_wrap.is_some() { 120 } else { 15 };
+    // Pigeon listens before its store (and Redis) is open, so for it "ready" is an
+    // answer from /healthz, not an accepted connection. MongoDB start-up may take
+    // 30 s to fail (the driver's server selection).
+    let pigeon = name == Peer::Pigeon.name();
+    let wait = match (cli.pigeon_wrap.is_some(), pigeon) {
+        (true, _) => 120,
+        (false, true) => 45,
+        (false, false) => 15,
+    };
     let deadline = Instant::now() + Duration::from_secs(wait);
     loop {
-        if TcpStream::connect(addr).await.is_ok() {
+        if pigeon {
+            if healthz(addr).await {
+                break;
+            }
+        } else if TcpStream::connect(addr).await.is_ok() {
             break;
         }
         if let Ok(Some(status)) = server.child.try_wait() {
@@ -703,6 +715,24 @@ async fn launch(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(server)
+}
+
+/// Whether `GET /healthz` answers with an HTTP status line (any status: only that the
+/// server is serving is asked here).
+async fn healthz(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await?;
+        anyhow::Ok(buf.starts_with(b"HTTP/1.1 "))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), probe).await,
+        Ok(Ok(true))
+    )
 }
 
 /// `cmd` run under `prefix` (a program and its arguments), with the same environment
@@ -1800,7 +1830,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
             }
         };
         let _ = write!(out, "{line}");
-        if !r.note.is_empty() {
+        if !r.note.is_empty() && !matches!(r.figure, Figure::Unavailable(_)) {
             let _ = write!(out, " ({})", r.note);
         }
         let _ = writeln!(out);
