@@ -55,8 +55,8 @@ struct Cli {
     /// Measured seconds per server, scenario and round (after the warm-up).
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// pairs: rounds over all servers (interleaved); each server is measured
-    /// `rounds × seconds` in all.
+    /// pairs, blob and cluster: rounds over all servers (interleaved); each server is
+    /// measured `rounds × seconds` (blob: `rounds` transfers) in all.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
     /// Unmeasured seconds before each measurement.
@@ -96,6 +96,10 @@ struct Cli {
     /// (`eval "$(bash .ci/mongo.sh start)"` starts the nx-27017 test server and sets it).
     #[arg(long, env = "PIGEON_TEST_MONGODB_URI")]
     mongodb_uri: Option<String>,
+    /// The MongoDB server's pid, to report its CPU next to the figures that use it
+    /// (default: the pid file of `.ci/mongo.sh`, when it names a live process).
+    #[arg(long)]
+    mongodb_pid: Option<i32>,
     /// What the MongoDB URI points at, printed next to every figure that depends on it.
     #[arg(long, default_value = "nx-27017 test server")]
     mongodb_label: String,
@@ -248,6 +252,8 @@ enum Figure {
         wall_s: f64,
         msgs: u64,
         peak_rss_kib: u64,
+        /// The MongoDB server's CPU seconds over the same interval, when it was measured.
+        store_cpu_s: Option<f64>,
     },
     /// Idle sessions: RSS per session.
     Idle {
@@ -344,18 +350,32 @@ async fn run(cli: &Cli, peers: &[Peer], nofile: u64) -> Result<Vec<Row>> {
     }
     if matches!(sc, Scenario::All | Scenario::Blob) {
         let scenario = format!("blob {} MiB", cli.blob_mib);
-        for &peer in peers {
-            // The bare relay forwards binary frames too (a ceiling); the others do not.
-            if !matches!(peer, Peer::Pigeon | Peer::Bare) {
-                continue;
+        // The bare relay forwards binary frames too (a ceiling); the others do not.
+        let blob_peers: Vec<Peer> = peers
+            .iter()
+            .copied()
+            .filter(|p| matches!(p, Peer::Pigeon | Peer::Bare))
+            .collect();
+        let mut figures: Vec<Option<Result<Figure>>> = blob_peers.iter().map(|_| None).collect();
+        let mut notes = vec![String::new(); blob_peers.len()];
+        for _ in 0..cli.rounds.max(1) {
+            for (k, &peer) in blob_peers.iter().enumerate() {
+                let f = match blob_run(cli, peer).await {
+                    Ok((f, note)) => {
+                        notes[k] = note;
+                        Ok(f)
+                    }
+                    Err(e) => Err(e),
+                };
+                figures[k] = Some(merge(figures[k].take(), f));
             }
-            let (figure, note) = match blob_run(cli, peer).await {
-                Ok((f, n)) => (Ok(f), n),
-                Err(e) => (Err(e), String::new()),
-            };
-            let mut r = row(&scenario, peer.name(), figure);
-            r.note = note;
-            rows.push(r);
+        }
+        for (k, &peer) in blob_peers.iter().enumerate() {
+            if let Some(f) = figures[k].take() {
+                let mut r = row(&scenario, peer.name(), f);
+                r.note = format!("{} round(s); {}", cli.rounds.max(1), notes[k]);
+                rows.push(r);
+            }
         }
     }
     if matches!(sc, Scenario::All | Scenario::Cluster) {
@@ -392,6 +412,7 @@ fn merge(acc: Option<Result<Figure>>, next: Result<Figure>) -> Result<Figure> {
                 msgs: m1,
                 peak_rss_kib: r1,
                 rate: rate1,
+                store_cpu_s: s1,
             },
             Figure::Rate {
                 hist: h2,
@@ -401,6 +422,7 @@ fn merge(acc: Option<Result<Figure>>, next: Result<Figure>) -> Result<Figure> {
                 msgs: m2,
                 peak_rss_kib: r2,
                 rate: rate2,
+                store_cpu_s: s2,
             },
         ) => {
             let hist = match (h1, h2) {
@@ -425,6 +447,41 @@ fn merge(acc: Option<Result<Figure>>, next: Result<Figure>) -> Result<Figure> {
                 wall_s: w1 + w2,
                 msgs: m1 + m2,
                 peak_rss_kib: r1.max(r2),
+                store_cpu_s: s1.zip(s2).map(|(a, b)| a + b),
+            })
+        }
+        (
+            Figure::Blob {
+                bytes: b1,
+                wall_s: w1,
+                cpu_s: c1,
+                gen_cpu_s: g1,
+                rss_before_kib: rb1,
+                rss_peak_kib: rp1,
+            },
+            Figure::Blob {
+                bytes: b2,
+                wall_s: w2,
+                cpu_s: c2,
+                gen_cpu_s: g2,
+                rss_before_kib: rb2,
+                rss_peak_kib: rp2,
+            },
+        ) => {
+            // Throughput over all rounds; the round with the larger RSS growth.
+            let (rss_before_kib, rss_peak_kib) =
+                if rp2.saturating_sub(rb2) > rp1.saturating_sub(rb1) {
+                    (rb2, rp2)
+                } else {
+                    (rb1, rp1)
+                };
+            Ok(Figure::Blob {
+                bytes: b1 + b2,
+                wall_s: w1 + w2,
+                cpu_s: c1 + c2,
+                gen_cpu_s: g1 + g2,
+                rss_before_kib,
+                rss_peak_kib,
             })
         }
         (a @ Figure::Unavailable(_), _) => Ok(a),
@@ -656,6 +713,15 @@ fn fresh_db(tag: &str) -> String {
     )
 }
 
+/// The MongoDB server's pid (`--mongodb-pid`, or the one `.ci/mongo.sh` started).
+fn mongo_pid(cli: &Cli) -> Option<i32> {
+    let pid = cli.mongodb_pid.or_else(|| {
+        let file = Path::new(MANIFEST_DIR).join(".venv-mongo/run/nx-27017.pid");
+        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    })?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
 /// Starts `cmd` in its own process group and waits until `addr` accepts connections.
 async fn launch(
     cli: &Cli,
@@ -856,7 +922,16 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
         Ok(s) => s,
         Err(e) => return Ok(Figure::Unavailable(format!("{e:#}"))),
     };
-    pairs_measure(cli, &[&server], cli.pairs, window, dialect, peer.name()).await
+    pairs_measure(
+        cli,
+        &[&server],
+        None,
+        cli.pairs,
+        window,
+        dialect,
+        peer.name(),
+    )
+    .await
 }
 
 /// Cluster pairs: hash dialect, window 1, on `nodes` Pigeon nodes sharing one MongoDB
@@ -893,14 +968,25 @@ async fn cluster_run(cli: &Cli, nodes: usize) -> Result<Figure> {
         }
     }
     let refs: Vec<&Server> = servers.iter().collect();
-    pairs_measure(cli, &refs, cli.cluster_pairs, 1, Dialect::Hash, "pigeon").await
+    let store = mongo_pid(cli);
+    pairs_measure(
+        cli,
+        &refs,
+        store,
+        cli.cluster_pairs,
+        1,
+        Dialect::Hash,
+        "pigeon",
+    )
+    .await
 }
 
 /// Runs pairs against `servers` (user `i` on server `i % len`) and measures. CPU time
-/// and peak RSS are the sums over the servers.
+/// and peak RSS are the sums over the servers; `store_pid`'s CPU is measured too.
 async fn pairs_measure(
     cli: &Cli,
     servers: &[&Server],
+    store_pid: Option<i32>,
     pairs: usize,
     window: usize,
     dialect: Dialect,
@@ -970,10 +1056,12 @@ async fn pairs_measure(
     }
     tokio::time::sleep(Duration::from_nanos(warmup)).await;
     let before = stats();
+    let store_before = store_pid.map(ProcStats::read);
     let gen_before = ProcStats::own();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_nanos(measured)).await;
     let after = stats();
+    let store_after = store_pid.map(ProcStats::read);
     let gen_after = ProcStats::own();
     let wall = t0.elapsed().as_secs_f64();
     shared.stop.store(true, Ordering::Release);
@@ -1007,6 +1095,9 @@ async fn pairs_measure(
         wall_s: wall,
         msgs,
         peak_rss_kib: after.hwm_kib,
+        store_cpu_s: store_before
+            .zip(store_after)
+            .map(|(a, b)| b.cpu_s - a.cpu_s),
     })
 }
 
@@ -1165,7 +1256,12 @@ async fn flush_inner(cli: &Cli, store: StoreKind, m: u64) -> Result<(Figure, Fig
     // Store phase: one sender, pipelined, recipient offline.
     let ws = open_session(server.addr, "flush_src", Dialect::Json, None).await?;
     let (mut sink, mut stream) = ws.split();
+    let store_pid = (store == StoreKind::Mongodb)
+        .then(|| mongo_pid(cli))
+        .flatten();
+    let store_cpu = || store_pid.map(|p| ProcStats::read(p).cpu_s);
     let s0 = server.stats();
+    let n0 = store_cpu();
     let g0 = ProcStats::own();
     let t0 = Instant::now();
     let writer = tokio::spawn(async move {
@@ -1193,6 +1289,7 @@ async fn flush_inner(cli: &Cli, store: StoreKind, m: u64) -> Result<(Figure, Fig
     }
     let store_wall = t0.elapsed().as_secs_f64();
     let s1 = server.stats();
+    let n1 = store_cpu();
     let g1 = ProcStats::own();
     let _sink = writer.await??;
     let store = Figure::Rate {
@@ -1203,6 +1300,7 @@ async fn flush_inner(cli: &Cli, store: StoreKind, m: u64) -> Result<(Figure, Fig
         wall_s: store_wall,
         msgs: m,
         peak_rss_kib: s1.hwm_kib,
+        store_cpu_s: n0.zip(n1).map(|(a, b)| b - a),
     };
 
     // Flush phase: the recipient logs in and acks cumulatively.
@@ -1253,6 +1351,7 @@ async fn flush_inner(cli: &Cli, store: StoreKind, m: u64) -> Result<(Figure, Fig
     }
     let wall = t0.elapsed().as_secs_f64();
     let s2 = server.stats();
+    let n2 = store_cpu();
     let g2 = ProcStats::own();
     if received != m {
         bail!("flush delivered {received} of {m} messages");
@@ -1279,6 +1378,7 @@ async fn flush_inner(cli: &Cli, store: StoreKind, m: u64) -> Result<(Figure, Fig
         wall_s: wall,
         msgs: m,
         peak_rss_kib: s2.hwm_kib,
+        store_cpu_s: n1.zip(n2).map(|(a, b)| b - a),
     };
     Ok((store, flush))
 }
@@ -1725,6 +1825,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                 wall_s,
                 msgs,
                 peak_rss_kib,
+                store_cpu_s,
             } => {
                 let ratio = match reference {
                     Some(Figure::Rate { rate: p, .. }) if *rate > 0.0 => {
@@ -1755,7 +1856,10 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                         *gen_cpu_s,
                         format!("{:.0}", 100.0 * gen_cpu_s / wall_s.max(1e-9))
                     ),
-                )
+                ) + &store_cpu_s
+                    .filter(|c| *c >= 0.05)
+                    .map(|c| format!(" MongoDB server CPU {:.0} %", 100.0 * c / wall_s.max(1e-9)))
+                    .unwrap_or_default()
             }
             Figure::Idle {
                 sessions,
