@@ -133,6 +133,11 @@ struct Cli {
     /// asked.
     #[arg(long)]
     server_prefix: Option<String>,
+    /// Extra environment for every Pigeon server, e.g.
+    /// `--pigeon-env PIGEON_WEBSOCKET_READ_BUFFER_BYTES=65536` (repeatable; for
+    /// experiments: the table does not say it was set).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pigeon_env: Vec<String>,
     /// The pigeon binary (default: the one cargo built for this bench).
     #[arg(long)]
     pigeon_bin: Option<PathBuf>,
@@ -664,6 +669,15 @@ async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> 
     };
     for (k, v) in env {
         cmd.env(k, v);
+    }
+    if peer == Peer::Pigeon {
+        // Last, so that they win over the scenario's settings.
+        for kv in &cli.pigeon_env {
+            let Some((k, v)) = kv.split_once('=') else {
+                bail!("--pigeon-env {kv:?}: expected KEY=VALUE");
+            };
+            cmd.env(k, v);
+        }
     }
     launch(cli, peer.name(), cmd, addr, dir).await
 }
