@@ -1,7 +1,8 @@
 //! Cluster mode: several Pigeon nodes acting as one server through Redis.
 //!
 //! - **Presence**: `pigeon:presence:<user>` holds `<node>|<generation>` of the user's live
-//!   session. A login claims it with one atomic `SET … GET`, which also returns the
+//!   session. A login claims it with one atomic script (a `SET … GET` that never lets an
+//!   older session of the same node overwrite a newer one), which also returns the
 //!   session it replaces; a session that ends deletes the key only if it still owns it.
 //! - **Routing**: each node subscribes to `pigeon:node:<node>`. A message for a user who
 //!   is live on another node is published there (it is already in the shared store, so
@@ -70,7 +71,25 @@ enum Wire {
         user: String,
         generation: u64,
     },
+    /// The node's own heartbeat through Redis.
+    Ping,
 }
+
+/// How often a node checks its Redis connection and subscription.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Sets presence and returns what it replaced, unless this node already claimed the
+/// user for a newer session (a claim that lost a race on its own node must not
+/// overwrite the newer one: remote kicks would then miss the live session).
+const CLAIM: &str = "
+local old = redis.call('GET', KEYS[1])
+if old then
+  local node, gen = string.match(old, '^(.*)|(%d+)$')
+  if node == ARGV[2] and tonumber(gen) > tonumber(ARGV[3]) then return false end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return old
+";
 
 const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
@@ -79,6 +98,8 @@ pub struct Cluster {
     url: String,
     client: redis::Client,
     conn: ConnectionManager,
+    /// The subscription made at start-up, until `run` takes it over.
+    first_subscription: std::sync::Mutex<Option<redis::aio::PubSub>>,
     /// Take-overs waiting for a remote session to finish, by (user, its generation).
     waiting: DashMap<(String, u64), Arc<Notify>>,
     degraded: AtomicBool,
@@ -116,9 +137,9 @@ impl Cluster {
         };
         let client = redis::Client::open(cfg.redis_url.as_str()).map_err(unreachable)?;
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(3))
-            .set_response_timeout(Duration::from_secs(3))
-            .set_number_of_retries(2);
+            .set_connection_timeout(Duration::from_secs(1))
+            .set_response_timeout(Duration::from_secs(1))
+            .set_number_of_retries(1);
         let mut conn = tokio::time::timeout(
             Duration::from_secs(5),
             ConnectionManager::new_with_config(client.clone(), config),
@@ -140,11 +161,19 @@ impl Cluster {
         } else {
             cfg.node_id.clone()
         };
+        // Subscribed before the server accepts anyone: a kick sent to this node as soon
+        // as its first user logs in must find a listener.
+        let mut pubsub = client.get_async_pubsub().await.map_err(unreachable)?;
+        pubsub
+            .subscribe(node_channel(&node))
+            .await
+            .map_err(unreachable)?;
         Ok(Arc::new(Cluster {
             node,
             url: cfg.redis_url.clone(),
             client,
             conn,
+            first_subscription: std::sync::Mutex::new(Some(pubsub)),
             waiting: DashMap::new(),
             degraded: AtomicBool::new(false),
             forwarded_out: AtomicU64::new(0),
@@ -170,12 +199,16 @@ impl Cluster {
     /// Makes this node the owner of `user`'s session; returns the remote owner it
     /// replaced, if any (a local predecessor is the local router's business).
     pub async fn claim(&self, user: &str, generation: u64) -> Option<Owner> {
+        if self.is_degraded() {
+            return None; // re-claimed when Redis is back
+        }
         let mut conn = self.conn.clone();
-        let previous: Result<Option<String>, _> = redis::cmd("SET")
-            .arg(presence_key(user))
+        let previous: Result<Option<String>, _> = redis::Script::new(CLAIM)
+            .key(presence_key(user))
             .arg(owner_value(&self.node, generation))
-            .arg("GET")
-            .query_async(&mut conn)
+            .arg(&self.node)
+            .arg(generation)
+            .invoke_async(&mut conn)
             .await;
         match previous {
             Ok(prev) => prev
@@ -189,8 +222,9 @@ impl Cluster {
         }
     }
 
-    /// Stops `user`'s session on `owner`'s node and waits (up to `wait`) until it is done.
-    pub async fn kick(&self, owner: &Owner, user: &str, wait: Duration) {
+    /// Asks `owner`'s node to stop `user`'s session there, now. The returned handle
+    /// waits for that session to finish (its notice sent, its acks recorded).
+    pub async fn kick(self: &Arc<Self>, owner: &Owner, user: &str) -> KickWait {
         inc(&self.presence_conflicts);
         let key = (user.to_string(), owner.generation);
         let notify = Arc::new(Notify::new());
@@ -200,16 +234,20 @@ impl Cluster {
             generation: owner.generation,
             reply_to: self.node.clone(),
         };
-        if self.publish(&owner.node, &msg).await > 0
-            && tokio::time::timeout(wait, notify.notified()).await.is_err()
-        {
-            tracing::warn!(%user, node = %owner.node, "remote session did not finish in time");
+        // Nobody subscribed: the node is gone, there is nothing to wait for.
+        let listening = self.publish(&owner.node, &msg).await > 0;
+        KickWait {
+            cluster: self.clone(),
+            key,
+            notify: listening.then_some(notify),
         }
-        self.waiting.remove(&key);
     }
 
     /// Gives up presence of `user` if this session still holds it.
     pub async fn release(&self, user: &str, generation: u64) {
+        if self.is_degraded() {
+            return;
+        }
         let mut conn = self.conn.clone();
         let r: Result<i64, _> = redis::Script::new(RELEASE)
             .key(presence_key(user))
@@ -223,6 +261,9 @@ impl Cluster {
 
     /// Hands `msg` to the node where its recipient is live. True when a node took it.
     pub async fn forward(&self, msg: &StoredMessage) -> bool {
+        if self.is_degraded() {
+            return false; // in the shared store: delivered at the recipient's next login
+        }
         let mut conn = self.conn.clone();
         let owner: Result<Option<String>, _> = conn.get(presence_key(&msg.recipient)).await;
         let owner = match owner {
@@ -270,37 +311,50 @@ impl Cluster {
     pub async fn run(self: Arc<Self>, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.client.get_async_pubsub().await {
+            let first = self
+                .first_subscription
+                .lock()
+                .ok()
+                .and_then(|mut f| f.take());
+            let subscribed = match first {
+                Some(pubsub) => Ok(pubsub),
+                None => match self.client.get_async_pubsub().await {
+                    Ok(mut pubsub) => pubsub
+                        .subscribe(node_channel(&self.node))
+                        .await
+                        .map(|()| pubsub),
+                    Err(e) => Err(e),
+                },
+            };
+            match subscribed {
                 Ok(mut pubsub) => {
-                    if let Err(e) = pubsub.subscribe(node_channel(&self.node)).await {
-                        self.lost("subscribe", &e);
-                    } else {
-                        if self.degraded.swap(false, Ordering::Relaxed) {
-                            tracing::warn!(url = %self.url, "cluster: Redis is back; re-claiming local sessions");
-                            for (user, generation) in app.router.users() {
-                                self.claim(&user, generation).await;
-                            }
-                        }
-                        backoff = Duration::from_millis(100);
-                        let mut messages = pubsub.on_message();
-                        loop {
-                            tokio::select! {
-                                _ = crate::server::shutdown_requested(&mut shutdown) => return,
-                                m = messages.next() => match m {
-                                    Some(m) => {
-                                        let payload: String = m.get_payload().unwrap_or_default();
-                                        self.handle(&app, &payload).await;
-                                    }
-                                    None => break,
+                    self.recover(&app).await;
+                    backoff = Duration::from_millis(100);
+                    let mut messages = pubsub.on_message();
+                    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+                    loop {
+                        tokio::select! {
+                            _ = crate::server::shutdown_requested(&mut shutdown) => return,
+                            // A ping to our own channel proves both directions work:
+                            // no listener means our subscription died unnoticed.
+                            _ = heartbeat.tick() => match self.publish(&self.node, &Wire::Ping).await {
+                                0 => break,
+                                _ => self.recover(&app).await,
+                            },
+                            m = messages.next() => match m {
+                                Some(m) => {
+                                    let payload: String = m.get_payload().unwrap_or_default();
+                                    self.handle(&app, &payload).await;
                                 }
+                                None => break,
                             }
                         }
-                        let e = redis::RedisError::from(std::io::Error::new(
-                            std::io::ErrorKind::ConnectionReset,
-                            "subscription ended",
-                        ));
-                        self.lost("subscription", &e);
                     }
+                    let e = redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "subscription ended",
+                    ));
+                    self.lost("subscription", &e);
                 }
                 Err(e) => self.lost("subscribe", &e),
             }
@@ -309,6 +363,20 @@ impl Cluster {
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Leaves the degraded state, if in it: re-claims every local session.
+    async fn recover(self: &Arc<Self>, app: &Arc<App>) {
+        if !self.degraded.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        tracing::warn!(url = %self.url, "cluster: Redis is back; re-claiming local sessions");
+        for (user, generation) in app.router.users() {
+            // A login elsewhere during the outage: the later one wins.
+            if let Some(owner) = self.claim(&user, generation).await {
+                drop(self.kick(&owner, &user).await);
+            }
         }
     }
 
@@ -366,12 +434,42 @@ impl Cluster {
                     }
                 }
             }
+            Wire::Ping => {}
             Wire::Done { user, generation } => {
                 if let Some(n) = self.waiting.get(&(user, generation)) {
                     n.notify_one();
                 }
             }
         }
+    }
+}
+
+/// A remote take-over in progress: wait for the replaced session to finish.
+pub struct KickWait {
+    cluster: Arc<Cluster>,
+    key: (String, u64),
+    notify: Option<Arc<Notify>>,
+}
+
+impl std::fmt::Debug for KickWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KickWait").field("key", &self.key).finish()
+    }
+}
+
+impl KickWait {
+    pub async fn wait(self, timeout: Duration) {
+        if let Some(n) = &self.notify {
+            if tokio::time::timeout(timeout, n.notified()).await.is_err() {
+                tracing::warn!(user = %self.key.0, "remote session did not finish in time");
+            }
+        }
+    }
+}
+
+impl Drop for KickWait {
+    fn drop(&mut self) {
+        self.cluster.waiting.remove(&self.key);
     }
 }
 

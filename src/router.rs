@@ -32,26 +32,36 @@ pub enum Outgoing {
     Reply(String),
     /// The session now knows its user: wait for the session it replaced (if any) to
     /// finish, then flush the mailbox, then deliver live traffic.
-    Start {
-        user: String,
-        dialect: Dialect,
-        generation: u64,
-        replaced: Option<Arc<SessionShared>>,
-        /// The user's session on another node, in cluster mode.
-        replaced_remote: Option<crate::cluster::Owner>,
-    },
+    Start(Box<Start>),
     /// Close the socket with this code and reason, then stop.
     Close(u16, &'static str),
     /// A blob is arriving live for this session's user; chunks follow.
     BlobStart { from: String, meta: Arc<BlobMeta> },
     /// Bytes of a live blob. The permit holds the recipient's relay budget until written.
-    BlobChunk {
-        key: Arc<str>,
-        data: Bytes,
-        permit: OwnedSemaphorePermit,
-    },
+    BlobChunk(Box<BlobChunk>),
     /// A live blob will not complete.
     BlobAbort { key: Arc<str>, reason: &'static str },
+}
+
+/// What a session's writer needs to start delivering (boxed: rare and large, while
+/// every slot of every session's queue is as big as the largest `Outgoing`).
+#[derive(Debug)]
+pub struct Start {
+    pub user: String,
+    pub dialect: Dialect,
+    pub generation: u64,
+    pub replaced: Option<Arc<SessionShared>>,
+    /// A take-over of the user's session on another node (cluster mode), already
+    /// requested: wait for it before the flush.
+    pub replaced_remote: Option<crate::cluster::KickWait>,
+}
+
+/// Bytes of a live blob, with the recipient's relay budget they hold until written.
+#[derive(Debug)]
+pub struct BlobChunk {
+    pub key: Arc<str>,
+    pub data: Bytes,
+    pub permit: OwnedSemaphorePermit,
 }
 
 /// State one session shares with the router and with the sessions that replace it.
@@ -182,5 +192,17 @@ impl Router {
     /// The user's live session, if any.
     pub fn session(&self, user: &str) -> Option<SessionHandle> {
         self.sessions.get(user).map(|h| h.clone())
+    }
+}
+#[cfg(test)]
+mod tests {
+    /// Every queued frame of every session costs this much: keep it small.
+    #[test]
+    fn outgoing_stays_small() {
+        assert!(
+            std::mem::size_of::<super::Outgoing>() <= 40,
+            "{}",
+            std::mem::size_of::<super::Outgoing>()
+        );
     }
 }

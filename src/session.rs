@@ -34,7 +34,7 @@ use crate::protocol::{
     self, hash, pigeon, seed_json, valid_username, Dialect, ErrorCode, Event, Fate, ProtocolError,
     Request,
 };
-use crate::router::{Outgoing, SessionHandle, SessionShared, StopReason};
+use crate::router::{BlobChunk, Outgoing, SessionHandle, SessionShared, Start, StopReason};
 use crate::store::{BlobMeta, Body, Enqueued, NewMessage, StoreError, StoredMessage};
 use crate::transfer::{new_blob_key, ChunkOutcome, Transfers};
 use bytes::Bytes;
@@ -587,17 +587,22 @@ impl Reader {
         self.user = Some(user.clone());
         self.dialect = Some(dialect);
         self.errors_in_row = 0;
+        // The kick goes out now, not when the writer starts: this session may itself be
+        // replaced before then, and the session it replaced must still be stopped.
         let replaced_remote = match &self.app.cluster {
-            Some(c) => c.claim(&user, self.generation).await,
+            Some(c) => match c.claim(&user, self.generation).await {
+                Some(owner) => Some(c.kick(&owner, &user).await),
+                None => None,
+            },
             None => None,
         };
-        let start = Outgoing::Start {
+        let start = Outgoing::Start(Box::new(Start {
             user,
             dialect,
             generation: self.generation,
             replaced,
             replaced_remote,
-        };
+        }));
         self.push(start).await
     }
 
@@ -1017,13 +1022,14 @@ where
                 }
                 self.write_message(&msg, false).await
             }
-            Outgoing::Start {
-                user,
-                dialect,
-                generation,
-                replaced,
-                replaced_remote,
-            } => {
+            Outgoing::Start(start) => {
+                let Start {
+                    user,
+                    dialect,
+                    generation,
+                    replaced,
+                    replaced_remote,
+                } = *start;
                 self.start(user, dialect, generation, replaced, replaced_remote)
                     .await
             }
@@ -1051,7 +1057,8 @@ where
                 };
                 self.write_event(&start).await
             }
-            Outgoing::BlobChunk { key, data, permit } => {
+            Outgoing::BlobChunk(chunk) => {
+                let BlobChunk { key, data, permit } = *chunk;
                 let Some(&stream) = self.live_blobs.get(&key) else {
                     return Ok(());
                 };
@@ -1169,16 +1176,25 @@ where
         dialect: Dialect,
         generation: u64,
         replaced: Option<Arc<SessionShared>>,
-        replaced_remote: Option<crate::cluster::Owner>,
+        replaced_remote: Option<crate::cluster::KickWait>,
     ) -> Result<(), Exit> {
         let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
-        if let Some(old) = replaced {
-            if tokio::time::timeout(wait, old.wait_done()).await.is_err() {
-                tracing::warn!(%user, "replaced session did not finish in time");
+        let handover = async {
+            if let Some(old) = replaced {
+                if tokio::time::timeout(wait, old.wait_done()).await.is_err() {
+                    tracing::warn!(%user, "replaced session did not finish in time");
+                }
             }
-        }
-        if let (Some(owner), Some(cluster)) = (replaced_remote, &self.app.cluster) {
-            cluster.kick(&owner, &user, wait).await;
+            if let Some(kick) = replaced_remote {
+                kick.wait(wait).await;
+            }
+        };
+        // Replaced in turn while waiting (many logins at once): stop waiting, so this
+        // session's own notice and `done` are not held up by the one it replaced.
+        let mut stop = self.shared.stop_signal();
+        tokio::select! {
+            _ = handover => {}
+            _ = stop.wait_for(|r| r.is_some()) => return Ok(()),
         }
         self.dialect = dialect;
         if dialect == Dialect::Pigeon {

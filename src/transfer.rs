@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::app::App;
 use crate::protocol::{ErrorCode, ProtocolError};
-use crate::router::{Outgoing, SessionHandle};
+use crate::router::{BlobChunk, Outgoing, SessionHandle};
 use crate::store::{BlobMeta, BlobWrite};
 
 /// A fresh blob key: unique in this data directory (time, process, counter).
@@ -190,11 +190,11 @@ impl Transfers {
             let want = u32::try_from(data.len().min(budget)).unwrap_or(u32::MAX);
             let sent = match r.shared.blob_budget.clone().acquire_many_owned(want).await {
                 Ok(permit) => {
-                    let chunk = Outgoing::BlobChunk {
+                    let chunk = Outgoing::BlobChunk(Box::new(BlobChunk {
                         key: t.key.clone(),
                         data,
                         permit,
-                    };
+                    }));
                     r.tx.send(chunk).await.is_ok()
                 }
                 Err(_) => false,

@@ -305,7 +305,6 @@ async fn recipient_takeover_mid_transfer_loses_nothing() {
 async fn legacy_binary_frames_go_to_the_last_recipient() {
     let dir = tempfile::tempdir().unwrap();
     let srv = TestServer::start(test_config(dir.path())).await;
-    let base = format!("ws://{}", srv.addr);
     let mut hank = Client::connect(&srv.url("/ws")).await;
     // Before any text frame the session has no dialect yet: the error is Pigeon JSON.
     hank.binary(vec![1, 2, 3]).await;

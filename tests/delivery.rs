@@ -211,7 +211,7 @@ async fn acknowledged_messages_survive_kill_9() {
     let env = [("PIGEON_LIMITS_MAILBOX_MAX", "100000")];
     let mut srv = ServerProcess::spawn(dir.path(), port, &env).await;
     let base = format!("ws://{}", srv.addr);
-    let (mut online, _) = Client::pigeon(&base, "online").await;
+    let (online, _) = Client::pigeon(&base, "online").await;
     let mut sender = Client::connect(&srv.url("/ws?user=sender")).await;
     sender.json().await; // welcome
     sender.json().await; // synced

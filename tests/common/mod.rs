@@ -341,3 +341,30 @@ impl Client {
         let _ = self.ws.close(None).await;
     }
 }
+
+/// A test service's address from the environment (`PIGEON_TEST_MONGODB_URI`,
+/// `PIGEON_TEST_REDIS_URL`, …). Unset: prints that the test was skipped and returns
+/// `None` — or fails when `CI` is set, because CI must run every test.
+pub fn service_from_env(var: &str) -> Option<String> {
+    let v = std::env::var(var).ok().filter(|v| !v.is_empty());
+    if v.is_none() {
+        eprintln!("SKIPPED: {var} not set");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{var} not set but CI is: CI must run this test"
+        );
+    }
+    v
+}
+
+/// A database name no other test uses.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        pigeon::now_ms(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
