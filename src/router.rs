@@ -39,6 +39,9 @@ pub enum Outgoing {
     BlobStart { from: String, meta: Arc<BlobMeta> },
     /// Bytes of a live blob. The permit holds the recipient's relay budget until written.
     BlobChunk(Box<BlobChunk>),
+    /// The user `from` acknowledged every message up to its seq `upto`, this session's
+    /// user's among them (Pigeon JSON sessions are told with a `receipt` frame).
+    Receipt { from: Arc<str>, upto: u64 },
     /// A live blob will not complete.
     BlobAbort { key: Arc<str>, reason: &'static str },
 }
@@ -71,6 +74,9 @@ pub struct SessionShared {
     pub lagging: AtomicBool,
     /// Highest seq written to the socket (acks are clamped to it).
     pub last_sent: AtomicU64,
+    /// Senders of the messages this session wrote and its user has not acknowledged yet,
+    /// with the lowest and highest such seq of each: who gets a receipt on the next ack.
+    pub unacked_senders: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
     /// The session's dialect, set once it is known (before the session is registered), so
     /// a take-over notice is worded right even before the writer saw `Start`.
     pub dialect: std::sync::OnceLock<Dialect>,
@@ -87,6 +93,7 @@ impl SessionShared {
             last_sent: AtomicU64::new(0),
             blob_budget: Arc::new(Semaphore::new(blob_budget)),
             dialect: std::sync::OnceLock::new(),
+            unacked_senders: Default::default(),
             stop: watch::channel(None).0,
             done: watch::channel(false).0,
         })
@@ -187,6 +194,39 @@ impl Router {
             .iter()
             .map(|e| (e.key().clone(), e.value().generation))
             .collect()
+    }
+
+    /// `recipient` (whose session shares `shared`) acknowledged up to `upto`: tells each
+    /// sender of a message covered, if it is online here. Receipts are best-effort and
+    /// live only (never stored, not forwarded across cluster nodes).
+    pub fn receipts(&self, recipient: &str, shared: &SessionShared, upto: u64) {
+        let senders: Vec<String> = match shared.unacked_senders.lock() {
+            Ok(mut map) => {
+                let covered: Vec<String> = map
+                    .iter()
+                    .filter(|(_, (lowest, _))| *lowest <= upto)
+                    .map(|(s, _)| s.clone())
+                    .collect();
+                map.retain(|_, (lowest, highest)| {
+                    *lowest = (*lowest).max(upto + 1);
+                    *highest > upto
+                });
+                covered
+            }
+            Err(_) => return,
+        };
+        if senders.is_empty() {
+            return;
+        }
+        let from: Arc<str> = recipient.into();
+        for sender in senders {
+            if let Some(h) = self.session(&sender) {
+                let _ = h.tx.try_send(Outgoing::Receipt {
+                    from: from.clone(),
+                    upto,
+                });
+            }
+        }
     }
 
     /// The user's live session, if any.

@@ -371,6 +371,7 @@ impl Reader {
                     let e = ProtocolError::new(ErrorCode::StoreUnavailable, e.to_string());
                     return self.refuse(dialect, e).await;
                 }
+                self.app.router.receipts(&user, &self.shared, upto);
                 self.errors_in_row = 0;
                 Flow::Continue
             }
@@ -1067,6 +1068,13 @@ where
                 drop(permit); // the bytes are in the socket's hands: the sender may go on
                 Ok(())
             }
+            Outgoing::Receipt { from, upto } => {
+                if self.dialect != Dialect::Pigeon || self.user.is_none() {
+                    return Ok(()); // the legacy dialects have no receipts
+                }
+                self.write_event(&Event::Receipt { from: &from, upto })
+                    .await
+            }
             Outgoing::BlobAbort { key, reason } => match self.live_blobs.remove(&key) {
                 Some(stream) => {
                     self.write_event(&Event::BlobAborted { stream, reason })
@@ -1249,6 +1257,12 @@ where
             Some(meta) => self.write_blob(msg, &meta, offline).await?,
             None => self.write_event(&Event::Message { msg, offline }).await?,
         }
+        if let Ok(mut senders) = self.shared.unacked_senders.lock() {
+            let e = senders
+                .entry(msg.sender.clone())
+                .or_insert((msg.seq, msg.seq));
+            e.1 = e.1.max(msg.seq);
+        }
         self.last_sent = msg.seq;
         self.shared.last_sent.store(msg.seq, Ordering::Release);
         Ok(())
@@ -1299,7 +1313,10 @@ where
             return;
         }
         match self.app.store.ack(user, self.flushed).await {
-            Ok(_) => self.acked = self.flushed,
+            Ok(_) => {
+                self.acked = self.flushed;
+                self.app.router.receipts(user, &self.shared, self.acked);
+            }
             Err(e) => {
                 inc(&self.app.metrics.store_errors);
                 tracing::warn!(%user, error = %e, "ack on write failed; will retry");

@@ -172,3 +172,61 @@ async fn every_dialect_talks_to_every_other() {
     );
     srv.stop().await;
 }
+
+/// Receipts: when the recipient acknowledges, each online Pigeon JSON sender of a
+/// covered message is told `{"type":"receipt","from":recipient,"upto":seq}`; legacy
+/// recipients count as acknowledging once the message is written.
+#[tokio::test]
+async fn senders_get_receipts_when_recipients_acknowledge() {
+    let (srv, _dir) = server().await;
+    let base = format!("ws://{}", srv.addr);
+    let (mut ann, _) = Client::pigeon(&base, "ann").await;
+    let (mut carl, _) = Client::pigeon(&base, "carl").await;
+    let (mut bob, _) = Client::pigeon(&base, "bob").await;
+    let s1 = ann.send_msg("1", "bob", json!("from ann")).await["seq"]
+        .as_u64()
+        .unwrap();
+    let s2 = carl.send_msg("1", "bob", json!("from carl")).await["seq"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(bob.json().await["seq"].as_u64().unwrap(), s1);
+    assert_eq!(bob.json().await["seq"].as_u64().unwrap(), s2);
+    // Acknowledging only ann's message gives only ann a receipt.
+    bob.ack(s1).await;
+    let r = ann.json().await;
+    assert_eq!(
+        (r["type"].as_str(), r["from"].as_str(), r["upto"].as_u64()),
+        (Some("receipt"), Some("bob"), Some(s1))
+    );
+    assert_eq!(
+        carl.try_recv(std::time::Duration::from_millis(200)).await,
+        None
+    );
+    bob.ack(s2).await;
+    let r = carl.json().await;
+    assert_eq!(
+        (r["type"].as_str(), r["upto"].as_u64()),
+        (Some("receipt"), Some(s2))
+    );
+    assert_eq!(
+        ann.try_recv(std::time::Duration::from_millis(200)).await,
+        None,
+        "one receipt per ack"
+    );
+
+    // A hash-dialect recipient acknowledges by reading: the receipt follows on its own.
+    let mut hal = Client::connect(&srv.url("/ws")).await;
+    hal.text("hal#here#nobody").await;
+    hal.recv().await;
+    hal.recv().await;
+    let s3 = ann.send_msg("2", "hal", json!("to hal")).await["seq"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(hal.recv().await, "ann#to hal#hal");
+    let r = ann.json().await;
+    assert_eq!(
+        (r["type"].as_str(), r["from"].as_str(), r["upto"].as_u64()),
+        (Some("receipt"), Some("hal"), Some(s3))
+    );
+    srv.stop().await;
+}

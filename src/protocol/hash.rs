@@ -65,6 +65,7 @@ pub fn format(event: &Event<'_>) -> Option<String> {
         Event::Welcome { .. }
         | Event::Synced
         | Event::Pong
+        | Event::Receipt { .. }
         | Event::BlobAccepted { .. }
         | Event::BlobStart { .. }
         | Event::BlobEnd { .. }

@@ -219,6 +219,11 @@ pub enum Event<'a> {
     Error(&'a ProtocolError),
     Kicked,
     Pong,
+    /// To a sender: `from` acknowledged every message up to its seq `upto`.
+    Receipt {
+        from: &'a str,
+        upto: u64,
+    },
     /// To a blob's sender: send its bytes on `stream`.
     BlobAccepted {
         id: &'a str,

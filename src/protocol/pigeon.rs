@@ -173,6 +173,10 @@ enum ServerFrame<'a> {
         message: &'static str,
     },
     Pong,
+    Receipt {
+        from: &'a str,
+        upto: u64,
+    },
     BlobAccepted {
         id: &'a str,
         stream: u32,
@@ -274,6 +278,7 @@ pub fn format(event: &Event<'_>) -> String {
             message: super::KICKED_MESSAGE,
         },
         Event::Pong => ServerFrame::Pong,
+        Event::Receipt { from, upto } => ServerFrame::Receipt { from, upto: *upto },
         Event::BlobAccepted { id, stream } => ServerFrame::BlobAccepted {
             id,
             stream: *stream,

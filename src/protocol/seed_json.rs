@@ -97,6 +97,7 @@ pub fn format(event: &Event<'_>) -> Option<String> {
         | Event::Synced
         | Event::Sent { .. }
         | Event::Pong
+        | Event::Receipt { .. }
         | Event::BlobAccepted { .. }
         | Event::BlobStart { .. }
         | Event::BlobEnd { .. }

@@ -147,6 +147,10 @@ function onServerError(f) {
 
 /** Frames protocol.js does not know yet. Presence will arrive here once the server has it. */
 function onOtherFrame(frame) {
+  if (frame.type === 'receipt' && typeof frame.from === 'string') {
+    store.received(frame);
+    return;
+  }
   if (frame.type === 'presence' && typeof frame.user === 'string') {
     ui.setPresence(frame.user, frame.online ? 'online' : 'offline');
   }

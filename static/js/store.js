@@ -207,6 +207,24 @@ export class ChatStore extends EventTarget {
     return m;
   }
 
+  /**
+   * The server's `receipt`: `from` has every message up to its seq `upto`, so this
+   * user's messages to `from` with a seq at or below it are received.
+   */
+  received({ from, upto }) {
+    const c = this.convs[from];
+    if (!c || typeof upto !== 'number') return 0;
+    let n = 0;
+    for (const m of c.messages) {
+      if (m.dir === 'out' && m.seq && m.seq <= upto && (m.status === 'stored' || m.status === 'delivered')) {
+        m.status = 'received';
+        n++;
+      }
+    }
+    if (n) this.#changed(from);
+    return n;
+  }
+
   fail({ id, code, message }) {
     const [c, m] = this.#findOut(id);
     if (!m) return null;

@@ -56,6 +56,7 @@ const STATUS = {
   sending: { icon: '◷', text: 'Sending', title: 'Waiting for the server to confirm' },
   stored: { icon: '✓', text: 'Stored', title: 'On the server; delivered when they come online' },
   delivered: { icon: '✓✓', text: 'Delivered', title: 'Delivered to their device' },
+  received: { icon: '✓✓', text: 'Received', title: 'Their device confirmed it has it' },
   failed: { icon: '!', text: 'Not sent', title: 'The server refused this message' },
 };
 

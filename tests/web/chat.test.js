@@ -38,8 +38,11 @@ test('two people chat both ways, with unread counts and delivery status', async 
     await openChat(a.page, 'bob');
     await send(a.page, 'Hi Bob! Are we still on for lunch?');
     await send(a.page, 'The new place on 5th street 🌮');
-    // bob is online: the server hands it over live, and alice sees "delivered".
-    await msgItem(a.page, 'The new place').and(a.page.locator('[data-status="delivered"]')).waitFor();
+    // bob is online: the server hands it over live ("delivered"), and once bob's page has
+    // acknowledged it the server's receipt turns it into "received".
+    await msgItem(a.page, 'The new place').and(a.page.locator('[data-status="delivered"],[data-status="received"]')).waitFor();
+    await msgItem(a.page, 'The new place').and(a.page.locator('[data-status="received"]')).waitFor();
+    assert.equal(await msgItem(a.page, 'The new place').locator('.status-text').textContent(), 'Received');
 
     // bob has not opened the conversation: it is listed with 2 unread.
     const conv = b.page.locator('#conversations li[data-peer="alice"]');
@@ -60,7 +63,7 @@ test('two people chat both ways, with unread counts and delivery status', async 
 
     await msgItem(a.page, 'See you at').waitFor();
     assert.deepEqual(await bodies(a.page, 'in'), ['Yes!\nSee you at 12:30']);
-    await msgItem(b.page, 'See you at').and(b.page.locator('[data-status="delivered"]')).waitFor();
+    await msgItem(b.page, 'See you at').and(b.page.locator('[data-status="delivered"],[data-status="received"]')).waitFor();
     await send(a.page, 'Great, I booked a table by the window.');
     await msgItem(b.page, 'booked a table').waitFor();
     await send(b.page, 'Perfect 👍');
@@ -127,7 +130,7 @@ test('messages sent to an offline user arrive at sign-in, marked offline and in 
       await send(a.page, 'and now live');
       await msgItem(c.page, 'and now live').waitFor();
       assert.equal(await msgItem(c.page, 'and now live').getAttribute('data-offline'), null);
-      await msgItem(a.page, 'and now live').and(a.page.locator('[data-status="delivered"]')).waitFor();
+      await msgItem(a.page, 'and now live').and(a.page.locator('[data-status="delivered"],[data-status="received"]')).waitFor();
       await c.page.screenshot({ path: path.join(ensureResultsDir(), 'phone-offline-catch-up.png') });
 
       // The client acked what it showed: a reload (remembered sign-in) shows each once.
@@ -298,7 +301,7 @@ test('after a server restart both sides resume: nothing lost, nothing doubled', 
     await b.page.waitForSelector('#conn-pill[data-state="online"]', { timeout: 30000 });
     await msgItem(b.page, 'three: written').waitFor();
     await a.page.waitForFunction(() =>
-      [...document.querySelectorAll('#messages li.msg[data-dir="out"]')].every((li) => li.dataset.status === 'delivered' || li.dataset.status === 'stored'));
+      [...document.querySelectorAll('#messages li.msg[data-dir="out"]')].every((li) => ['delivered', 'stored', 'received'].includes(li.dataset.status)));
     await sleep(500);
 
     const expected = ['one: before the restart', 'two: confirmation lost', 'three: written while the server was down'];

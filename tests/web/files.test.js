@@ -124,7 +124,7 @@ test('a file sent from one page downloads byte-identical in the other, with prog
     // 12 MiB + a bit: many chunks, the last one short; random so nothing can fake it.
     const bytes = randomBytes(12 * 1024 * 1024 + 12345);
     await a.page.setInputFiles('#file-input', { name: 'data.bin', mimeType: 'application/octet-stream', buffer: bytes });
-    await fileItem(a.page, 'data.bin').and(a.page.locator('[data-status="delivered"]')).waitFor({ timeout: 30000 });
+    await fileItem(a.page, 'data.bin').and(a.page.locator('[data-status="delivered"],[data-status="received"]')).waitFor({ timeout: 30000 });
     const got = fileItem(b.page, 'data.bin');
     await got.locator('a.file-download').waitFor({ timeout: 30000 });
     assert.equal(await got.locator('.file-size').textContent(), '12 MB');
@@ -173,7 +173,7 @@ test('a video recorded in the browser plays inline on the other side', async () 
     await signIn(b.page, 'ivo');
     await openChat(a.page, 'ivo');
     await dropMadeFiles(a.page, recordVideo, { ms: 1200 });
-    await fileItem(a.page, 'clip.webm').and(a.page.locator('[data-status="delivered"]')).waitFor({ timeout: 20000 });
+    await fileItem(a.page, 'clip.webm').and(a.page.locator('[data-status="delivered"],[data-status="received"]')).waitFor({ timeout: 20000 });
     // The sender sees its own preview too.
     await a.page.locator('#messages video.file-video').waitFor();
 
