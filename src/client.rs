@@ -187,10 +187,27 @@ pub async fn chat(
         "* type `name: message` to send, Ctrl-D to quit",
     )
     .await?;
+    // Sends and uploads not yet answered; after Ctrl-D the client waits (a little) for
+    // them, so the last line typed gets its `sent` before the client quits.
+    let mut unanswered: usize = 0;
+    let mut quit_by: Option<tokio::time::Instant> = None;
     loop {
+        if quit_by.is_some() && unanswered == 0 {
+            break;
+        }
+        let until_quit = async {
+            match quit_by {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            line = stdin.next_line() => {
-                let Some(line) = line? else { break };
+            _ = until_quit => break,
+            line = stdin.next_line(), if quit_by.is_none() => {
+                let Some(line) = line? else {
+                    quit_by = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(5));
+                    continue;
+                };
                 if let Some((to, path)) = parse_send_file(&line) {
                     match file_sha256(Path::new(path)).await {
                         Ok((size, sha)) => {
@@ -199,6 +216,7 @@ pub async fn chat(
                             let name = Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                             let frame = json!({"type":"blob","id":id,"to":to,"name":name,"mime":"application/octet-stream","size":size,"sha256":sha});
                             uploads.insert(id, PathBuf::from(path));
+                            unanswered += 1;
                             sink.send(Message::text(frame.to_string())).await?;
                         }
                         Err(e) => print(&mut stdout, &format!("! cannot read {path}: {e}")).await?,
@@ -209,6 +227,7 @@ pub async fn chat(
                     Some((to, text)) => {
                         next_id += 1;
                         let frame = json!({"type":"send","id":format!("{}-{next_id}", crate::now_ms()),"to":to,"body":text});
+                        unanswered += 1;
                         sink.send(Message::text(frame.to_string())).await?;
                     }
                     None if line.trim().is_empty() => {}
@@ -230,6 +249,10 @@ pub async fn chat(
                 };
                 let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else { continue };
                 let stream = v.get("stream").and_then(Value::as_u64).unwrap_or(0);
+                // A send (or upload) is answered by `sent` or by an error carrying its id.
+                if v["type"] == "sent" || (v["type"] == "error" && v.get("id").is_some()) {
+                    unanswered = unanswered.saturating_sub(1);
+                }
                 match v["type"].as_str() {
                     Some("blob_accepted") => {
                         if let Some(path) = uploads.remove(v["id"].as_str().unwrap_or("")) {

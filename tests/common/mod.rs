@@ -314,11 +314,22 @@ impl Client {
         }
     }
 
-    /// Pigeon JSON send; returns the server's answer (`sent` or `error`).
+    /// Pigeon JSON send; returns the server's answer (`sent` or `error`), passing over
+    /// receipts, which arrive whenever a recipient acknowledges.
     pub async fn send_msg(&mut self, id: &str, to: &str, body: Value) -> Value {
         self.send_json(serde_json::json!({"type":"send","id":id,"to":to,"body":body}))
             .await;
-        self.json().await
+        self.json_except_receipts().await
+    }
+
+    /// The next JSON frame that is not a receipt.
+    pub async fn json_except_receipts(&mut self) -> Value {
+        loop {
+            let v = self.json().await;
+            if v["type"] != "receipt" {
+                return v;
+            }
+        }
     }
 
     pub async fn ack(&mut self, upto: u64) {
