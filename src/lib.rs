@@ -21,6 +21,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;
+pub mod ranges;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::protocol::{Dialect, Fate};
+use crate::ranges::SeqRanges;
 use crate::store::{BlobMeta, StoredMessage};
 
 /// Why a session is being stopped from outside its own loop.
@@ -72,8 +73,9 @@ pub struct BlobChunk {
 pub struct SessionShared {
     /// Set when a delivery found the queue full: the writer re-reads the mailbox.
     pub lagging: AtomicBool,
-    /// Highest seq written to the socket (acks are clamped to it).
-    pub last_sent: AtomicU64,
+    /// Seqs written to the client and not acknowledged yet: an ack deletes exactly these
+    /// (never a seq the client was not sent).
+    pub unacked: std::sync::Mutex<SeqRanges>,
     /// Senders of the messages this session wrote and its user has not acknowledged yet,
     /// with the lowest and highest such seq of each: who gets a receipt on the next ack.
     pub unacked_senders: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
@@ -90,13 +92,32 @@ impl SessionShared {
     pub fn new(blob_budget: usize) -> Arc<SessionShared> {
         Arc::new(SessionShared {
             lagging: AtomicBool::new(false),
-            last_sent: AtomicU64::new(0),
+            unacked: Default::default(),
             blob_budget: Arc::new(Semaphore::new(blob_budget)),
             dialect: std::sync::OnceLock::new(),
             unacked_senders: Default::default(),
             stop: watch::channel(None).0,
             done: watch::channel(false).0,
         })
+    }
+
+    /// Takes the written seqs at or below `upto`, for an acknowledgement.
+    pub fn take_acked(&self, upto: u64) -> Vec<(u64, u64)> {
+        self.unacked
+            .lock()
+            .map(|mut u| u.take_upto(upto))
+            .unwrap_or_default()
+    }
+
+    /// Puts back seqs whose acknowledgement could not be recorded.
+    pub fn restore_unacked(&self, ranges: &[(u64, u64)]) {
+        if let Ok(mut u) = self.unacked.lock() {
+            for &(lo, hi) in ranges {
+                for seq in lo..=hi {
+                    u.insert(seq);
+                }
+            }
+        }
     }
 
     /// Asks the session to stop; the first reason wins.

@@ -34,6 +34,7 @@ use crate::protocol::{
     self, hash, pigeon, seed_json, valid_username, Dialect, ErrorCode, Event, Fate, ProtocolError,
     Request,
 };
+use crate::ranges::SeqRanges;
 use crate::router::{BlobChunk, Outgoing, SessionHandle, SessionShared, Start, StopReason};
 use crate::store::{BlobMeta, Body, Enqueued, NewMessage, StoreError, StoredMessage};
 use crate::transfer::{new_blob_key, ChunkOutcome, Transfers};
@@ -100,8 +101,9 @@ pub async fn run<S>(
         user: None,
         dialect: Dialect::Pigeon,
         last_sent: 0,
-        flushed: 0,
-        acked: 0,
+        written: SeqRanges::default(),
+        unflushed: false,
+        unacked_writes: 0,
         live_blobs: HashMap::new(),
         next_stream: 0,
         write_timeout: Duration::from_secs(app.config.limits.write_timeout_secs),
@@ -364,14 +366,21 @@ impl Reader {
                 self.send(&user, id, to, body).await
             }
             (Some(user), Request::Ack { upto }) => {
-                let upto = upto.min(self.shared.last_sent.load(Ordering::Acquire));
-                if let Err(e) = self.app.store.ack(&user, upto).await {
+                // Exactly the seqs this session wrote up to there: a seq it skipped (its
+                // insert still in flight when a later one went out) stays in the mailbox.
+                let ranges = self.shared.take_acked(upto);
+                let Some(&(_, highest)) = ranges.last() else {
+                    self.errors_in_row = 0;
+                    return Flow::Continue;
+                };
+                if let Err(e) = self.app.store.ack_ranges(&user, &ranges).await {
+                    self.shared.restore_unacked(&ranges);
                     inc(&self.app.metrics.store_errors);
                     tracing::warn!(%user, error = %e, "ack failed");
                     let e = ProtocolError::new(ErrorCode::StoreUnavailable, e.to_string());
                     return self.refuse(dialect, e).await;
                 }
-                self.app.router.receipts(&user, &self.shared, upto);
+                self.app.router.receipts(&user, &self.shared, highest);
                 self.errors_in_row = 0;
                 Flow::Continue
             }
@@ -920,10 +929,12 @@ struct Writer<S> {
     dialect: Dialect,
     /// Highest seq written in this session.
     last_sent: u64,
-    /// Highest seq known to be flushed to the socket.
-    flushed: u64,
-    /// Highest seq acknowledged on write (legacy dialects).
-    acked: u64,
+    /// Every seq written in this session (never written twice).
+    written: SeqRanges,
+    /// Something was written since the last flush.
+    unflushed: bool,
+    /// Messages written since the last acknowledgement on write (legacy dialects).
+    unacked_writes: u64,
     /// Blobs arriving live, by key, with the stream number this client sees them on.
     live_blobs: HashMap<Arc<str>, u32>,
     next_stream: u32,
@@ -998,7 +1009,7 @@ where
                 self.catch_up(false).await?;
             }
             self.flush().await?;
-            if self.flushed.saturating_sub(self.acked) >= ACK_BATCH {
+            if self.unacked_writes >= ACK_BATCH {
                 self.ack_written().await;
             }
         }
@@ -1006,21 +1017,23 @@ where
 
     /// Written messages a legacy session has not recorded as received yet.
     fn ack_due(&self) -> bool {
-        self.user.is_some() && self.dialect.acks_on_write() && self.flushed > self.acked
+        self.user.is_some() && self.dialect.acks_on_write() && self.unacked_writes > 0
     }
 
     async fn handle(&mut self, out: Outgoing) -> Result<(), Exit> {
         match out {
             Outgoing::Reply(text) => self.write(Message::text(text)).await,
             Outgoing::Deliver(msg) => {
-                if self.user.is_none() || msg.seq <= self.last_sent {
+                if self.user.is_none() || self.written.contains(msg.seq) {
                     return Ok(()); // the mailbox flush covers it, or it was sent already
                 }
-                if msg.seq != self.last_sent + 1 {
+                if msg.seq > self.last_sent + 1 {
                     // Something before it is still on its way or was diverted: read the gap
                     // (and this message) from the mailbox, in order.
                     return self.catch_up(false).await;
                 }
+                // The next one, or a late one whose store write finished after a later
+                // seq had gone out (concurrent senders on a shared store).
                 self.write_message(&msg, false).await
             }
             Outgoing::Start(start) => {
@@ -1241,6 +1254,9 @@ where
             };
             let n = msgs.len();
             for m in &msgs {
+                if self.written.contains(m.seq) {
+                    continue;
+                }
                 self.write_message(m, offline).await?;
                 inc(&self.app.metrics.messages_flushed);
             }
@@ -1263,8 +1279,13 @@ where
                 .or_insert((msg.seq, msg.seq));
             e.1 = e.1.max(msg.seq);
         }
-        self.last_sent = msg.seq;
-        self.shared.last_sent.store(msg.seq, Ordering::Release);
+        self.last_sent = self.last_sent.max(msg.seq);
+        self.written.insert(msg.seq);
+        if let Ok(mut unacked) = self.shared.unacked.lock() {
+            unacked.insert(msg.seq);
+        }
+        self.unacked_writes += 1;
+        self.unflushed = true;
         Ok(())
     }
 
@@ -1289,7 +1310,7 @@ where
             Ok(Ok(())) => {}
             _ => return Err(Exit::Broken),
         }
-        self.flushed = self.last_sent;
+        self.unflushed = false;
         Ok(())
     }
 
@@ -1302,22 +1323,27 @@ where
             .send(Message::Close(Some(frame)))
             .await
             .map_err(|_| Exit::Broken)?;
-        self.flushed = self.last_sent;
+        self.unflushed = false;
         Ok(())
     }
 
     /// Legacy dialects cannot ack: what was flushed to the socket counts as received.
     async fn ack_written(&mut self) {
         let Some(user) = &self.user else { return };
-        if !self.dialect.acks_on_write() || self.flushed <= self.acked {
+        if !self.dialect.acks_on_write() || self.unflushed || self.unacked_writes == 0 {
             return;
         }
-        match self.app.store.ack(user, self.flushed).await {
+        let ranges = self.shared.take_acked(u64::MAX);
+        let Some(&(_, highest)) = ranges.last() else {
+            return;
+        };
+        match self.app.store.ack_ranges(user, &ranges).await {
             Ok(_) => {
-                self.acked = self.flushed;
-                self.app.router.receipts(user, &self.shared, self.acked);
+                self.unacked_writes = 0;
+                self.app.router.receipts(user, &self.shared, highest);
             }
             Err(e) => {
+                self.shared.restore_unacked(&ranges);
                 inc(&self.app.metrics.store_errors);
                 tracing::warn!(%user, error = %e, "ack on write failed; will retry");
             }

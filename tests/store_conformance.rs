@@ -528,6 +528,24 @@ async fn blobs_round_trip_and_die_with_their_ack(t: &Target) {
     );
 }
 
+/// Acknowledging exact ranges deletes those seqs and nothing else.
+async fn ack_ranges_delete_exactly_those(t: &Target) {
+    let store = t.open(1000).await;
+    for i in 0..10 {
+        enqueue_new(&store, text("alice", "bob", &format!("m{i}"), None)).await;
+    }
+    let deleted = store.ack_ranges("bob", &[(2, 3), (6, 6)]).await.unwrap();
+    assert_eq!(deleted, 3);
+    assert_eq!(seqs(&store, "bob").await, vec![1, 4, 5, 7, 8, 9, 10]);
+    assert_eq!(store.pending("bob").await.unwrap(), 7);
+    assert_eq!(store.ack_ranges("bob", &[]).await.unwrap(), 0);
+    assert_eq!(
+        store.ack_ranges("bob", &[(2, 3)]).await.unwrap(),
+        0,
+        "already gone"
+    );
+}
+
 /// Accounts: create, refuse a taken name, read, change, delete.
 async fn accounts(t: &Target) {
     let store = t.open(1000).await;
@@ -597,6 +615,7 @@ conformance!(
     concurrent_duplicates,
     bodies_round_trip,
     blobs_round_trip_and_die_with_their_ack,
+    ack_ranges_delete_exactly_those,
     accounts,
 );
 

@@ -191,7 +191,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes every message for `recipient` with `seq <= upto` (and the bytes of any
     /// blob among them); returns how many messages.
-    async fn ack(&self, recipient: &str, upto: u64) -> Result<u64, StoreError>;
+    async fn ack(&self, recipient: &str, upto: u64) -> Result<u64, StoreError> {
+        self.ack_ranges(recipient, &[(0, upto)]).await
+    }
+
+    /// Deletes the recipient's messages whose seq lies in one of the inclusive `ranges`
+    /// (and the bytes of any blob among them); returns how many. Sessions acknowledge
+    /// this way: exactly the seqs they wrote, never one they skipped.
+    async fn ack_ranges(&self, recipient: &str, ranges: &[(u64, u64)]) -> Result<u64, StoreError>;
 
     /// How many unacknowledged messages `recipient` holds.
     async fn pending(&self, recipient: &str) -> Result<u64, StoreError>;

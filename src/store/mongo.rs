@@ -491,11 +491,20 @@ impl Store for MongoStore {
             .collect())
     }
 
-    async fn ack(&self, recipient: &str, upto: u64) -> Result<u64, StoreError> {
-        let filter = doc! { "recipient": recipient, "seq": { "$lte": to_i64(upto) }, "kind": 2 };
+    async fn ack_ranges(&self, recipient: &str, ranges: &[(u64, u64)]) -> Result<u64, StoreError> {
+        if ranges.is_empty() {
+            return Ok(0);
+        }
+        let in_ranges: Vec<Document> = ranges
+            .iter()
+            .map(|&(lo, hi)| doc! { "seq": { "$gte": to_i64(lo), "$lte": to_i64(hi) } })
+            .collect();
+        let filter = doc! { "recipient": recipient, "$or": in_ranges };
+        let mut blob_filter = filter.clone();
+        blob_filter.insert("kind", 2);
         let blobs: Vec<MessageDoc> = self
             .messages
-            .find(filter)
+            .find(blob_filter)
             .await
             .map_err(unavailable)?
             .try_collect()
@@ -503,7 +512,7 @@ impl Store for MongoStore {
             .map_err(unavailable)?;
         let deleted = self
             .messages
-            .delete_many(doc! { "recipient": recipient, "seq": { "$lte": to_i64(upto) } })
+            .delete_many(filter)
             .await
             .map_err(unavailable)?
             .deleted_count;

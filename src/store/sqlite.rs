@@ -68,7 +68,8 @@ enum Request {
     },
     Ack {
         recipient: String,
-        upto: u64,
+        /// Inclusive seq ranges to delete.
+        ranges: Vec<(u64, u64)>,
         reply: Reply<u64>,
     },
     Pending {
@@ -198,11 +199,15 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn ack(&self, recipient: &str, upto: u64) -> Result<u64, StoreError> {
+    async fn ack_ranges(&self, recipient: &str, ranges: &[(u64, u64)]) -> Result<u64, StoreError> {
+        if ranges.is_empty() {
+            return Ok(0);
+        }
         let recipient = recipient.to_string();
+        let ranges = ranges.to_vec();
         self.call(|reply| Request::Ack {
             recipient,
-            upto,
+            ranges,
             reply,
         })
         .await
@@ -369,8 +374,14 @@ impl Worker {
                     ..
                 } => Answer::Fetch(Ok(fetch(&tx, recipient, *after, *limit)?)),
                 Request::Ack {
-                    recipient, upto, ..
-                } => Answer::Count(Ok(ack(&tx, recipient, *upto, &mut dead_blobs)?)),
+                    recipient, ranges, ..
+                } => {
+                    let mut deleted = 0;
+                    for &(lo, hi) in ranges {
+                        deleted += ack(&tx, recipient, lo, hi, &mut dead_blobs)?;
+                    }
+                    Answer::Count(Ok(deleted))
+                }
                 Request::Pending { recipient, .. } => Answer::Count(Ok(pending(&tx, recipient)?)),
                 Request::CreateUser { user, hash, .. } => {
                     match create_user(&tx, user, hash) {
@@ -601,14 +612,19 @@ fn fetch(
 fn ack(
     tx: &rusqlite::Transaction<'_>,
     recipient: &str,
-    upto: u64,
+    lo: u64,
+    hi: u64,
     dead_blobs: &mut Vec<String>,
 ) -> Result<u64, StoreError> {
     let mut blobs = tx
-        .prepare_cached("SELECT body FROM message WHERE recipient = ?1 AND seq <= ?2 AND kind = 2")
+        .prepare_cached(
+            "SELECT body FROM message WHERE recipient = ?1 AND seq BETWEEN ?2 AND ?3 AND kind = 2",
+        )
         .map_err(sql)?;
     let bodies = blobs
-        .query_map(params![recipient, to_i64(upto)], |r| r.get::<_, String>(0))
+        .query_map(params![recipient, to_i64(lo), to_i64(hi)], |r| {
+            r.get::<_, String>(0)
+        })
         .map_err(sql)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(sql)?;
@@ -618,8 +634,8 @@ fn ack(
             .filter_map(|b| Body::Blob(b).blob_meta().map(|m| m.key)),
     );
     let deleted = tx
-        .prepare_cached("DELETE FROM message WHERE recipient = ?1 AND seq <= ?2")
-        .and_then(|mut s| s.execute(params![recipient, to_i64(upto)]))
+        .prepare_cached("DELETE FROM message WHERE recipient = ?1 AND seq BETWEEN ?2 AND ?3")
+        .and_then(|mut s| s.execute(params![recipient, to_i64(lo), to_i64(hi)]))
         .map_err(sql)?;
     if deleted > 0 {
         tx.prepare_cached("UPDATE mailbox SET pending = pending - ?2 WHERE recipient = ?1")
