@@ -1,5 +1,7 @@
 //! Load generator: measures Pigeon against bare relays (a tokio-tungstenite relay, Node.js
 //! `ws`, tornado) on loopback, with the same client and the same message shape for all.
+//! Scenarios: pairs, offline flush (SQLite and MongoDB), idle sessions, one large blob,
+//! and pairs across two cluster nodes (Redis + MongoDB).
 //!
 //! `cargo bench --bench load -- all --peers all --seconds 10` (see docs/BENCHMARKS.md).
 //! Every server runs as a subprocess started afresh for each scenario, so its CPU time
@@ -28,6 +30,7 @@ use clap::{Parser, ValueEnum};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use sha2::Digest;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -52,8 +55,8 @@ struct Cli {
     /// Measured seconds per server, scenario and round (after the warm-up).
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// pairs: rounds over all servers (interleaved); each server is measured
-    /// `rounds × seconds` in all.
+    /// pairs, blob and cluster: rounds over all servers (interleaved); each server is
+    /// measured `rounds × seconds` (blob: `rounds` transfers) in all.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
     /// Unmeasured seconds before each measurement.
@@ -77,9 +80,45 @@ struct Cli {
     /// offline flush: cumulative ack every this many messages.
     #[arg(long, default_value_t = 512)]
     ack_every: u64,
-    /// offline flush: the store backend (mongodb is pending: its backend is not merged).
-    #[arg(long, value_enum, default_value = "sqlite")]
-    store: StoreKind,
+    /// offline flush: the store backends to run it on, one row pair each.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sqlite,mongodb"
+    )]
+    store: Vec<StoreKind>,
+    /// offline flush on MongoDB: messages stored (small by default: the nx-27017 test
+    /// server does about 1,500 operations per second).
+    #[arg(long, default_value_t = 2_000)]
+    mongo_messages: u64,
+    /// MongoDB connection string for `--store mongodb` and the cluster scenario
+    /// (`eval "$(bash .ci/mongo.sh start)"` starts the nx-27017 test server and sets it).
+    #[arg(long, env = "PIGEON_TEST_MONGODB_URI")]
+    mongodb_uri: Option<String>,
+    /// The MongoDB server's pid, to report its CPU next to the figures that use it
+    /// (default: the pid file of `.ci/mongo.sh`, when it names a live process).
+    #[arg(long)]
+    mongodb_pid: Option<i32>,
+    /// What the MongoDB URI points at, printed next to every figure that depends on it.
+    #[arg(long, default_value = "nx-27017 test server")]
+    mongodb_label: String,
+    /// cluster: pairs of online users (each pair's two users on different nodes).
+    #[arg(long, default_value_t = 10)]
+    cluster_pairs: usize,
+    /// cluster: the Redis server binary (started on a free loopback port per run).
+    #[arg(long, default_value = "redis-server")]
+    redis_server: String,
+    /// blob: MiB sent in one transfer.
+    #[arg(long, default_value_t = 1024)]
+    blob_mib: u64,
+    /// blob: payload KiB per binary frame.
+    #[arg(long, default_value_t = 256)]
+    blob_chunk_kib: usize,
+    /// blob: announce without `sha256` (by default the sender announces it, as
+    /// `pigeon chat`'s `/send` does, and the server checks it).
+    #[arg(long)]
+    blob_no_sha256: bool,
     /// idle: sessions to open (clamped to what the file limit allows).
     #[arg(long, default_value_t = 10_000)]
     idle: usize,
@@ -94,6 +133,11 @@ struct Cli {
     /// asked.
     #[arg(long)]
     server_prefix: Option<String>,
+    /// Extra environment for every Pigeon server, e.g.
+    /// `--pigeon-env PIGEON_WEBSOCKET_READ_BUFFER_BYTES=65536` (repeatable; for
+    /// experiments: the table does not say it was set).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pigeon_env: Vec<String>,
     /// The pigeon binary (default: the one cargo built for this bench).
     #[arg(long)]
     pigeon_bin: Option<PathBuf>,
@@ -113,6 +157,7 @@ enum Scenario {
     Flush,
     Idle,
     Blob,
+    Cluster,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +257,8 @@ enum Figure {
         wall_s: f64,
         msgs: u64,
         peak_rss_kib: u64,
+        /// The MongoDB server's CPU seconds over the same interval, when it was measured.
+        store_cpu_s: Option<f64>,
     },
     /// Idle sessions: RSS per session.
     Idle {
@@ -221,8 +268,18 @@ enum Figure {
         rss_after_kib: u64,
         peak_rss_kib: u64,
     },
+    /// One blob transfer: bytes over wall time, and the server's RSS around it.
+    Blob {
+        bytes: u64,
+        wall_s: f64,
+        cpu_s: f64,
+        gen_cpu_s: f64,
+        /// VmRSS just before the transfer.
+        rss_before_kib: u64,
+        /// Highest VmRSS sampled every 50 ms during the transfer.
+        rss_peak_kib: u64,
+    },
     Unavailable(String),
-    Pending(String),
 }
 
 #[derive(Debug, Clone)]
@@ -263,20 +320,23 @@ async fn run(cli: &Cli, peers: &[Peer], nofile: u64) -> Result<Vec<Row>> {
         }
     }
     if matches!(sc, Scenario::All | Scenario::Flush) {
-        let scenario = format!("offline flush {}", cli.messages);
-        match cli.store {
-            StoreKind::Sqlite => {
-                let (store, flush) = flush_run(cli).await;
-                rows.push(row(&format!("{scenario}: store"), "pigeon sqlite", store));
-                rows.push(row(&scenario, "pigeon sqlite", flush));
-            }
-            StoreKind::Mongodb => rows.push(row(
-                &scenario,
-                "pigeon mongodb",
-                Ok(Figure::Pending(
-                    "pending: MongoDB backend not merged yet".into(),
-                )),
-            )),
+        for &store in &cli.store {
+            let (label, m, note) = match store {
+                StoreKind::Sqlite => ("pigeon sqlite", cli.messages, String::new()),
+                StoreKind::Mongodb => (
+                    "pigeon mongodb",
+                    cli.mongo_messages,
+                    format!("measures the {}, not MongoDB", cli.mongodb_label),
+                ),
+            };
+            let scenario = format!("offline flush {m}");
+            let (store_fig, flush_fig) = flush_run(cli, store, m).await;
+            let mut r = row(&format!("{scenario}: store"), label, store_fig);
+            r.note.clone_from(&note);
+            rows.push(r);
+            let mut r = row(&scenario, label, flush_fig);
+            r.note = note;
+            rows.push(r);
         }
     }
     if matches!(sc, Scenario::All | Scenario::Idle) {
@@ -294,11 +354,52 @@ async fn run(cli: &Cli, peers: &[Peer], nofile: u64) -> Result<Vec<Row>> {
         }
     }
     if matches!(sc, Scenario::All | Scenario::Blob) {
-        rows.push(row(
-            "blob",
-            "-",
-            Ok(Figure::Pending("blob: pending issue 6".into())),
-        ));
+        let scenario = format!("blob {} MiB", cli.blob_mib);
+        // The bare relay forwards binary frames too (a ceiling); the others do not.
+        let blob_peers: Vec<Peer> = peers
+            .iter()
+            .copied()
+            .filter(|p| matches!(p, Peer::Pigeon | Peer::Bare))
+            .collect();
+        let mut figures: Vec<Option<Result<Figure>>> = blob_peers.iter().map(|_| None).collect();
+        let mut notes = vec![String::new(); blob_peers.len()];
+        for _ in 0..cli.rounds.max(1) {
+            for (k, &peer) in blob_peers.iter().enumerate() {
+                let f = match blob_run(cli, peer).await {
+                    Ok((f, note)) => {
+                        notes[k] = note;
+                        Ok(f)
+                    }
+                    Err(e) => Err(e),
+                };
+                figures[k] = Some(merge(figures[k].take(), f));
+            }
+        }
+        for (k, &peer) in blob_peers.iter().enumerate() {
+            if let Some(f) = figures[k].take() {
+                let mut r = row(&scenario, peer.name(), f);
+                r.note = format!("{} round(s); {}", cli.rounds.max(1), notes[k]);
+                rows.push(r);
+            }
+        }
+    }
+    if matches!(sc, Scenario::All | Scenario::Cluster) {
+        // Rounds interleave the two set-ups like pairs does.
+        let mut two = None;
+        let mut one = None;
+        for _ in 0..cli.rounds.max(1) {
+            two = Some(merge(two.take(), cluster_run(cli, 2).await));
+            one = Some(merge(one.take(), cluster_run(cli, 1).await));
+        }
+        let scenario = format!("cluster pairs {} w=1 hash", cli.cluster_pairs);
+        let note = format!("store: {}, not MongoDB", cli.mongodb_label);
+        for (label, f) in [("pigeon 2 nodes", two), ("pigeon 1 node", one)] {
+            if let Some(f) = f {
+                let mut r = row(&scenario, label, f);
+                r.note.clone_from(&note);
+                rows.push(r);
+            }
+        }
     }
     Ok(rows)
 }
@@ -316,6 +417,7 @@ fn merge(acc: Option<Result<Figure>>, next: Result<Figure>) -> Result<Figure> {
                 msgs: m1,
                 peak_rss_kib: r1,
                 rate: rate1,
+                store_cpu_s: s1,
             },
             Figure::Rate {
                 hist: h2,
@@ -325,6 +427,7 @@ fn merge(acc: Option<Result<Figure>>, next: Result<Figure>) -> Result<Figure> {
                 msgs: m2,
                 peak_rss_kib: r2,
                 rate: rate2,
+                store_cpu_s: s2,
             },
         ) => {
             let hist = match (h1, h2) {
@@ -349,9 +452,44 @@ fn merge(acc: Option<Result<Figure>>, next: Result<Figure>) -> Result<Figure> {
                 wall_s: w1 + w2,
                 msgs: m1 + m2,
                 peak_rss_kib: r1.max(r2),
+                store_cpu_s: s1.zip(s2).map(|(a, b)| a + b),
             })
         }
-        (a @ (Figure::Unavailable(_) | Figure::Pending(_)), _) => Ok(a),
+        (
+            Figure::Blob {
+                bytes: b1,
+                wall_s: w1,
+                cpu_s: c1,
+                gen_cpu_s: g1,
+                rss_before_kib: rb1,
+                rss_peak_kib: rp1,
+            },
+            Figure::Blob {
+                bytes: b2,
+                wall_s: w2,
+                cpu_s: c2,
+                gen_cpu_s: g2,
+                rss_before_kib: rb2,
+                rss_peak_kib: rp2,
+            },
+        ) => {
+            // Throughput over all rounds; the round with the larger RSS growth.
+            let (rss_before_kib, rss_peak_kib) =
+                if rp2.saturating_sub(rb2) > rp1.saturating_sub(rb1) {
+                    (rb2, rp2)
+                } else {
+                    (rb1, rp1)
+                };
+            Ok(Figure::Blob {
+                bytes: b1 + b2,
+                wall_s: w1 + w2,
+                cpu_s: c1 + c2,
+                gen_cpu_s: g1 + g2,
+                rss_before_kib,
+                rss_peak_kib,
+            })
+        }
+        (a @ Figure::Unavailable(_), _) => Ok(a),
         (_, b) => Ok(b),
     }
 }
@@ -493,6 +631,12 @@ async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> 
                 .arg(dir.path().join("data"))
                 .env("PIGEON_LOG_LEVEL", "warn")
                 .current_dir(dir.path()); // no ./config.toml: the defaults
+                                          // Stated, not inherited from the built-in defaults: no accounts and no abuse
+                                          // limits, so that the load is not throttled (the shipped config.toml has
+                                          // passwords and a 50 frames/s rate limit).
+            for (k, v) in PIGEON_BENCH_ENV {
+                cmd.env(k, v);
+            }
             cmd
         }
         Peer::Bare => {
@@ -526,13 +670,88 @@ async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> 
     for (k, v) in env {
         cmd.env(k, v);
     }
+    if peer == Peer::Pigeon {
+        // Last, so that they win over the scenario's settings.
+        for kv in &cli.pigeon_env {
+            let Some((k, v)) = kv.split_once('=') else {
+                bail!("--pigeon-env {kv:?}: expected KEY=VALUE");
+            };
+            cmd.env(k, v);
+        }
+    }
+    launch(cli, peer.name(), cmd, addr, dir).await
+}
+
+/// Pigeon's settings for every benchmark server (scenarios add their own).
+const PIGEON_BENCH_ENV: [(&str, &str); 4] = [
+    ("PIGEON_AUTH_MODE", "open"),
+    ("PIGEON_LIMITS_RATE_PER_SEC", "0"),
+    ("PIGEON_LIMITS_MAX_CONNECTIONS_PER_IP", "0"),
+    ("PIGEON_LIMITS_LOGIN_TIMEOUT_SECS", "600"),
+];
+
+/// A Redis server for the cluster scenario, on a free loopback port, nothing persisted.
+async fn start_redis(cli: &Cli) -> Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut cmd = Command::new(&cli.redis_server);
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .current_dir(dir.path());
+    launch(cli, "redis", cmd, addr, dir).await
+}
+
+/// Environment for a Pigeon on MongoDB with database `db`; `Err` says why not available.
+fn mongo_env(cli: &Cli, db: &str) -> Result<Vec<(&'static str, String)>> {
+    let Some(uri) = cli.mongodb_uri.as_deref().filter(|u| !u.is_empty()) else {
+        bail!(
+            "not available: no MongoDB: set --mongodb-uri or PIGEON_TEST_MONGODB_URI \
+             (eval \"$(bash .ci/mongo.sh start)\" starts the nx-27017 test server)"
+        );
+    };
+    Ok(vec![
+        ("PIGEON_STORAGE_BACKEND", "mongodb".into()),
+        ("PIGEON_STORAGE_MONGODB_URI", uri.into()),
+        ("PIGEON_STORAGE_MONGODB_DATABASE", db.into()),
+    ])
+}
+
+/// A database name no other run of this or another bench uses.
+fn fresh_db(tag: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "pigeon_bench_{tag}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The MongoDB server's pid (`--mongodb-pid`, or the one `.ci/mongo.sh` started).
+fn mongo_pid(cli: &Cli) -> Option<i32> {
+    let pid = cli.mongodb_pid.or_else(|| {
+        let file = Path::new(MANIFEST_DIR).join(".venv-mongo/run/nx-27017.pid");
+        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    })?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+/// Starts `cmd` in its own process group and waits until `addr` accepts connections.
+async fn launch(
+    cli: &Cli,
+    name: &str,
+    mut cmd: Command,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+) -> Result<Server> {
+    let port = addr.port();
     if let Some(prefix) = &cli.server_prefix {
         cmd = prefixed(cmd, prefix)?;
     }
     let log = match &cli.log_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
-            let name = format!("{}-{port}.log", peer.name().replace(' ', "_"));
+            let name = format!("{}-{port}.log", name.replace(' ', "_"));
             Stdio::from(std::fs::File::create(d.join(name))?)
         }
         None => Stdio::null(),
@@ -549,24 +768,51 @@ async fn start(cli: &Cli, peer: Peer, env: &[(&str, String)]) -> Result<Server> 
         addr,
         _dir: dir,
     };
-    let wait = if cli.pigeon_wrap.is_some() { 120 } else { 15 };
+    // Pigeon listens before its store (and Redis) is open, so for it "ready" is an
+    // answer from /healthz, not an accepted connection. MongoDB start-up may take
+    // 30 s to fail (the driver's server selection).
+    let pigeon = name == Peer::Pigeon.name();
+    let wait = match (cli.pigeon_wrap.is_some(), pigeon) {
+        (true, _) => 120,
+        (false, true) => 45,
+        (false, false) => 15,
+    };
     let deadline = Instant::now() + Duration::from_secs(wait);
     loop {
-        if TcpStream::connect(addr).await.is_ok() {
+        if pigeon {
+            if healthz(addr).await {
+                break;
+            }
+        } else if TcpStream::connect(addr).await.is_ok() {
             break;
         }
         if let Ok(Some(status)) = server.child.try_wait() {
-            bail!("not available: {} exited at start ({status})", peer.name());
+            bail!("not available: {name} exited at start ({status})");
         }
         if Instant::now() > deadline {
-            bail!(
-                "not available: {} did not listen within {wait} s",
-                peer.name()
-            );
+            bail!("not available: {name} did not listen within {wait} s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(server)
+}
+
+/// Whether `GET /healthz` answers with an HTTP status line (any status: only that the
+/// server is serving is asked here).
+async fn healthz(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await?;
+        anyhow::Ok(buf.starts_with(b"HTTP/1.1 "))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), probe).await,
+        Ok(Ok(true))
+    )
 }
 
 /// `cmd` run under `prefix` (a program and its arguments), with the same environment
@@ -690,7 +936,77 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
         Ok(s) => s,
         Err(e) => return Ok(Figure::Unavailable(format!("{e:#}"))),
     };
-    let n = cli.pairs * 2;
+    pairs_measure(
+        cli,
+        &[&server],
+        None,
+        cli.pairs,
+        window,
+        dialect,
+        peer.name(),
+    )
+    .await
+}
+
+/// Cluster pairs: hash dialect, window 1, on `nodes` Pigeon nodes sharing one MongoDB
+/// database (and, for more than one node, a fresh Redis); user `2k` is on node 0 and
+/// its partner `2k+1` on node 1.
+async fn cluster_run(cli: &Cli, nodes: usize) -> Result<Figure> {
+    let mut env = match mongo_env(cli, &fresh_db("cluster")) {
+        Ok(env) => env,
+        Err(e) => return Ok(Figure::Unavailable(format!("{e:#}"))),
+    };
+    env.push(("PIGEON_LIMITS_MAILBOX_MAX", "10000".into()));
+    let _redis = if nodes > 1 {
+        let redis = match start_redis(cli).await {
+            Ok(r) => r,
+            Err(e) => return Ok(Figure::Unavailable(format!("{e:#}"))),
+        };
+        env.push((
+            "PIGEON_CLUSTER_REDIS_URL",
+            format!("redis://{}/", redis.addr),
+        ));
+        Some(redis)
+    } else {
+        None
+    };
+    let mut servers = Vec::new();
+    for k in 0..nodes {
+        let mut env = env.clone();
+        if nodes > 1 {
+            env.push(("PIGEON_CLUSTER_NODE_ID", format!("node{k}")));
+        }
+        match start(cli, Peer::Pigeon, &env).await {
+            Ok(s) => servers.push(s),
+            Err(e) => return Ok(Figure::Unavailable(format!("{e:#}"))),
+        }
+    }
+    let refs: Vec<&Server> = servers.iter().collect();
+    let store = mongo_pid(cli);
+    pairs_measure(
+        cli,
+        &refs,
+        store,
+        cli.cluster_pairs,
+        1,
+        Dialect::Hash,
+        "pigeon",
+    )
+    .await
+}
+
+/// Runs pairs against `servers` (user `i` on server `i % len`) and measures. CPU time
+/// and peak RSS are the sums over the servers; `store_pid`'s CPU is measured too.
+async fn pairs_measure(
+    cli: &Cli,
+    servers: &[&Server],
+    store_pid: Option<i32>,
+    pairs: usize,
+    window: usize,
+    dialect: Dialect,
+    name: &str,
+) -> Result<Figure> {
+    let n = pairs * 2;
     let partner = |i: usize| i ^ 1;
     let tag = match dialect {
         Dialect::Hash => "h",
@@ -700,9 +1016,20 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
         .map(|i| format!("p{tag}{}{}", i / 2, i % 2))
         .collect();
     let mut sessions = Vec::with_capacity(n);
-    for u in &users {
-        sessions.push(open_session(server.addr, u, dialect, None).await?);
+    for (i, u) in users.iter().enumerate() {
+        let addr = servers[i % servers.len()].addr;
+        sessions.push(open_session(addr, u, dialect, None).await?);
     }
+    let stats = || {
+        servers
+            .iter()
+            .map(|s| s.stats())
+            .fold(ProcStats::default(), |a, b| ProcStats {
+                cpu_s: a.cpu_s + b.cpu_s,
+                rss_kib: a.rss_kib + b.rss_kib,
+                hwm_kib: a.hwm_kib + b.hwm_kib,
+            })
+    };
     let warmup = Duration::from_secs(cli.warmup).as_nanos() as u64;
     let measured = Duration::from_secs(cli.seconds).as_nanos() as u64;
     let shared = Arc::new(PairsShared {
@@ -742,11 +1069,13 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
         )));
     }
     tokio::time::sleep(Duration::from_nanos(warmup)).await;
-    let before = server.stats();
+    let before = stats();
+    let store_before = store_pid.map(ProcStats::read);
     let gen_before = ProcStats::own();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_nanos(measured)).await;
-    let after = server.stats();
+    let after = stats();
+    let store_after = store_pid.map(ProcStats::read);
     let gen_after = ProcStats::own();
     let wall = t0.elapsed().as_secs_f64();
     shared.stop.store(true, Ordering::Release);
@@ -769,10 +1098,7 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
     }
     let out_lines = shared.out_lines.load(Ordering::Relaxed);
     if out_lines > 0 {
-        eprintln!(
-            "warning: {} answered Out Line {out_lines} times",
-            peer.name()
-        );
+        eprintln!("warning: {name} answered Out Line {out_lines} times");
     }
     let msgs = hist.len();
     Ok(Figure::Rate {
@@ -783,6 +1109,9 @@ async fn pairs_run(cli: &Cli, peer: Peer, window: usize, dialect: Dialect) -> Re
         wall_s: wall,
         msgs,
         peak_rss_kib: after.hwm_kib,
+        store_cpu_s: store_before
+            .zip(store_after)
+            .map(|(a, b)| b.cpu_s - a.cpu_s),
     })
 }
 
@@ -910,8 +1239,8 @@ async fn pairs_reader(
 // ---------------------------------------------------------------------------------------
 // Scenario 2: offline flush
 
-async fn flush_run(cli: &Cli) -> (Result<Figure>, Result<Figure>) {
-    match flush_inner(cli).await {
+async fn flush_run(cli: &Cli, store: StoreKind, m: u64) -> (Result<Figure>, Result<Figure>) {
+    match flush_inner(cli, store, m).await {
         Ok((a, b)) => (Ok(a), Ok(b)),
         Err(e) => {
             let msg = format!("{e:#}");
@@ -920,9 +1249,17 @@ async fn flush_run(cli: &Cli) -> (Result<Figure>, Result<Figure>) {
     }
 }
 
-async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
-    let m = cli.messages;
-    let env = [("PIGEON_LIMITS_MAILBOX_MAX", (m + 1000).to_string())];
+async fn flush_inner(cli: &Cli, store: StoreKind, m: u64) -> Result<(Figure, Figure)> {
+    let mut env = vec![("PIGEON_LIMITS_MAILBOX_MAX", (m + 1000).to_string())];
+    if store == StoreKind::Mongodb {
+        match mongo_env(cli, &fresh_db("flush")) {
+            Ok(e) => env.extend(e),
+            Err(e) => {
+                let f = Figure::Unavailable(format!("{e:#}"));
+                return Ok((f.clone(), f));
+            }
+        }
+    }
     let server = match start(cli, Peer::Pigeon, &env).await {
         Ok(s) => s,
         Err(e) => {
@@ -933,7 +1270,12 @@ async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
     // Store phase: one sender, pipelined, recipient offline.
     let ws = open_session(server.addr, "flush_src", Dialect::Json, None).await?;
     let (mut sink, mut stream) = ws.split();
+    let store_pid = (store == StoreKind::Mongodb)
+        .then(|| mongo_pid(cli))
+        .flatten();
+    let store_cpu = || store_pid.map(|p| ProcStats::read(p).cpu_s);
     let s0 = server.stats();
+    let n0 = store_cpu();
     let g0 = ProcStats::own();
     let t0 = Instant::now();
     let writer = tokio::spawn(async move {
@@ -961,6 +1303,7 @@ async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
     }
     let store_wall = t0.elapsed().as_secs_f64();
     let s1 = server.stats();
+    let n1 = store_cpu();
     let g1 = ProcStats::own();
     let _sink = writer.await??;
     let store = Figure::Rate {
@@ -971,6 +1314,7 @@ async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
         wall_s: store_wall,
         msgs: m,
         peak_rss_kib: s1.hwm_kib,
+        store_cpu_s: n0.zip(n1).map(|(a, b)| b - a),
     };
 
     // Flush phase: the recipient logs in and acks cumulatively.
@@ -1021,6 +1365,7 @@ async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
     }
     let wall = t0.elapsed().as_secs_f64();
     let s2 = server.stats();
+    let n2 = store_cpu();
     let g2 = ProcStats::own();
     if received != m {
         bail!("flush delivered {received} of {m} messages");
@@ -1047,6 +1392,7 @@ async fn flush_inner(cli: &Cli) -> Result<(Figure, Figure)> {
         wall_s: wall,
         msgs: m,
         peak_rss_kib: s2.hwm_kib,
+        store_cpu_s: n1.zip(n2).map(|(a, b)| b - a),
     };
     Ok((store, flush))
 }
@@ -1109,6 +1455,335 @@ async fn idle_run(cli: &Cli, peer: Peer, n: usize) -> Result<Figure> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Scenario 4: one large blob between two online users
+
+/// A running checksum of a byte stream (64-bit words, order-sensitive); the sender and
+/// the recipient each compute it over the payload bytes they saw.
+#[derive(Clone, Copy)]
+struct Checksum {
+    h: u64,
+    tail: [u8; 8],
+    tail_len: usize,
+}
+
+impl Checksum {
+    fn new() -> Checksum {
+        Checksum {
+            h: 0xcbf2_9ce4_8422_2325,
+            tail: [0; 8],
+            tail_len: 0,
+        }
+    }
+
+    fn word(&mut self, w: u64) {
+        self.h = (self.h.rotate_left(23) ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+
+    fn update(&mut self, mut data: &[u8]) {
+        // Chunks need not be multiples of 8 bytes: carry the odd bytes over.
+        while self.tail_len > 0 && !data.is_empty() {
+            self.tail[self.tail_len] = data[0];
+            self.tail_len += 1;
+            data = &data[1..];
+            if self.tail_len == 8 {
+                self.word(u64::from_le_bytes(self.tail));
+                self.tail_len = 0;
+            }
+        }
+        let mut words = data.chunks_exact(8);
+        for w in &mut words {
+            self.word(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        }
+        for &b in words.remainder() {
+            self.tail[self.tail_len] = b;
+            self.tail_len += 1;
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        for k in self.tail_len..8 {
+            self.tail[k] = 0;
+        }
+        self.word(u64::from_le_bytes(self.tail) ^ self.tail_len as u64);
+        self.h
+    }
+}
+
+/// The blob's bytes, chunk by chunk: pseudo-random, with each chunk's index in its
+/// first 8 bytes so that no two chunks are equal.
+struct BlobData {
+    base: Vec<u8>,
+    size: u64,
+}
+
+impl BlobData {
+    fn new(size: u64, chunk: usize) -> BlobData {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let base = (0..chunk)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        BlobData { base, size }
+    }
+
+    fn chunks(&self) -> u64 {
+        self.size.div_ceil(self.base.len() as u64)
+    }
+
+    /// Chunk `k` as a binary frame: the 4-byte stream number, then the payload.
+    fn frame(&self, stream: u32, k: u64) -> Vec<u8> {
+        let len = (self.size - k * self.base.len() as u64).min(self.base.len() as u64) as usize;
+        let mut f = Vec::with_capacity(4 + len);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(&self.base[..len]);
+        let n = len.min(8);
+        f[4..4 + n].copy_from_slice(&k.to_le_bytes()[..n]);
+        f
+    }
+}
+
+/// Samples a process's VmRSS every 50 ms on its own thread until stopped; the highest.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: i32) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            loop {
+                peak = peak.max(ProcStats::read(pid).rss_kib);
+                if flag.load(Ordering::Acquire) {
+                    return peak;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        RssSampler { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().unwrap_or(0)
+    }
+}
+
+/// Pigeon: a Pigeon JSON sender announces the blob (`size`, and `sha256` unless
+/// `--blob-no-sha256`) to an online Pigeon JSON recipient and sends it in
+/// `--blob-chunk-kib` frames, awaiting each send (the socket's backpressure); the
+/// recipient counts and checksums the payload and acks at `blob_end`. The clock runs
+/// from the announce until the recipient has `blob_end` and the sender `sent`.
+/// Bare relay (a ceiling): the same frames after a hash text frame that names the
+/// recipient; it relays binary frames to the last recipient, with no flow control.
+async fn blob_run(cli: &Cli, peer: Peer) -> Result<(Figure, String)> {
+    let size = cli.blob_mib * 1024 * 1024;
+    let chunk = cli.blob_chunk_kib.max(1) * 1024;
+    if size == 0 {
+        bail!("--blob-mib must be positive");
+    }
+    let env = [
+        ("PIGEON_LIMITS_MAX_BLOB_BYTES", size.to_string()),
+        (
+            "PIGEON_LIMITS_MAX_MESSAGE_BYTES",
+            (chunk + 4).max(1024 * 1024).to_string(),
+        ),
+    ];
+    let server = match start(cli, peer, &env).await {
+        Ok(s) => s,
+        Err(e) => return Ok((Figure::Unavailable(format!("{e:#}")), String::new())),
+    };
+    let data = Arc::new(BlobData::new(size, chunk));
+    // The sender's checksum (and sha256) over exactly the bytes it will send.
+    let mut sum = Checksum::new();
+    let mut sha = sha2::Sha256::new();
+    let announce_sha = peer == Peer::Pigeon && !cli.blob_no_sha256;
+    for k in 0..data.chunks() {
+        let f = data.frame(0, k);
+        sum.update(&f[4..]);
+        if announce_sha {
+            sha.update(&f[4..]);
+        }
+    }
+    let sent_sum = sum.finish();
+    let sha_hex: String = sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
+
+    let dialect = if peer == Peer::Pigeon {
+        Dialect::Json
+    } else {
+        Dialect::Hash
+    };
+    let src = open_session(server.addr, "blob_src", dialect, None).await?;
+    let dst = open_session(server.addr, "blob_dst", dialect, None).await?;
+    let (mut src_sink, mut src_stream) = src.split();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.stats();
+    let g0 = ProcStats::own();
+    let sampler = RssSampler::start(server.pid);
+    let t0 = Instant::now();
+    let receiver = tokio::spawn(blob_receive(dst, peer, size));
+    let stream = if peer == Peer::Pigeon {
+        let sha_field = if announce_sha {
+            format!(r#","sha256":"{sha_hex}""#)
+        } else {
+            String::new()
+        };
+        let announce = format!(
+            r#"{{"type":"blob","id":"b-1","to":"blob_dst","name":"bench.bin","mime":"application/octet-stream","size":{size}{sha_field}}}"#
+        );
+        src_sink.send(Message::text(announce)).await?;
+        loop {
+            let Some(frame) = src_stream.next().await else {
+                bail!("sender closed before blob_accepted")
+            };
+            if let Message::Text(t) = frame? {
+                let v: serde_json::Value = serde_json::from_str(t.as_str())?;
+                match v["type"].as_str() {
+                    Some("blob_accepted") => {
+                        break v["stream"].as_u64().context("stream")? as u32;
+                    }
+                    Some("error") => bail!("blob refused: {}", t.as_str()),
+                    _ => {}
+                }
+            }
+        }
+    } else {
+        src_sink
+            .send(Message::text("blob_src#start#blob_dst"))
+            .await?;
+        0
+    };
+    for k in 0..data.chunks() {
+        src_sink
+            .send(Message::binary(data.frame(stream, k)))
+            .await?;
+    }
+    if peer == Peer::Pigeon {
+        loop {
+            let Some(frame) = src_stream.next().await else {
+                bail!("sender closed before sent")
+            };
+            if let Message::Text(t) = frame? {
+                let t = t.as_str();
+                if t.contains(r#""type":"sent""#) {
+                    if !t.contains(r#""status":"delivered""#) {
+                        bail!("blob not delivered live: {t}");
+                    }
+                    break;
+                }
+                if t.contains(r#""type":"error""#) {
+                    bail!("blob transfer: {t}");
+                }
+            }
+        }
+    }
+    let (got, got_sum, mut dst) = receiver.await??;
+    let wall = t0.elapsed().as_secs_f64();
+    let after = server.stats();
+    let g1 = ProcStats::own();
+    let rss_peak = sampler.stop().max(after.rss_kib);
+    if got != size {
+        bail!("recipient got {got} of {size} bytes");
+    }
+    if got_sum != sent_sum {
+        bail!("checksum mismatch: sent {sent_sum:016x}, received {got_sum:016x}");
+    }
+    // Untimed: the ack deletes the blob; a new login must see nothing pending.
+    if peer == Peer::Pigeon {
+        dst.send(Message::text(r#"{"type":"ping"}"#)).await?;
+        while let Some(frame) = dst.next().await {
+            if let Message::Text(t) = frame? {
+                if t.as_str().contains("pong") {
+                    break;
+                }
+            }
+        }
+        drop(dst);
+        let mut ws = connect(server.addr, "/ws?user=blob_dst", None).await?;
+        while let Some(frame) = ws.next().await {
+            if let Message::Text(t) = frame? {
+                let t = t.as_str();
+                if t.contains(r#""type":"welcome""#) {
+                    if !t.contains(r#""pending":0"#) {
+                        bail!("blob still pending after its ack: {t}");
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    let note = format!(
+        "{} KiB chunks; {}checksum ok",
+        chunk / 1024,
+        match peer {
+            Peer::Pigeon if announce_sha => "sha256 announced; ",
+            Peer::Pigeon => "no sha256; ",
+            _ => "",
+        },
+    );
+    Ok((
+        Figure::Blob {
+            bytes: size,
+            wall_s: wall,
+            cpu_s: after.cpu_s - before.cpu_s,
+            gen_cpu_s: g1.cpu_s - g0.cpu_s,
+            rss_before_kib: before.rss_kib,
+            rss_peak_kib: rss_peak,
+        },
+        note,
+    ))
+}
+
+/// The recipient's side: payload bytes and their checksum, then the socket back.
+async fn blob_receive(mut ws: Ws, peer: Peer, size: u64) -> Result<(u64, u64, Ws)> {
+    let mut stream: Option<u32> = if peer == Peer::Pigeon { None } else { Some(0) };
+    let mut got = 0u64;
+    let mut sum = Checksum::new();
+    loop {
+        let Some(frame) = ws.next().await else {
+            bail!("recipient closed after {got} bytes")
+        };
+        match frame? {
+            Message::Binary(b) => {
+                if b.len() < 4 {
+                    bail!("binary frame of {} bytes", b.len());
+                }
+                let s = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                if Some(s) != stream {
+                    bail!("chunk on stream {s}, expected {stream:?}");
+                }
+                got += (b.len() - 4) as u64;
+                sum.update(&b[4..]);
+                if peer != Peer::Pigeon && got >= size {
+                    return Ok((got, sum.finish(), ws));
+                }
+            }
+            Message::Text(t) if peer == Peer::Pigeon => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str())?;
+                match v["type"].as_str() {
+                    Some("blob_start") => stream = v["stream"].as_u64().map(|s| s as u32),
+                    Some("blob_end") => {
+                        let seq = v["seq"].as_u64().context("blob_end without seq")?;
+                        ws.send(Message::text(format!(r#"{{"type":"ack","upto":{seq}}}"#)))
+                            .await?;
+                        return Ok((got, sum.finish(), ws));
+                    }
+                    Some("blob_abort" | "error") => bail!("recipient: {}", t.as_str()),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // The table
 
 fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
@@ -1130,11 +1805,12 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
     let _ = writeln!(
         out,
         "ratio = Pigeon ÷ this server (throughput: >1 means Pigeon is faster; \
-         idle: <1 means Pigeon uses less memory)\n"
+         idle: <1 means Pigeon uses less memory); cluster: 2 nodes ÷ this row; \
+         MB = 10^6 bytes; blob peak RSS = highest VmRSS sampled every 50 ms\n"
     );
     let _ = writeln!(
         out,
-        "| {:<24} | {:<13} | {:>15} | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>9} | {:>9} | {:>9} |",
+        "| {:<28} | {:<14} | {:>15} | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>9} | {:>9} | {:>9} |",
         "scenario",
         "server",
         "result",
@@ -1149,7 +1825,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
     );
     let _ = writeln!(
         out,
-        "|{:-<26}|{:-<15}|{:-<17}|{:-<8}|{:-<10}|{:-<10}|{:-<10}|{:-<8}|{:-<11}|{:-<11}|{:-<11}|",
+        "|{:-<30}|{:-<16}|{:-<17}|{:-<8}|{:-<10}|{:-<10}|{:-<10}|{:-<8}|{:-<11}|{:-<11}|{:-<11}|",
         "", "", "", "", "", "", "", "", "", "", ""
     );
     for r in rows {
@@ -1163,6 +1839,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                 wall_s,
                 msgs,
                 peak_rss_kib,
+                store_cpu_s,
             } => {
                 let ratio = match reference {
                     Some(Figure::Rate { rate: p, .. }) if *rate > 0.0 => {
@@ -1175,8 +1852,10 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                         .filter(|h| !h.is_empty())
                         .map_or("-".to_string(), |h| h.value_at_quantile(p).to_string())
                 };
+                // /proc counts CPU time in clock ticks (10 ms): below 5 ticks, no figure.
+                let cpu = |c: f64, f: String| if c < 0.05 { "-".to_string() } else { f };
                 format!(
-                    "| {:<24} | {:<13} | {:>9.0} msg/s | {:>6} | {:>8} | {:>8} | {:>8} | {:>6.0} | {:>10.1} | {:>5} MiB | {:>9.0} |",
+                    "| {:<28} | {:<14} | {:>9.0} msg/s | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>10} | {:>5} MiB | {:>9} |",
                     r.scenario,
                     r.server,
                     rate,
@@ -1184,11 +1863,17 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                     q(hist, 0.5),
                     q(hist, 0.99),
                     q(hist, 0.999),
-                    100.0 * cpu_s / wall_s.max(1e-9),
-                    1e6 * cpu_s / (*msgs).max(1) as f64,
+                    cpu(*cpu_s, format!("{:.0}", 100.0 * cpu_s / wall_s.max(1e-9))),
+                    cpu(*cpu_s, format!("{:.1}", 1e6 * cpu_s / (*msgs).max(1) as f64)),
                     peak_rss_kib / 1024,
-                    100.0 * gen_cpu_s / wall_s.max(1e-9),
-                )
+                    cpu(
+                        *gen_cpu_s,
+                        format!("{:.0}", 100.0 * gen_cpu_s / wall_s.max(1e-9))
+                    ),
+                ) + &store_cpu_s
+                    .filter(|c| *c >= 0.05)
+                    .map(|c| format!(" MongoDB server CPU {:.0} %", 100.0 * c / wall_s.max(1e-9)))
+                    .unwrap_or_default()
             }
             Figure::Idle {
                 sessions,
@@ -1204,7 +1889,7 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                     _ => "-".into(),
                 };
                 format!(
-                    "| {:<24} | {:<13} | {:>8.2} KiB/ses | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>10} | {:>5} MiB | {:>9} | RSS {} → {} MiB for {} sessions",
+                    "| {:<28} | {:<14} | {:>8.2} KiB/ses | {:>6} | {:>8} | {:>8} | {:>8} | {:>6} | {:>10} | {:>5} MiB | {:>9} | RSS {} → {} MiB for {} sessions",
                     r.scenario,
                     r.server,
                     per_session_kib,
@@ -1221,12 +1906,49 @@ fn print_table(cli: &Cli, nofile: u64, rows: &[Row]) {
                     sessions,
                 )
             }
-            Figure::Unavailable(why) | Figure::Pending(why) => {
-                format!("| {:<24} | {:<13} | {why}", r.scenario, r.server)
+            Figure::Blob {
+                bytes,
+                wall_s,
+                cpu_s,
+                gen_cpu_s,
+                rss_before_kib,
+                rss_peak_kib,
+            } => {
+                let mb_s = *bytes as f64 / 1e6 / wall_s.max(1e-9);
+                let ratio = match reference {
+                    Some(Figure::Blob {
+                        bytes: b,
+                        wall_s: w,
+                        ..
+                    }) if mb_s > 0.0 => {
+                        format!("{:.2}×", (b as f64 / 1e6 / w.max(1e-9)) / mb_s)
+                    }
+                    _ => "-".into(),
+                };
+                format!(
+                    "| {:<28} | {:<14} | {:>10.0} MB/s | {:>6} | {:>8} | {:>8} | {:>8} | {:>6.0} | {:>10} | {:>5} MiB | {:>9.0} | RSS {} → peak {} MiB: +{:.1} MiB",
+                    r.scenario,
+                    r.server,
+                    mb_s,
+                    ratio,
+                    "-",
+                    "-",
+                    "-",
+                    100.0 * cpu_s / wall_s.max(1e-9),
+                    "-",
+                    rss_peak_kib / 1024,
+                    100.0 * gen_cpu_s / wall_s.max(1e-9),
+                    rss_before_kib / 1024,
+                    rss_peak_kib / 1024,
+                    rss_peak_kib.saturating_sub(*rss_before_kib) as f64 / 1024.0,
+                )
+            }
+            Figure::Unavailable(why) => {
+                format!("| {:<28} | {:<14} | {why}", r.scenario, r.server)
             }
         };
         let _ = write!(out, "{line}");
-        if !r.note.is_empty() {
+        if !r.note.is_empty() && !matches!(r.figure, Figure::Unavailable(_)) {
             let _ = write!(out, " ({})", r.note);
         }
         let _ = writeln!(out);

@@ -1,7 +1,8 @@
 //! Benchmark peer: a bare tokio-tungstenite relay, the floor Pigeon is measured against.
 //! A name → sender map, no storage, no acks; the hash dialect (`from#body#to`, the first
 //! frame names the sender); the sender is answered like Pigeon answers it (`send success`,
-//! preceded by `Out Line` when the recipient is offline, whose message is then dropped).
+//! preceded by `Out Line` when the recipient is offline, whose message is then dropped);
+//! binary frames go to the recipient of the last text frame.
 //! Same WebSocket settings as Pigeon's defaults (4 KiB read and write buffers) and the
 //! same writer shape (a task per connection that batches queued frames, then flushes).
 //! Built into the `load` bench binary and started by it as `load bare-relay --bind ADDR`.
@@ -81,8 +82,20 @@ async fn connection(socket: TcpStream, id: u64, users: Users) {
         }
     });
     let mut me: Option<String> = None;
+    // Binary frames go, as they are, to the recipient of the last text frame (the blob
+    // scenario's ceiling); no flow control, like the text path.
+    let mut last_to: Option<mpsc::UnboundedSender<Message>> = None;
     while let Some(Ok(frame)) = stream.next().await {
-        let Message::Text(text) = frame else { continue };
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Binary(data) => {
+                if let Some(peer) = &last_to {
+                    let _ = peer.send(Message::Binary(data));
+                }
+                continue;
+            }
+            _ => continue,
+        };
         let s = text.as_str();
         let (Some(first), Some(last)) = (s.find('#'), s.rfind('#')) else {
             let _ = tx.send(Message::text("!error#bad_frame#expected from#msg#to"));
@@ -103,6 +116,7 @@ async fn connection(socket: TcpStream, id: u64, users: Users) {
             .lock()
             .ok()
             .and_then(|map| map.get(to).map(|(_, t)| t.clone()));
+        last_to.clone_from(&peer);
         match peer {
             Some(peer) => {
                 let _ = peer.send(Message::Text(text));
