@@ -14,6 +14,9 @@ use super::{BlobRead, BlobWrite, StoreError};
 #[derive(Debug, Clone)]
 pub struct BlobFiles {
     dir: PathBuf,
+    /// fsync each finished blob (with `sqlite_synchronous = "full"`: then a committed
+    /// blob message never points at bytes a power loss took away).
+    sync: bool,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
@@ -28,10 +31,10 @@ fn valid_key(key: &str) -> bool {
 }
 
 impl BlobFiles {
-    pub fn open(data_dir: &Path) -> Result<BlobFiles, StoreError> {
+    pub fn open(data_dir: &Path, sync: bool) -> Result<BlobFiles, StoreError> {
         let dir = data_dir.join("blobs");
         std::fs::create_dir_all(&dir).map_err(|e| io("cannot create", &dir, e))?;
-        Ok(BlobFiles { dir })
+        Ok(BlobFiles { dir, sync })
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
@@ -48,7 +51,12 @@ impl BlobFiles {
         let file = tokio::fs::File::create(&part)
             .await
             .map_err(|e| io("cannot create", &part, e))?;
-        Ok(Box::new(FileWriter { file, part, done }))
+        Ok(Box::new(FileWriter {
+            file,
+            part,
+            done,
+            sync: self.sync,
+        }))
     }
 
     pub async fn reader(&self, key: &str) -> Result<Box<dyn BlobRead>, StoreError> {
@@ -90,6 +98,7 @@ struct FileWriter {
     file: tokio::fs::File,
     part: PathBuf,
     done: PathBuf,
+    sync: bool,
 }
 
 #[async_trait]
@@ -106,6 +115,12 @@ impl BlobWrite for FileWriter {
             .flush()
             .await
             .map_err(|e| io("cannot write", &self.part, e))?;
+        if self.sync {
+            self.file
+                .sync_all()
+                .await
+                .map_err(|e| io("cannot sync", &self.part, e))?;
+        }
         tokio::fs::rename(&self.part, &self.done)
             .await
             .map_err(|e| io("cannot finish", &self.done, e))

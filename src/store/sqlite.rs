@@ -113,7 +113,7 @@ impl SqliteStore {
             &cfg.sqlite_synchronous,
             Duration::from_millis(cfg.sqlite_busy_timeout_ms),
         )?;
-        let blobs = BlobFiles::open(&cfg.data_dir)?;
+        let blobs = BlobFiles::open(&cfg.data_dir, cfg.sqlite_synchronous == "full")?;
         let swept = blobs.sweep(&referenced_blobs(&conn)?);
         if swept > 0 {
             tracing::info!(
