@@ -926,6 +926,14 @@ fn guess_dialect(text: &str) -> Dialect {
 /// Waiting for the session(s) a login replaced to finish.
 type Handover = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>;
 
+/// Why streaming a stored blob stopped.
+enum BlobOut {
+    /// The client's socket failed: the session ends.
+    Socket(Exit),
+    /// The blob could not be read: the client is told, the session goes on.
+    Store(StoreError),
+}
+
 /// The writer ends for one of these.
 enum Exit {
     /// The socket failed; nothing more can be written.
@@ -1164,36 +1172,18 @@ where
             offline,
         };
         self.write_event(&start).await?;
-        let mut reader = match self.app.store.blob_reader(&meta.key).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(key = %meta.key, error = %e, "stored blob cannot be read");
-                return self
-                    .write_event(&Event::BlobAborted {
+        if let Err(e) = self.stream_stored_blob(stream, &meta.key).await {
+            return match e {
+                BlobOut::Socket(e) => Err(e),
+                BlobOut::Store(e) => {
+                    tracing::error!(key = %meta.key, error = %e, "stored blob cannot be read");
+                    let aborted = Event::BlobAborted {
                         stream,
                         reason: "unavailable",
-                    })
-                    .await;
-            }
-        };
-        let mut buf = vec![0u8; self.app.config.limits.blob_chunk_bytes];
-        loop {
-            match reader.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => {
-                    self.write(Message::binary(protocol::chunk_frame(stream, &buf[..n])))
-                        .await?
+                    };
+                    self.write_event(&aborted).await
                 }
-                Err(e) => {
-                    tracing::error!(key = %meta.key, error = %e, "stored blob read failed");
-                    return self
-                        .write_event(&Event::BlobAborted {
-                            stream,
-                            reason: "unavailable",
-                        })
-                        .await;
-                }
-            }
+            };
         }
         self.write_event(&Event::BlobEnd {
             stream,
@@ -1201,6 +1191,26 @@ where
             ts: msg.accepted_at,
         })
         .await
+    }
+
+    /// Writes a stored blob's bytes as chunk frames on `stream`.
+    async fn stream_stored_blob(&mut self, stream: u32, key: &str) -> Result<(), BlobOut> {
+        let mut reader = self
+            .app
+            .store
+            .blob_reader(key)
+            .await
+            .map_err(BlobOut::Store)?;
+        let mut buf = vec![0u8; self.app.config.limits.blob_chunk_bytes];
+        loop {
+            let n = reader.read(&mut buf).await.map_err(BlobOut::Store)?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.write(Message::binary(protocol::chunk_frame(stream, &buf[..n])))
+                .await
+                .map_err(BlobOut::Socket)?;
+        }
     }
 
     /// A small stored blob, whole.

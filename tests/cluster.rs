@@ -292,7 +292,7 @@ async fn losing_redis_degrades_and_recovers() {
     c.cluster.redis_url = url;
     let node = TestServer::start(c).await;
     let health = || async {
-        let body = reqwest_like_get(node.addr, "/healthz").await;
+        let body = common::http_get(node.addr, "/healthz").await;
         serde_json::from_str::<Value>(body.split("\r\n\r\n").nth(1).unwrap_or("{}"))
             .unwrap_or(Value::Null)
     };
@@ -331,15 +331,4 @@ impl Drop for RedisProcess {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-async fn reqwest_like_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }

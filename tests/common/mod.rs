@@ -405,3 +405,15 @@ pub fn proc_fd_count(pid: &str) -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// A plain HTTP/1.1 GET; returns the whole response (status line, headers, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
