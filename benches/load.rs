@@ -106,6 +106,13 @@ struct Cli {
     /// cluster: pairs of online users (each pair's two users on different nodes).
     #[arg(long, default_value_t = 10)]
     cluster_pairs: usize,
+    /// hostile: pairs measured (window 1, hash) without and then with hostile clients.
+    #[arg(long, default_value_t = 20)]
+    hostile_pairs: usize,
+    /// hostile: how many of each kind of hostile client (slowloris sockets, sessions
+    /// that never read while a sender pushes 100 msgs/s of 1 KiB at each, ping flooders).
+    #[arg(long, default_value_t = 50)]
+    hostiles: usize,
     /// cluster: the Redis server binary (started on a free loopback port per run).
     #[arg(long, default_value = "redis-server")]
     redis_server: String,
@@ -158,6 +165,7 @@ enum Scenario {
     Idle,
     Blob,
     Cluster,
+    Hostile,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -401,7 +409,158 @@ async fn run(cli: &Cli, peers: &[Peer], nofile: u64) -> Result<Vec<Row>> {
             }
         }
     }
+    if matches!(sc, Scenario::All | Scenario::Hostile) {
+        rows.extend(hostile_rows(cli).await);
+    }
     Ok(rows)
+}
+
+/// Hostile clients: the same pairs measurement on one Pigeon, first calm, then while
+/// slowloris sockets, never-reading sessions (with senders pushing at them) and ping
+/// flooders run. Target: other users' p99 within 2× of calm.
+async fn hostile_rows(cli: &Cli) -> Vec<Row> {
+    // The per-connection frame limit is Pigeon's defence here; set above what one pairs
+    // user sends at window 1 (~1,000/s), far below what a flooder does.
+    let env = [
+        ("PIGEON_LIMITS_MAILBOX_MAX", "1000000".to_string()),
+        ("PIGEON_LIMITS_WRITE_TIMEOUT_SECS", "600".to_string()),
+        ("PIGEON_LIMITS_RATE_PER_SEC", "3000".to_string()),
+        ("PIGEON_LIMITS_RATE_BURST", "6000".to_string()),
+    ];
+    let scenario = format!("hostile: pairs {} w=1 hash", cli.hostile_pairs);
+    let server = match start(cli, Peer::Pigeon, &env).await {
+        Ok(s) => s,
+        Err(e) => {
+            return vec![row(
+                &scenario,
+                "pigeon",
+                Ok(Figure::Unavailable(format!("{e:#}"))),
+            )]
+        }
+    };
+    let calm = pairs_measure(
+        cli,
+        &[&server],
+        None,
+        cli.hostile_pairs,
+        1,
+        Dialect::Hash,
+        "pigeon",
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..cli.hostiles {
+        let addr = server.addr;
+        tasks.push(tokio::spawn(slowloris(addr, stop.clone())));
+        tasks.push(tokio::spawn(sink_and_flood(addr, i, stop.clone())));
+        tasks.push(tokio::spawn(ping_flood(addr, i, stop.clone())));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_before = server.stats().rss_kib;
+    let loud = pairs_measure(
+        cli,
+        &[&server],
+        None,
+        cli.hostile_pairs,
+        1,
+        Dialect::Hash,
+        "pigeon",
+    )
+    .await;
+    let rss_after = server.stats().rss_kib;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    let p99 = |f: &Result<Figure>| match f {
+        Ok(Figure::Rate { hist: Some(h), .. }) => Some(h.value_at_quantile(0.99)),
+        _ => None,
+    };
+    let note = match (p99(&calm), p99(&loud)) {
+        (Some(a), Some(b)) if a > 0 => format!(
+            "p99 under attack / calm = {:.2}× (target ≤ 2×); RSS during the attack {} → {} MiB",
+            b as f64 / a as f64,
+            rss_before / 1024,
+            rss_after / 1024
+        ),
+        _ => "no p99 to compare".into(),
+    };
+    let mut calm_row = row(&scenario, "pigeon calm", calm);
+    calm_row.note = "no hostile clients".into();
+    let mut loud_row = row(&scenario, "pigeon attacked", loud);
+    loud_row.note = format!(
+        "{} slowloris + {} never-reading sessions (100 msg/s of 1 KiB each) + {} ping flooders; {note}",
+        cli.hostiles, cli.hostiles, cli.hostiles
+    );
+    vec![calm_row, loud_row]
+}
+
+/// Sends an HTTP request's headers one byte at a time, forever (reconnecting when closed).
+async fn slowloris(addr: SocketAddr, stop: Arc<AtomicBool>) {
+    let request = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut s) = TcpStream::connect(addr).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        for b in request.iter().cycle() {
+            if stop.load(Ordering::Relaxed)
+                || tokio::io::AsyncWriteExt::write_all(&mut s, &[*b])
+                    .await
+                    .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// A session that never reads, and a sender pushing 100 msgs/s of 1 KiB at it.
+async fn sink_and_flood(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) {
+    let sink = format!("sink{i}");
+    let Ok(_sink_ws) = connect(addr, &format!("/ws?user={sink}"), None).await else {
+        return;
+    };
+    let Ok(mut ws) = open_session(addr, &format!("flood{i}"), Dialect::Json, None).await else {
+        return;
+    };
+    let body = "x".repeat(1024);
+    let mut n = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while !stop.load(Ordering::Relaxed) {
+        tokio::select! {
+            _ = tick.tick() => {
+                n += 1;
+                let f = format!(r#"{{"type":"send","id":"{n}","to":"{sink}","body":"{body}"}}"#);
+                if ws.send(Message::text(f)).await.is_err() {
+                    return;
+                }
+            }
+            m = ws.next() => if m.is_none() { return },
+        }
+    }
+}
+
+/// A session that sends WebSocket pings as fast as the socket takes them.
+async fn ping_flood(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) {
+    let Ok(ws) = open_session(addr, &format!("pinger{i}"), Dialect::Json, None).await else {
+        return;
+    };
+    let (mut sink, mut stream) = ws.split();
+    let reader = tokio::spawn(async move { while stream.next().await.is_some() {} });
+    while !stop.load(Ordering::Relaxed) {
+        if sink
+            .send(Message::Ping(vec![0u8; 16].into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    reader.abort();
 }
 
 /// Adds up two rounds of the same measurement; an error or "not available" wins.

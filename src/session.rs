@@ -260,7 +260,8 @@ impl Reader {
         // Chunks of an accepted blob are paced by the relay's backpressure, not by the
         // frame rate (a 256 MiB file is a thousand frames).
         let rated = match &frame {
-            Some(Ok(Message::Text(_))) => true,
+            // Pings too: each costs a pong, and a ping flood is an attack like any other.
+            Some(Ok(Message::Text(_) | Message::Ping(_))) => true,
             Some(Ok(Message::Binary(_))) => {
                 self.dialect != Some(Dialect::Pigeon) || self.transfers.is_empty()
             }
