@@ -113,6 +113,9 @@ struct Cli {
     /// that never read while a sender pushes 100 msgs/s of 1 KiB at each, ping flooders).
     #[arg(long, default_value_t = 50)]
     hostiles: usize,
+    /// hostile: which kinds run (comma list of slowloris, sink, ping).
+    #[arg(long, default_value = "slowloris,sink,ping")]
+    hostile_kinds: String,
     /// cluster: the Redis server binary (started on a free loopback port per run).
     #[arg(long, default_value = "redis-server")]
     redis_server: String,
@@ -450,11 +453,22 @@ async fn hostile_rows(cli: &Cli) -> Vec<Row> {
     .await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
+    let kind = |k: &str| cli.hostile_kinds.split(',').any(|x| x.trim() == k);
     for i in 0..cli.hostiles {
         let addr = server.addr;
-        tasks.push(tokio::spawn(slowloris(addr, stop.clone())));
-        tasks.push(tokio::spawn(sink_and_flood(addr, i, stop.clone())));
-        tasks.push(tokio::spawn(ping_flood(addr, i, stop.clone())));
+        if kind("slowloris") {
+            tasks.push(tokio::spawn(slowloris(addr, stop.clone())));
+        }
+        if kind("sink") {
+            tasks.push(tokio::spawn(sink_and_flood(addr, i, stop.clone())));
+        }
+        if kind("ping") {
+            tasks.push(tokio::spawn(ping_flood(addr, i, stop.clone())));
+        }
+        if kind("busy") {
+            // The sink's traffic to a session that does read: the same load, no hostility.
+            tasks.push(tokio::spawn(busy_reader_and_flood(addr, i, stop.clone())));
+        }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_before = server.stats().rss_kib;
@@ -490,8 +504,8 @@ async fn hostile_rows(cli: &Cli) -> Vec<Row> {
     calm_row.note = "no hostile clients".into();
     let mut loud_row = row(&scenario, "pigeon attacked", loud);
     loud_row.note = format!(
-        "{} slowloris + {} never-reading sessions (100 msg/s of 1 KiB each) + {} ping flooders; {note}",
-        cli.hostiles, cli.hostiles, cli.hostiles
+        "{} each of {} (sink: a never-reading session with 100 msg/s of 1 KiB pushed at it); {note}",
+        cli.hostiles, cli.hostile_kinds
     );
     vec![calm_row, loud_row]
 }
@@ -523,7 +537,12 @@ async fn sink_and_flood(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) {
     let Ok(_sink_ws) = connect(addr, &format!("/ws?user={sink}"), None).await else {
         return;
     };
-    let Ok(mut ws) = open_session(addr, &format!("flood{i}"), Dialect::Json, None).await else {
+    sink_flood_into(addr, &format!("flood{i}"), &sink, stop).await;
+}
+
+/// Sends 100 msgs/s of 1 KiB from `from` to `to` until stopped, reading the answers.
+async fn sink_flood_into(addr: SocketAddr, from: &str, sink: &str, stop: Arc<AtomicBool>) {
+    let Ok(mut ws) = open_session(addr, from, Dialect::Json, None).await else {
         return;
     };
     let body = "x".repeat(1024);
@@ -541,6 +560,29 @@ async fn sink_and_flood(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) {
             m = ws.next() => if m.is_none() { return },
         }
     }
+}
+
+/// Like `sink_and_flood`, but the recipient reads (and acks) everything: a control.
+async fn busy_reader_and_flood(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) {
+    let reader = format!("busy{i}");
+    let Ok(rws) = open_session(addr, &reader, Dialect::Json, None).await else {
+        return;
+    };
+    let (mut rsink, mut rstream) = rws.split();
+    let acker = tokio::spawn(async move {
+        while let Some(Ok(m)) = rstream.next().await {
+            if let Message::Text(t) = m {
+                if let Some(seq) = seq_of(t.as_str()) {
+                    let ack = format!(r#"{{"type":"ack","upto":{seq}}}"#);
+                    if rsink.send(Message::text(ack)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    sink_flood_into(addr, &format!("feeder{i}"), &reader, stop).await;
+    acker.abort();
 }
 
 /// A session that sends WebSocket pings as fast as the socket takes them.
