@@ -108,11 +108,8 @@ impl SqliteStore {
             StoreError::Unavailable(format!("cannot create {}: {e}", cfg.data_dir.display()))
         })?;
         let path = cfg.data_dir.join("pigeon.db");
-        let conn = open_connection(
-            &path,
-            &cfg.sqlite_synchronous,
-            Duration::from_millis(cfg.sqlite_busy_timeout_ms),
-        )?;
+        let busy_timeout = Duration::from_millis(cfg.sqlite_busy_timeout_ms);
+        let conn = open_connection(&path, &cfg.sqlite_synchronous, busy_timeout)?;
         let blobs = BlobFiles::open(&cfg.data_dir, cfg.sqlite_synchronous == "full")?;
         let swept = blobs.sweep(&referenced_blobs(&conn)?);
         if swept > 0 {
@@ -129,9 +126,21 @@ impl SqliteStore {
             dedupe_window_ms: (cfg.dedupe_window_secs as i64).saturating_mul(1000),
             last_prune: Instant::now() - PRUNE_EVERY,
         };
+        // Checkpoints (copying the WAL into the database, with an fsync) run on a thread
+        // of their own, so the store thread never stalls on them; SQLite's own
+        // checkpoint at CHECKPOINT_SAFETY_PAGES stays as the bound if that thread lags.
+        let checkpointer = open_connection(&path, &cfg.sqlite_synchronous, busy_timeout)?;
+        let (alive, quit) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("pigeon-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpointer, &quit))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start checkpoint thread: {e}")))?;
         std::thread::Builder::new()
             .name("pigeon-sqlite".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || {
+                worker.run(rx);
+                drop(alive); // stops the checkpointer
+            })
             .map_err(|e| StoreError::Unavailable(format!("cannot start store thread: {e}")))?;
         Ok(SqliteStore { tx, blobs })
     }
@@ -165,8 +174,32 @@ fn open_connection(
         .map_err(unavailable)?;
     conn.pragma_update(None, "synchronous", synchronous)
         .map_err(unavailable)?;
+    conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_SAFETY_PAGES)
+        .map_err(unavailable)?;
     conn.execute_batch(SCHEMA).map_err(unavailable)?;
     Ok(conn)
+}
+
+/// Pages of WAL (4 KiB each) after which the committing thread checkpoints itself: only
+/// reached when the checkpoint thread falls behind.
+const CHECKPOINT_SAFETY_PAGES: i64 = 16_384;
+/// How often the checkpoint thread copies the WAL into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Runs passive checkpoints (they never block the writer) until the store thread ends.
+fn checkpoint_loop(conn: &Connection, quit: &std::sync::mpsc::Receiver<()>) {
+    loop {
+        let last = match quit.recv_timeout(CHECKPOINT_EVERY) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
+            _ => true, // the store thread is gone: one last checkpoint
+        };
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "background checkpoint did not run");
+        }
+        if last {
+            return;
+        }
+    }
 }
 
 #[async_trait]
