@@ -484,15 +484,8 @@ impl Reader {
                 if duplicate {
                     done.discard(&self.app, "duplicate").await;
                 }
-                self.errors_in_row = 0;
-                let sent = Event::Sent {
-                    id: id.as_deref(),
-                    to: &to,
-                    seq,
-                    fate,
-                    duplicate,
-                };
-                self.reply(Dialect::Pigeon, &sent).await
+                self.answer_sent(Dialect::Pigeon, id.as_deref(), &to, (seq, fate, duplicate))
+                    .await
             }
             Err(e) => {
                 done.discard(&self.app, "refused").await;
@@ -540,17 +533,7 @@ impl Reader {
             sha256: None,
         };
         match self.accept(user, None, to.clone(), meta.to_body()).await {
-            Ok((seq, fate, duplicate)) => {
-                self.errors_in_row = 0;
-                let sent = Event::Sent {
-                    id: None,
-                    to: &to,
-                    seq,
-                    fate,
-                    duplicate,
-                };
-                self.reply(dialect, &sent).await
-            }
+            Ok(accepted) => self.answer_sent(dialect, None, &to, accepted).await,
             Err(e) => {
                 self.app.store.blob_remove(&key).await;
                 self.refuse(dialect, e).await
@@ -658,16 +641,9 @@ impl Reader {
         for (msg, result) in batch.into_iter().zip(results) {
             let (id, to) = (msg.client_id.clone(), msg.recipient.clone());
             let flow = match self.route(msg, result).await {
-                Ok((seq, fate, duplicate)) => {
-                    self.errors_in_row = 0;
-                    let sent = Event::Sent {
-                        id: id.as_deref(),
-                        to: &to,
-                        seq,
-                        fate,
-                        duplicate,
-                    };
-                    self.reply(dialect, &sent).await
+                Ok(accepted) => {
+                    self.answer_sent(dialect, id.as_deref(), &to, accepted)
+                        .await
                 }
                 Err(e) => self.refuse(dialect, e).await,
             };
@@ -676,6 +652,25 @@ impl Reader {
             }
         }
         Flow::Continue
+    }
+
+    /// Tells the sender an accepted message's fate: `accepted` is (seq, fate, duplicate).
+    async fn answer_sent(
+        &mut self,
+        dialect: Dialect,
+        id: Option<&str>,
+        to: &str,
+        (seq, fate, duplicate): (u64, Fate, bool),
+    ) -> Flow {
+        self.errors_in_row = 0;
+        let sent = Event::Sent {
+            id,
+            to,
+            seq,
+            fate,
+            duplicate,
+        };
+        self.reply(dialect, &sent).await
     }
 
     /// Accepts one message: store first, then route. Returns (seq, fate, duplicate).

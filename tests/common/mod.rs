@@ -224,18 +224,11 @@ impl Client {
         self.ws.send(Message::binary(b)).await.unwrap();
     }
 
-    /// The next text frame (panics on close or timeout).
+    /// The next text frame, passing over binary ones (panics on close or timeout).
     pub async fn recv(&mut self) -> String {
         loop {
-            let m = tokio::time::timeout(TIMEOUT, self.ws.next())
-                .await
-                .expect("timed out waiting for a frame")
-                .expect("socket ended")
-                .expect("socket error");
-            match m {
-                Message::Text(t) => return t.to_string(),
-                Message::Close(c) => panic!("closed while waiting for a frame: {c:?}"),
-                _ => continue,
+            if let Frame::Text(t) = self.frame().await {
+                return t;
             }
         }
     }
