@@ -756,6 +756,130 @@ mod mongodb_only {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// SQLite specifics: the database file's schema versions.
+
+mod sqlite_only {
+    use super::*;
+
+    /// The messages table as the first release created it (`WITHOUT ROWID`, no
+    /// `user_version`), with a mailbox of three for bob, one of them 4 KiB.
+    fn write_version_0(dir: &std::path::Path) {
+        let conn = rusqlite::Connection::open(dir.join("pigeon.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE mailbox (recipient TEXT PRIMARY KEY, last_seq INTEGER NOT NULL,
+                 pending INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE message (recipient TEXT NOT NULL, seq INTEGER NOT NULL,
+                 sender TEXT NOT NULL, client_id TEXT, kind INTEGER NOT NULL,
+                 body TEXT NOT NULL, accepted_at INTEGER NOT NULL,
+                 PRIMARY KEY (recipient, seq)) WITHOUT ROWID;
+             CREATE TABLE client_id (sender TEXT NOT NULL, client_id TEXT NOT NULL,
+                 seq INTEGER NOT NULL, accepted_at INTEGER NOT NULL,
+                 PRIMARY KEY (sender, client_id)) WITHOUT ROWID;
+             CREATE INDEX client_id_age ON client_id (accepted_at);
+             CREATE TABLE users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL,
+                 created_at INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO mailbox VALUES ('bob', 3, 3);",
+        )
+        .unwrap();
+        let big = "b".repeat(4096);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        for (seq, body) in [(1, "one"), (2, big.as_str()), (3, "three")] {
+            conn.execute(
+                "INSERT INTO message VALUES ('bob', ?1, 'alice', ?2, 0, ?3, ?4)",
+                rusqlite::params![seq, format!("c{seq}"), body, now],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO client_id VALUES ('alice', ?1, ?2, ?3)",
+                rusqlite::params![format!("c{seq}"), seq, now],
+            )
+            .unwrap();
+        }
+    }
+
+    fn schema_of(dir: &std::path::Path) -> (i64, String) {
+        let conn = rusqlite::Connection::open(dir.join("pigeon.db")).unwrap();
+        let version = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        let sql = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'message'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (version, sql)
+    }
+
+    /// A database of the first release opens: its mailbox is moved to the current
+    /// table, in order, and new messages continue its sequence.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn version_0_database_is_migrated() {
+        let t = sqlite_target();
+        let Target::Sqlite { dir } = &t else {
+            unreachable!()
+        };
+        write_version_0(dir.path());
+        let store = t.open(100).await;
+        let msgs = store.fetch("bob", 0, 10).await.unwrap();
+        let got: Vec<(u64, String)> = msgs
+            .iter()
+            .map(|m| (m.seq, m.body.as_str().to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, "one".to_string()),
+                (2, "b".repeat(4096)),
+                (3, "three".to_string())
+            ]
+        );
+        assert_eq!(store.pending("bob").await.unwrap(), 3);
+        assert_eq!(
+            enqueue_new(&store, text("alice", "bob", "four", None)).await,
+            4
+        );
+        // Client ids of the old table still de-duplicate.
+        assert!(matches!(
+            store
+                .enqueue(text("alice", "bob", "again", Some("c1")))
+                .await,
+            Ok(Enqueued::Duplicate { seq: 1 })
+        ));
+        store.ack("bob", 2).await.unwrap();
+        assert_eq!(seqs(&store, "bob").await[..2], [3, 4]);
+        drop(store);
+        let (version, sql) = schema_of(dir.path());
+        assert_eq!(version, 1);
+        assert!(!sql.to_uppercase().contains("WITHOUT ROWID"), "{sql}");
+        // Opening again leaves it alone.
+        let store = t.open(100).await;
+        assert_eq!(seqs(&store, "bob").await[..2], [3, 4]);
+    }
+
+    /// A database from a newer Pigeon is refused with a message that says so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn newer_schema_is_refused() {
+        let t = sqlite_target();
+        let Target::Sqlite { dir } = &t else {
+            unreachable!()
+        };
+        let conn = rusqlite::Connection::open(dir.path().join("pigeon.db")).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = match store::open(&t.config(), 100).await {
+            Ok(_) => panic!("a schema from the future was opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("schema version 99"), "{err}");
+    }
+}
+
 /// Says a test was skipped where it is seen: straight to stderr, past libtest's capture.
 fn skipped(what: &str) {
     use std::io::Write;

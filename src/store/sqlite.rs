@@ -24,6 +24,13 @@ const QUEUE: usize = 8192;
 /// How often expired dedupe entries are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
+/// The schema `SCHEMA` creates, kept in SQLite's `user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Messages live in a rowid table (bodies are appended, and only the small
+/// `message_order` index entries are placed by key): with `WITHOUT ROWID`, every key
+/// comparison against a row whose body spilled to overflow pages read those pages, which
+/// made a large mailbox of 1 KiB messages slow down everybody's writes.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS mailbox (
     recipient TEXT PRIMARY KEY,
@@ -37,9 +44,9 @@ CREATE TABLE IF NOT EXISTS message (
     client_id   TEXT,
     kind        INTEGER NOT NULL,
     body        TEXT NOT NULL,
-    accepted_at INTEGER NOT NULL,
-    PRIMARY KEY (recipient, seq)
-) WITHOUT ROWID;
+    accepted_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS message_order ON message (recipient, seq);
 CREATE TABLE IF NOT EXISTS client_id (
     sender      TEXT NOT NULL,
     client_id   TEXT NOT NULL,
@@ -53,6 +60,25 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash TEXT NOT NULL,
     created_at    INTEGER NOT NULL
 ) WITHOUT ROWID;
+";
+
+/// Version 0 (before `user_version` was set) kept messages `WITHOUT ROWID`: moved into
+/// the version 1 table, in one transaction with everything else.
+const MIGRATE_0_TO_1: &str = "
+ALTER TABLE message RENAME TO message_v0;
+CREATE TABLE message (
+    recipient   TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    sender      TEXT NOT NULL,
+    client_id   TEXT,
+    kind        INTEGER NOT NULL,
+    body        TEXT NOT NULL,
+    accepted_at INTEGER NOT NULL
+);
+INSERT INTO message (recipient, seq, sender, client_id, kind, body, accepted_at)
+    SELECT recipient, seq, sender, client_id, kind, body, accepted_at FROM message_v0
+    ORDER BY recipient, seq;
+DROP TABLE message_v0;
 ";
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -109,7 +135,8 @@ impl SqliteStore {
         })?;
         let path = cfg.data_dir.join("pigeon.db");
         let busy_timeout = Duration::from_millis(cfg.sqlite_busy_timeout_ms);
-        let conn = open_connection(&path, &cfg.sqlite_synchronous, busy_timeout)?;
+        let mut conn = open_connection(&path, &cfg.sqlite_synchronous, busy_timeout)?;
+        prepare_schema(&mut conn, &path)?;
         let blobs = BlobFiles::open(&cfg.data_dir, cfg.sqlite_synchronous == "full")?;
         let swept = blobs.sweep(&referenced_blobs(&conn)?);
         if swept > 0 {
@@ -176,8 +203,46 @@ fn open_connection(
         .map_err(unavailable)?;
     conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_SAFETY_PAGES)
         .map_err(unavailable)?;
-    conn.execute_batch(SCHEMA).map_err(unavailable)?;
     Ok(conn)
+}
+
+/// Creates the tables, or brings an older database up to `SCHEMA_VERSION`, in one
+/// transaction: a crash half-way leaves the old database as it was.
+fn prepare_schema(conn: &mut Connection, path: &std::path::Path) -> Result<(), StoreError> {
+    let failed = |e: rusqlite::Error| {
+        StoreError::Unavailable(format!("cannot prepare {}: {e}", path.display()))
+    };
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(failed)?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(failed)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Unavailable(format!(
+            "{} has schema version {version}, newer than this Pigeon's {SCHEMA_VERSION}: \
+             run a newer Pigeon, or point data_dir elsewhere",
+            path.display()
+        )));
+    }
+    if version == 0 {
+        let old_messages: Option<String> = tx
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'message'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(failed)?;
+        if old_messages.is_some_and(|sql| sql.to_uppercase().contains("WITHOUT ROWID")) {
+            tracing::info!(path = %path.display(), "moving messages to schema version 1");
+            tx.execute_batch(MIGRATE_0_TO_1).map_err(failed)?;
+        }
+    }
+    tx.execute_batch(SCHEMA).map_err(failed)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(failed)?;
+    tx.commit().map_err(failed)
 }
 
 /// Pages of WAL (4 KiB each) after which the committing thread checkpoints itself: only
