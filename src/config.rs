@@ -160,6 +160,12 @@ pub struct LimitsConfig {
     /// Frames refused with `rate_limited` before the bucket refilled that close the
     /// session with 4008.
     pub rate_strikes: u32,
+    /// WebSocket pings per second one connection may send on average, on top of the
+    /// frame rate: each costs a pong, and a client needs about one every few seconds.
+    /// Pings beyond it are strikes like frames beyond `rate_per_sec`. 0 turns it off.
+    pub ping_per_sec: u32,
+    /// Pings one connection may send in a burst above `ping_per_sec`.
+    pub ping_burst: u32,
     /// Connections (HTTP and WebSocket) one IP address may hold open at once; more are
     /// answered with HTTP 429. 0 means no cap.
     pub max_connections_per_ip: usize,
@@ -194,6 +200,8 @@ impl Default for LimitsConfig {
             rate_per_sec: 0,
             rate_burst: 100,
             rate_strikes: 10,
+            ping_per_sec: 5,
+            ping_burst: 20,
             max_connections_per_ip: 256,
             login_timeout_secs: 10,
             login_max_failures: 5,
@@ -424,6 +432,9 @@ impl Config {
         }
         if l.rate_per_sec > 0 && (l.rate_burst == 0 || l.rate_strikes == 0) {
             return bad("limits.rate_burst and rate_strikes must be positive when rate_per_sec is");
+        }
+        if l.ping_per_sec > 0 && (l.ping_burst == 0 || l.rate_strikes == 0) {
+            return bad("limits.ping_burst and rate_strikes must be positive when ping_per_sec is");
         }
         if l.login_timeout_secs == 0 || l.login_max_failures == 0 || l.takeover_window_secs == 0 {
             return bad(

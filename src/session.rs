@@ -60,6 +60,11 @@ const READ_BATCH: usize = 64;
 const ACK_DELAY: Duration = Duration::from_millis(5);
 /// ...or after this many, whichever comes first (and always when the session ends).
 const ACK_BATCH: u64 = 64;
+/// After the server's close frame, how long the socket is still read (and the bytes
+/// dropped) while waiting for the client's close frame. Closing a socket with unread
+/// bytes makes the kernel send a reset, and a reset discards what the client had not
+/// read yet: the close frame with its reason, and the error frame before it.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// How the connection said who it is, before any frame arrived.
 #[derive(Debug, Clone)]
@@ -91,7 +96,7 @@ pub async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     inc(&app.metrics.sessions_open);
-    let (sink, stream) = ws.split();
+    let (sink, mut stream) = ws.split();
     let (tx, rx) = mpsc::channel(app.config.limits.session_queue);
     let shared = SessionShared::new(app.config.limits.blob_relay_bytes);
     let writer = Writer {
@@ -130,6 +135,12 @@ pub async fn run<S>(
             app.config.limits.rate_strikes,
             Instant::now(),
         ),
+        ping_bucket: TokenBucket::new(
+            app.config.limits.ping_per_sec,
+            app.config.limits.ping_burst,
+            app.config.limits.rate_strikes,
+            Instant::now(),
+        ),
     };
     let mut stop = shared.stop_signal();
     let flow = match greeting {
@@ -146,7 +157,9 @@ pub async fn run<S>(
         } => reader.refuse_and_close(dialect, error, close).await,
     };
     if flow == Flow::Continue {
-        reader.read_loop(stream, &mut stop, &mut shutdown).await;
+        reader
+            .read_loop(&mut stream, &mut stop, &mut shutdown)
+            .await;
         // Sends read before the socket ended are stored all the same.
         reader.flush_sends().await;
     }
@@ -169,6 +182,27 @@ pub async fn run<S>(
     }
     shared.mark_done();
     dec(&app.metrics.sessions_open);
+    linger(&mut stream, &mut shutdown).await;
+}
+
+/// Reads and drops whatever the client still sends until its close frame (or the end of
+/// the socket, `CLOSE_LINGER`, or the server shutting down), so that the socket closes
+/// without a reset.
+async fn linger<S>(
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    shutdown: &mut watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::sleep(CLOSE_LINGER);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return,
+            _ = crate::server::shutdown_requested(shutdown) => return,
+            frame = stream.next() => if !matches!(frame, Some(Ok(_))) { return },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,12 +229,14 @@ struct Reader {
     /// The user a token in the URL proved, before the first frame picked the dialect.
     authenticated: Option<String>,
     bucket: TokenBucket,
+    /// WebSocket pings on top of `bucket`: a ping costs a pong, and floods are cheap to send.
+    ping_bucket: TokenBucket,
 }
 
 impl Reader {
     async fn read_loop<S>(
         &mut self,
-        mut stream: SplitStream<WebSocketStream<S>>,
+        stream: &mut SplitStream<WebSocketStream<S>>,
         stop: &mut watch::Receiver<Option<StopReason>>,
         shutdown: &mut watch::Receiver<bool>,
     ) where
@@ -267,10 +303,14 @@ impl Reader {
             }
             _ => false,
         };
+        if matches!(frame, Some(Ok(Message::Ping(_)))) {
+            if let Some(flow) = self.ping_check().await {
+                return flow;
+            }
+        }
         if rated {
-            match self.rate_check().await {
-                Some(flow) => return flow,
-                None => {}
+            if let Some(flow) = self.rate_check().await {
+                return flow;
             }
         }
         match frame {
@@ -867,15 +907,32 @@ impl Reader {
         if verdict == Rate::Allow {
             return None;
         }
+        let what = format!(
+            "more than {} frames per second: frame dropped",
+            self.app.config.limits.rate_per_sec
+        );
+        self.over_rate(verdict, what).await
+    }
+
+    /// Spends a token of the ping bucket, like `rate_check` (the pong may already be on
+    /// its way: tungstenite answers pings as it reads them).
+    async fn ping_check(&mut self) -> Option<Flow> {
+        let verdict = self.ping_bucket.check(Instant::now());
+        if verdict == Rate::Allow {
+            return None;
+        }
+        let what = format!(
+            "more than {} pings per second",
+            self.app.config.limits.ping_per_sec
+        );
+        self.over_rate(verdict, what).await
+    }
+
+    /// Acts on a refusing verdict: a `rate_limited` error, and a close on `Rate::Close`.
+    async fn over_rate(&mut self, verdict: Rate, what: String) -> Option<Flow> {
         inc(&self.app.metrics.errors);
         let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
-        let e = ProtocolError::new(
-            ErrorCode::RateLimited,
-            format!(
-                "more than {} frames per second: frame dropped",
-                self.app.config.limits.rate_per_sec
-            ),
-        );
+        let e = ProtocolError::new(ErrorCode::RateLimited, what);
         if verdict == Rate::Close {
             tracing::info!(user = ?self.user, peer = ?self.peer, "closing a flooding connection");
             return Some(self.refuse_and_close(dialect, e, CLOSE_RATE_LIMITED).await);

@@ -537,6 +537,56 @@ async fn tls_serves_wss_and_https_on_one_port() {
     srv.stop().await;
 }
 
+/// Pings have a budget of their own (each costs a pong): a ping flood is closed even
+/// with the frame rate off, while a client pinging within `ping_burst` stays.
+#[tokio::test]
+async fn ping_flood_is_closed_without_a_frame_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path());
+    assert_eq!(cfg.limits.rate_per_sec, 0, "the frame rate is off here");
+    let (burst, strikes) = (cfg.limits.ping_burst, cfg.limits.rate_strikes);
+    let srv = TestServer::start(cfg).await;
+    let base = format!("ws://{}", srv.addr);
+
+    let (mut calm, _) = Client::pigeon(&base, "calm_pinger").await;
+    for _ in 0..burst {
+        calm.try_send(Message::Ping(b"p".to_vec().into()))
+            .await
+            .unwrap();
+    }
+    calm.send_json(json!({"type":"ping"})).await;
+    assert_eq!(
+        calm.json().await["type"],
+        "pong",
+        "a burst within the budget is fine"
+    );
+
+    let (mut flood, _) = Client::pigeon(&base, "ping_flooder").await;
+    for _ in 0..5_000 {
+        if flood
+            .try_send(Message::Ping(b"p".to_vec().into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let (closed, texts) = flood.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (4008, "rate_limited")
+    );
+    let refused: Vec<&String> = texts
+        .iter()
+        .filter(|t| t.contains("pings per second"))
+        .collect();
+    assert_eq!(refused.len() as u32, strikes, "{texts:?}");
+
+    calm.send_json(json!({"type":"ping"})).await;
+    assert_eq!(calm.json().await["type"], "pong", "the others go on");
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn rate_limit_refuses_then_closes() {
     let dir = tempfile::tempdir().unwrap();

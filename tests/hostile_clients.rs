@@ -298,7 +298,14 @@ async fn fragmented_message_above_the_limit_closes_1009() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_flood_is_answered_or_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = ServerProcess::spawn(dir.path(), free_port(), &[]).await;
+    // The ping budget would close these flooders early (tests/auth.rs shows it does):
+    // off here, to show what the pongs alone cost.
+    let srv = ServerProcess::spawn(
+        dir.path(),
+        free_port(),
+        &[("PIGEON_LIMITS_PING_PER_SEC", "0")],
+    )
+    .await;
     let pid = srv.pid().to_string();
     let base = format!("ws://{}", srv.addr);
     others_are_served(&base, "warm").await;
