@@ -226,6 +226,9 @@ fn main() -> Result<()> {
         };
         return bare_relay::main(bind);
     }
+    if args.get(1).map(String::as_str) == Some("attack") {
+        return attack_main(&args[2..]);
+    }
     let cli = Cli::parse_from(args);
     let peers = parse_peers(&cli.peers)?;
     let nofile = raise_nofile_limit();
@@ -451,27 +454,31 @@ async fn hostile_rows(cli: &Cli) -> Vec<Row> {
         "pigeon",
     )
     .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    let kind = |k: &str| cli.hostile_kinds.split(',').any(|x| x.trim() == k);
-    for i in 0..cli.hostiles {
-        let addr = server.addr;
-        if kind("slowloris") {
-            tasks.push(tokio::spawn(slowloris(addr, stop.clone())));
+    // The attackers run in a process of their own (one thread), so that the measuring
+    // clients here are not starved by attack tasks on their own runtime.
+    let attacker = match Command::new(std::env::current_exe().unwrap_or_else(|_| "load".into()))
+        .args(["attack", &server.addr.to_string(), &cli.hostile_kinds])
+        .arg(cli.hostiles.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![row(
+                &scenario,
+                "pigeon",
+                Ok(Figure::Unavailable(format!(
+                    "cannot start the attackers: {e}"
+                ))),
+            )]
         }
-        if kind("sink") {
-            tasks.push(tokio::spawn(sink_and_flood(addr, i, stop.clone())));
-        }
-        if kind("ping") {
-            tasks.push(tokio::spawn(ping_flood(addr, i, stop.clone())));
-        }
-        if kind("busy") {
-            // The sink's traffic to a session that does read: the same load, no hostility.
-            tasks.push(tokio::spawn(busy_reader_and_flood(addr, i, stop.clone())));
-        }
-    }
+    };
+    let attacker = ChildGuard(attacker);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_before = server.stats().rss_kib;
+    let attacker_before = ProcStats::read(attacker.0.id() as i32);
+    let t0 = Instant::now();
     let loud = pairs_measure(
         cli,
         &[&server],
@@ -483,17 +490,18 @@ async fn hostile_rows(cli: &Cli) -> Vec<Row> {
     )
     .await;
     let rss_after = server.stats().rss_kib;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.abort();
-    }
+    let attacker_cpu = (ProcStats::read(attacker.0.id() as i32).cpu_s - attacker_before.cpu_s)
+        / t0.elapsed().as_secs_f64()
+        * 100.0;
+    drop(attacker);
     let p99 = |f: &Result<Figure>| match f {
         Ok(Figure::Rate { hist: Some(h), .. }) => Some(h.value_at_quantile(0.99)),
         _ => None,
     };
     let note = match (p99(&calm), p99(&loud)) {
         (Some(a), Some(b)) if a > 0 => format!(
-            "p99 under attack / calm = {:.2}× (target ≤ 2×); RSS during the attack {} → {} MiB",
+            "p99 under attack / calm = {:.2}× (target ≤ 2×); RSS during the attack {} → {} MiB; \
+             attackers' process {attacker_cpu:.0}% CPU",
             b as f64 / a as f64,
             rss_before / 1024,
             rss_after / 1024
@@ -510,11 +518,73 @@ async fn hostile_rows(cli: &Cli) -> Vec<Row> {
     vec![calm_row, loud_row]
 }
 
+/// Kills the child when dropped.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `load attack ADDR KINDS N`: runs N attackers of each kind (comma list of slowloris,
+/// sink, ping, busy) against ADDR on one thread, until stdin closes or it is killed.
+fn attack_main(args: &[String]) -> Result<()> {
+    let [addr, kinds, n] = args else {
+        bail!("usage: load attack ADDR KINDS N");
+    };
+    let addr: SocketAddr = addr.parse().context("ADDR")?;
+    let n: usize = n.parse().context("N")?;
+    let kind = |k: &str| kinds.split(',').any(|x| x.trim() == k);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    rt.block_on(async {
+        // Each kind comes from an address of its own, as from a host of its own (the
+        // measured users are on 127.0.0.1): Pigeon's per-address defences then hit the
+        // attackers only.
+        let from = |last: u8| Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)));
+        for i in 0..n {
+            if kind("slowloris") {
+                tokio::spawn(slowloris(addr, from(2), stop.clone()));
+            }
+            if kind("sink") {
+                tokio::spawn(sink_and_flood(addr, i, from(3), stop.clone()));
+            }
+            if kind("ping") {
+                tokio::spawn(ping_flood(addr, i, from(4), stop.clone()));
+            }
+            if kind("busy") {
+                // The sink's traffic to a session that does read: the same load, no hostility.
+                tokio::spawn(busy_reader_and_flood(addr, i, from(5), stop.clone()));
+            }
+        }
+        // Until the parent goes away (stdin closes).
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        while tokio::io::AsyncReadExt::read(&mut stdin, &mut buf)
+            .await
+            .is_ok_and(|n| n > 0)
+        {}
+    });
+    stop.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
 /// Sends an HTTP request's headers one byte at a time, forever (reconnecting when closed).
-async fn slowloris(addr: SocketAddr, stop: Arc<AtomicBool>) {
+async fn slowloris(addr: SocketAddr, source: Option<IpAddr>, stop: Arc<AtomicBool>) {
     let request = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
+    let open = || async {
+        let socket = TcpSocket::new_v4()?;
+        if let Some(ip) = source {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        socket.connect(addr).await
+    };
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut s) = TcpStream::connect(addr).await else {
+        let Ok(mut s) = open().await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -532,17 +602,23 @@ async fn slowloris(addr: SocketAddr, stop: Arc<AtomicBool>) {
 }
 
 /// A session that never reads, and a sender pushing 100 msgs/s of 1 KiB at it.
-async fn sink_and_flood(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) {
+async fn sink_and_flood(addr: SocketAddr, i: usize, source: Option<IpAddr>, stop: Arc<AtomicBool>) {
     let sink = format!("sink{i}");
-    let Ok(_sink_ws) = connect(addr, &format!("/ws?user={sink}"), None).await else {
+    let Ok(_sink_ws) = connect(addr, &format!("/ws?user={sink}"), source).await else {
         return;
     };
-    sink_flood_into(addr, &format!("flood{i}"), &sink, stop).await;
+    sink_flood_into(addr, &format!("flood{i}"), &sink, source, stop).await;
 }
 
 /// Sends 100 msgs/s of 1 KiB from `from` to `to` until stopped, reading the answers.
-async fn sink_flood_into(addr: SocketAddr, from: &str, sink: &str, stop: Arc<AtomicBool>) {
-    let Ok(mut ws) = open_session(addr, from, Dialect::Json, None).await else {
+async fn sink_flood_into(
+    addr: SocketAddr,
+    from: &str,
+    sink: &str,
+    source: Option<IpAddr>,
+    stop: Arc<AtomicBool>,
+) {
+    let Ok(mut ws) = open_session(addr, from, Dialect::Json, source).await else {
         return;
     };
     let body = "x".repeat(1024);
@@ -563,9 +639,14 @@ async fn sink_flood_into(addr: SocketAddr, from: &str, sink: &str, stop: Arc<Ato
 }
 
 /// Like `sink_and_flood`, but the recipient reads (and acks) everything: a control.
-async fn busy_reader_and_flood(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) {
+async fn busy_reader_and_flood(
+    addr: SocketAddr,
+    i: usize,
+    source: Option<IpAddr>,
+    stop: Arc<AtomicBool>,
+) {
     let reader = format!("busy{i}");
-    let Ok(rws) = open_session(addr, &reader, Dialect::Json, None).await else {
+    let Ok(rws) = open_session(addr, &reader, Dialect::Json, source).await else {
         return;
     };
     let (mut rsink, mut rstream) = rws.split();
@@ -581,28 +662,32 @@ async fn busy_reader_and_flood(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>
             }
         }
     });
-    sink_flood_into(addr, &format!("feeder{i}"), &reader, stop).await;
+    sink_flood_into(addr, &format!("feeder{i}"), &reader, source, stop).await;
     acker.abort();
 }
 
-/// A session that sends WebSocket pings as fast as the socket takes them.
-async fn ping_flood(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) {
-    let Ok(ws) = open_session(addr, &format!("pinger{i}"), Dialect::Json, None).await else {
-        return;
-    };
-    let (mut sink, mut stream) = ws.split();
-    let reader = tokio::spawn(async move { while stream.next().await.is_some() {} });
+/// A session that sends WebSocket pings as fast as the socket takes them, and logs in
+/// again when it is closed (Pigeon closes ping flooders).
+async fn ping_flood(addr: SocketAddr, i: usize, source: Option<IpAddr>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
-        if sink
-            .send(Message::Ping(vec![0u8; 16].into()))
-            .await
-            .is_err()
-        {
-            break;
+        let Ok(ws) = open_session(addr, &format!("pinger{i}"), Dialect::Json, source).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (mut sink, mut stream) = ws.split();
+        let reader = tokio::spawn(async move { while stream.next().await.is_some() {} });
+        while !stop.load(Ordering::Relaxed) && !reader.is_finished() {
+            if sink
+                .send(Message::Ping(vec![0u8; 16].into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        tokio::task::yield_now().await;
+        reader.abort();
     }
-    reader.abort();
 }
 
 /// Adds up two rounds of the same measurement; an error or "not available" wins.

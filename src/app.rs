@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::auth::Auth;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::limits::FloodBan;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::store::Store;
@@ -18,4 +19,6 @@ pub struct App {
     /// Presence and routing across nodes, in cluster mode.
     pub cluster: Option<Arc<Cluster>>,
     pub auth: Auth,
+    /// IP addresses whose connections are dropped on accept for flooding.
+    pub flood_ban: FloodBan,
 }

@@ -166,6 +166,12 @@ pub struct LimitsConfig {
     pub ping_per_sec: u32,
     /// Pings one connection may send in a burst above `ping_per_sec`.
     pub ping_burst: u32,
+    /// Connections of one IP address closed for flooding (4008) within `flood_ban_secs`
+    /// after which its new connections are dropped on accept, until the oldest of those
+    /// closes is `flood_ban_secs` old. 0 turns the ban off (do that behind a reverse
+    /// proxy, where every client has the proxy's address).
+    pub flood_ban_after: u32,
+    pub flood_ban_secs: u64,
     /// Connections (HTTP and WebSocket) one IP address may hold open at once; more are
     /// answered with HTTP 429. 0 means no cap.
     pub max_connections_per_ip: usize,
@@ -202,6 +208,8 @@ impl Default for LimitsConfig {
             rate_strikes: 10,
             ping_per_sec: 5,
             ping_burst: 20,
+            flood_ban_after: 5,
+            flood_ban_secs: 60,
             max_connections_per_ip: 256,
             login_timeout_secs: 10,
             login_max_failures: 5,
@@ -432,6 +440,9 @@ impl Config {
         }
         if l.rate_per_sec > 0 && (l.rate_burst == 0 || l.rate_strikes == 0) {
             return bad("limits.rate_burst and rate_strikes must be positive when rate_per_sec is");
+        }
+        if l.flood_ban_after > 0 && l.flood_ban_secs == 0 {
+            return bad("limits.flood_ban_secs must be positive when flood_ban_after is");
         }
         if l.ping_per_sec > 0 && (l.ping_burst == 0 || l.rate_strikes == 0) {
             return bad("limits.ping_burst and rate_strikes must be positive when ping_per_sec is");

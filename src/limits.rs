@@ -194,6 +194,43 @@ impl TakeoverDamper {
     }
 }
 
+/// Connections closed for flooding (4008) per IP address: after `max` within `window`,
+/// the address's new connections are dropped as soon as they are accepted, until the
+/// oldest of those closes is `window` old. A flooder that reconnects at once would
+/// otherwise cost a handshake and a login every few milliseconds. `max` 0 turns it off.
+#[derive(Debug)]
+pub struct FloodBan {
+    max: usize,
+    window: Duration,
+    closes: Window,
+}
+
+impl FloodBan {
+    pub fn new(max: u32, window: Duration) -> FloodBan {
+        FloodBan {
+            max: max as usize,
+            window,
+            closes: Window::default(),
+        }
+    }
+
+    /// A connection from `ip` was closed for flooding.
+    pub fn flooded(&self, ip: IpAddr, now: Instant) {
+        if self.max > 0 {
+            self.closes
+                .record(&ip.to_string(), self.window, now, self.max);
+        }
+    }
+
+    /// Whether new connections from `ip` are dropped now.
+    pub fn banned(&self, ip: IpAddr, now: Instant) -> bool {
+        if self.max == 0 || self.closes.events.is_empty() {
+            return false;
+        }
+        self.closes.count(&ip.to_string(), self.window, now).0 >= self.max
+    }
+}
+
 /// Open connections per IP address.
 #[derive(Debug, Default)]
 pub struct IpConnections {
@@ -295,6 +332,27 @@ mod tests {
         assert!(!d.allow("a", t0));
         assert!(d.allow("b", t0));
         assert!(d.allow("a", t0 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn flood_ban_after_max_closes_until_the_window_passes() {
+        let t0 = Instant::now();
+        let w = Duration::from_secs(60);
+        let ban = FloodBan::new(3, w);
+        let (ip, other) = (IpAddr::from([10, 0, 0, 9]), IpAddr::from([10, 0, 0, 8]));
+        for k in 0..3 {
+            assert!(!ban.banned(ip, t0), "banned after {k} closes");
+            ban.flooded(ip, t0 + Duration::from_secs(k));
+        }
+        assert!(ban.banned(ip, t0 + Duration::from_secs(3)));
+        assert!(!ban.banned(other, t0 + Duration::from_secs(3)));
+        // The first close is a window old: two left, no ban.
+        assert!(!ban.banned(ip, t0 + w));
+        let off = FloodBan::new(0, w);
+        for _ in 0..10 {
+            off.flooded(ip, t0);
+        }
+        assert!(!off.banned(ip, t0));
     }
 
     #[test]

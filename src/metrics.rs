@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Metrics {
     pub connections_total: AtomicU64,
     pub connections_open: AtomicU64,
+    pub connections_banned: AtomicU64,
     pub sessions_open: AtomicU64,
     pub messages_delivered: AtomicU64,
     pub messages_stored: AtomicU64,
@@ -27,7 +28,7 @@ pub fn dec(c: &AtomicU64) {
 
 impl Metrics {
     pub fn render(&self, online: usize, cluster: Option<&crate::cluster::Cluster>) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 11] = [
             (
                 "pigeon_connections_total",
                 "counter",
@@ -39,6 +40,12 @@ impl Metrics {
                 "gauge",
                 "Connections open now (HTTP and WebSocket).",
                 &self.connections_open,
+            ),
+            (
+                "pigeon_connections_banned_total",
+                "counter",
+                "Connections dropped on accept: their address was closed for flooding too often.",
+                &self.connections_banned,
             ),
             (
                 "pigeon_sessions_open",

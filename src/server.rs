@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -25,7 +25,7 @@ use crate::auth::{Auth, AuthError};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::{self, ConnGuard, Ctx};
-use crate::limits::{IpConnections, IpSlot};
+use crate::limits::{FloodBan, IpConnections, IpSlot};
 use crate::metrics::{dec, inc};
 use crate::router::Router;
 use crate::store::{self, StoreError};
@@ -82,7 +82,12 @@ pub async fn run(
         auth = %config.auth.mode,
         "pigeon listening"
     );
+    let flood_ban = FloodBan::new(
+        config.limits.flood_ban_after,
+        Duration::from_secs(config.limits.flood_ban_secs),
+    );
     let app = Arc::new(App {
+        flood_ban,
         config,
         store,
         router: Router::new(),
@@ -148,6 +153,11 @@ async fn serve(
             _ = &mut shutdown => break,
             accepted = accept(&listener) => accepted,
         };
+        if app.flood_ban.banned(peer.ip(), Instant::now()) {
+            inc(&app.metrics.connections_banned);
+            tracing::debug!(%peer, "dropped: the address flooded");
+            continue; // drops the socket and the permit
+        }
         inc(&app.metrics.connections_total);
         inc(&app.metrics.connections_open);
         let (ip_slot, from_ip) = per_ip.open(peer.ip());

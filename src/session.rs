@@ -65,6 +65,9 @@ const ACK_BATCH: u64 = 64;
 /// bytes makes the kernel send a reset, and a reset discards what the client had not
 /// read yet: the close frame with its reason, and the error frame before it.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// ...and at most this many frames: a client still sending more after the close frame is
+/// flooding, and reading its flood would cost more than its reset.
+const CLOSE_LINGER_FRAMES: usize = 256;
 
 /// How the connection said who it is, before any frame arrived.
 #[derive(Debug, Clone)]
@@ -186,8 +189,8 @@ pub async fn run<S>(
 }
 
 /// Reads and drops whatever the client still sends until its close frame (or the end of
-/// the socket, `CLOSE_LINGER`, or the server shutting down), so that the socket closes
-/// without a reset.
+/// the socket, `CLOSE_LINGER` or `CLOSE_LINGER_FRAMES`, or the server shutting down), so
+/// that the socket closes without a reset.
 async fn linger<S>(
     stream: &mut SplitStream<WebSocketStream<S>>,
     shutdown: &mut watch::Receiver<bool>,
@@ -196,7 +199,7 @@ async fn linger<S>(
 {
     let deadline = tokio::time::sleep(CLOSE_LINGER);
     tokio::pin!(deadline);
-    loop {
+    for _ in 0..CLOSE_LINGER_FRAMES {
         tokio::select! {
             _ = &mut deadline => return,
             _ = crate::server::shutdown_requested(shutdown) => return,
@@ -935,6 +938,9 @@ impl Reader {
         let e = ProtocolError::new(ErrorCode::RateLimited, what);
         if verdict == Rate::Close {
             tracing::info!(user = ?self.user, peer = ?self.peer, "closing a flooding connection");
+            if let Some(ip) = self.peer {
+                self.app.flood_ban.flooded(ip, Instant::now());
+            }
             return Some(self.refuse_and_close(dialect, e, CLOSE_RATE_LIMITED).await);
         }
         Some(self.reply(dialect, &Event::Error(&e)).await)

@@ -587,6 +587,78 @@ async fn ping_flood_is_closed_without_a_frame_rate() {
     srv.stop().await;
 }
 
+/// Opens a WebSocket to the server from `source` (a 127.0.0.x address).
+async fn ws_from(
+    source: [u8; 4],
+    server: SocketAddr,
+    path: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, tokio_tungstenite::tungstenite::Error> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    let tcp = socket.connect(server).await?;
+    let url = format!("ws://{server}{path}");
+    tokio::time::timeout(TIMEOUT, tokio_tungstenite::client_async(url, tcp))
+        .await
+        .expect("handshake timed out")
+        .map(|(ws, _)| ws)
+}
+
+/// Pings until the server closes the socket; returns the close code.
+async fn flood_pings(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> Option<u16> {
+    for _ in 0..2_000 {
+        if ws.send(Message::Ping(b"p".to_vec().into())).await.is_err() {
+            break;
+        }
+    }
+    loop {
+        match tokio::time::timeout(TIMEOUT, ws.next())
+            .await
+            .expect("no close")
+        {
+            Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            _ => return None,
+        }
+    }
+}
+
+/// An address whose connections were closed for flooding `flood_ban_after` times is
+/// dropped on accept until `flood_ban_secs` have passed; other addresses are not.
+#[tokio::test]
+async fn flooding_address_is_banned_for_a_while() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.limits.flood_ban_after = 2;
+    cfg.limits.flood_ban_secs = 2;
+    let srv = TestServer::start(cfg).await;
+    let flooder = [127, 0, 0, 7];
+    for k in 0..2 {
+        let mut ws = ws_from(flooder, srv.addr, &format!("/ws?user=flood{k}"))
+            .await
+            .unwrap();
+        assert_eq!(flood_pings(&mut ws).await, Some(4008), "flood {k}");
+    }
+    let banned = ws_from(flooder, srv.addr, "/ws?user=flood2").await;
+    assert!(banned.is_err(), "a banned address got a WebSocket");
+    // Others are served, and can see the ban counted.
+    let mut ok = ws_from([127, 0, 0, 8], srv.addr, "/ws?user=bystander")
+        .await
+        .unwrap();
+    ok.send(Message::text(r#"{"type":"ping"}"#)).await.unwrap();
+    let metrics = common::http_get(srv.addr, "/metrics").await;
+    assert!(
+        metrics.contains("pigeon_connections_banned_total 1"),
+        "{metrics}"
+    );
+    // Once the first close is flood_ban_secs old, the address is let in again.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let mut back = ws_from(flooder, srv.addr, "/ws?user=flood3").await.unwrap();
+    back.send(Message::text(r#"{"type":"ping"}"#))
+        .await
+        .unwrap();
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn rate_limit_refuses_then_closes() {
     let dir = tempfile::tempdir().unwrap();
