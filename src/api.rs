@@ -77,13 +77,14 @@ fn auth_error(e: AuthError) -> Response {
     }
 }
 
-fn parse(body: &Bytes) -> Result<Credentials, Response> {
+/// The credentials in a request body, or the 400 answer (boxed: a `Response` is large).
+fn parse(body: &Bytes) -> Result<Credentials, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!("expected {{\"user\":\"...\",\"password\":\"...\"}}: {e}"),
-        )
+        ))
     })
 }
 
@@ -107,7 +108,7 @@ async fn login(
 ) -> Response {
     let c = match parse(&body) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let app = &ctx.app;
     match app
@@ -135,7 +136,7 @@ async fn register(
     }
     let c = match parse(&body) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if !valid_username(&c.user) {
         return error(

@@ -189,7 +189,7 @@ async fn slow_consumer_is_diverted_to_the_mailbox_and_catches_up_in_order() {
         let i: u64 = body.split(':').next().unwrap().parse().unwrap();
         assert_eq!(i, expect, "messages out of order or missing");
         expect += 1;
-        if expect % 500 == 0 {
+        if expect.is_multiple_of(500) {
             slow.ack(m["seq"].as_u64().unwrap()).await;
         }
     }
