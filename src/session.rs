@@ -312,7 +312,11 @@ impl Reader {
             }
         }
         if rated {
-            if let Some(flow) = self.rate_check().await {
+            let text = match &frame {
+                Some(Ok(Message::Text(t))) => Some(t.as_str()),
+                _ => None,
+            };
+            if let Some(flow) = self.rate_check(text).await {
                 return flow;
             }
         }
@@ -905,7 +909,8 @@ impl Reader {
 
     /// Spends a token of the frame-rate bucket: `None` lets the frame through; otherwise
     /// it was dropped with a `rate_limited` error (and maybe the session closed).
-    async fn rate_check(&mut self) -> Option<Flow> {
+    /// A dropped Pigeon frame's error carries its `id` (`text`: the frame, if text).
+    async fn rate_check(&mut self, text: Option<&str>) -> Option<Flow> {
         let verdict = self.bucket.check(Instant::now());
         if verdict == Rate::Allow {
             return None;
@@ -914,7 +919,11 @@ impl Reader {
             "more than {} frames per second: frame dropped",
             self.app.config.limits.rate_per_sec
         );
-        self.over_rate(verdict, what).await
+        let id = match (self.dialect, text) {
+            (Some(Dialect::Pigeon), Some(t)) => protocol::pigeon::frame_id(t),
+            _ => None,
+        };
+        self.over_rate(verdict, what, id).await
     }
 
     /// Spends a token of the ping bucket, like `rate_check` (the pong may already be on
@@ -928,14 +937,15 @@ impl Reader {
             "more than {} pings per second",
             self.app.config.limits.ping_per_sec
         );
-        self.over_rate(verdict, what).await
+        self.over_rate(verdict, what, None).await
     }
 
-    /// Acts on a refusing verdict: a `rate_limited` error, and a close on `Rate::Close`.
-    async fn over_rate(&mut self, verdict: Rate, what: String) -> Option<Flow> {
+    /// Acts on a refusing verdict: a `rate_limited` error (naming the dropped frame's
+    /// `id`, if any), and a close on `Rate::Close`.
+    async fn over_rate(&mut self, verdict: Rate, what: String, id: Option<String>) -> Option<Flow> {
         inc(&self.app.metrics.errors);
         let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
-        let e = ProtocolError::new(ErrorCode::RateLimited, what);
+        let e = ProtocolError::new(ErrorCode::RateLimited, what).with_id(id);
         if verdict == Rate::Close {
             tracing::info!(user = ?self.user, peer = ?self.peer, "closing a flooding connection");
             if let Some(ip) = self.peer {

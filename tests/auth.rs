@@ -3,6 +3,7 @@
 //! Origin check, rate and connection limits, the login timeout and `pigeon user`.
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -584,6 +585,40 @@ async fn ping_flood_is_closed_without_a_frame_rate() {
 
     calm.send_json(json!({"type":"ping"})).await;
     assert_eq!(calm.json().await["type"], "pong", "the others go on");
+    srv.stop().await;
+}
+
+/// A `send` dropped by the rate limit is named by its id, so the client can retry it.
+#[tokio::test]
+async fn rate_limited_send_names_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.limits.rate_per_sec = 1;
+    cfg.limits.rate_burst = 3;
+    cfg.limits.rate_strikes = 5;
+    let srv = TestServer::start(cfg).await;
+    let (mut c, _) = Client::pigeon(&format!("ws://{}", srv.addr), "hasty").await;
+    // The burst is 3 frames; 6 sends: every one is answered by its id, as `sent` or as
+    // `rate_limited`.
+    for k in 1..=6 {
+        c.send_json(json!({"type":"send","id":format!("m{k}"),"to":"nobody","body":"x"}))
+            .await;
+    }
+    let mut answers = BTreeMap::new();
+    for _ in 1..=6 {
+        let a = c.json().await;
+        let kind = match (a["type"].as_str(), a["code"].as_str()) {
+            (Some("sent"), _) => "sent",
+            (Some("error"), Some("rate_limited")) => "rate_limited",
+            _ => panic!("unexpected answer {a}"),
+        };
+        let id = a["id"].as_str().unwrap_or_else(|| panic!("no id in {a}"));
+        assert!(answers.insert(id.to_string(), kind).is_none(), "{id} twice");
+    }
+    let ids: Vec<&str> = answers.keys().map(String::as_str).collect();
+    assert_eq!(ids, ["m1", "m2", "m3", "m4", "m5", "m6"]);
+    let refused = answers.values().filter(|k| **k == "rate_limited").count();
+    assert!((1..=3).contains(&refused), "{answers:?}");
     srv.stop().await;
 }
 

@@ -36,6 +36,16 @@ pub fn is_pigeon_frame(text: &str) -> bool {
     )
 }
 
+/// The `id` of a frame that will not be parsed in full (one dropped by the rate limit),
+/// so that its error still names the `send` it refuses.
+pub fn frame_id(text: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: Option<String>,
+    }
+    serde_json::from_str::<IdOnly>(text).ok()?.id
+}
+
 pub fn parse(text: &str) -> Result<Request, ProtocolError> {
     let f: ClientFrame = serde_json::from_str(text).map_err(|e| {
         ProtocolError::new(ErrorCode::BadFrame, format!("expected a JSON object: {e}"))
@@ -320,6 +330,17 @@ pub fn format(event: &Event<'_>) -> String {
 mod tests {
     use super::*;
     use crate::protocol::Fate;
+
+    #[test]
+    fn frame_id_reads_only_the_id() {
+        assert_eq!(
+            frame_id(r#"{"type":"send","id":"c-7","to":"bob","body":{"x":[1,2]}}"#).as_deref(),
+            Some("c-7")
+        );
+        assert_eq!(frame_id(r#"{"type":"ping"}"#), None);
+        assert_eq!(frame_id(r#"{"id":7}"#), None, "not a string id");
+        assert_eq!(frame_id("not json"), None);
+    }
     use crate::store::StoredMessage;
 
     #[test]
