@@ -783,6 +783,7 @@ impl Reader {
             Err(e) => {
                 let code = match e {
                     StoreError::MailboxFull { .. } => ErrorCode::MailboxFull,
+                    StoreError::IdConflict { .. } => ErrorCode::IdConflict,
                     _ => {
                         inc(&self.app.metrics.store_errors);
                         tracing::warn!(user = %msg.sender, error = %e, "enqueue failed");

@@ -115,6 +115,38 @@ async fn resend_with_same_id_never_duplicates() {
     srv.stop().await;
 }
 
+/// A reused id on a different message is refused (`id_conflict`, with the id), not
+/// answered as a duplicate of a message the client did not mean; nothing is stored.
+#[tokio::test]
+async fn reused_id_on_another_message_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(test_config(dir.path())).await;
+    let (mut a, _) = Client::pigeon(&base(&srv), "a").await;
+    assert_eq!(
+        a.send_msg("m-1", "b", json!("lunch?")).await["duplicate"],
+        false
+    );
+    for (to, body) in [("b", json!("dinner?")), ("c", json!("lunch?"))] {
+        let refused = a.send_msg("m-1", to, body).await;
+        assert_eq!(refused["type"], "error", "{refused}");
+        assert_eq!(refused["code"], "id_conflict", "{refused}");
+        assert_eq!(refused["id"], "m-1", "{refused}");
+    }
+    assert_eq!(
+        a.send_msg("m-1", "b", json!("lunch?")).await["duplicate"],
+        true
+    );
+    let (_b, flushed) = Client::pigeon(&base(&srv), "b").await;
+    let bodies: Vec<&str> = flushed
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["lunch?"]);
+    let (_c, flushed) = Client::pigeon(&base(&srv), "c").await;
+    assert!(flushed.is_empty(), "{flushed:?}");
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn full_mailbox_is_refused_in_every_dialect_and_recovers_after_ack() {
     let dir = tempfile::tempdir().unwrap();

@@ -214,13 +214,11 @@ async fn duplicate_client_id_returns_first_seq(t: &Target) {
         enqueue_new(&store, text("alice", "bob", "first", Some("c-1"))).await,
         1
     );
-    for body in ["first", "retry with another body"] {
-        let r = store
-            .enqueue(text("alice", "bob", body, Some("c-1")))
-            .await
-            .unwrap();
-        assert_eq!(r, Enqueued::Duplicate { seq: 1 });
-    }
+    let r = store
+        .enqueue(text("alice", "bob", "first", Some("c-1")))
+        .await
+        .unwrap();
+    assert_eq!(r, Enqueued::Duplicate { seq: 1 });
     assert_eq!(store.pending("bob").await.unwrap(), 1, "nothing new stored");
     let stored = store.fetch("bob", 0, 10).await.unwrap();
     assert_eq!(stored.len(), 1);
@@ -248,7 +246,7 @@ async fn duplicate_client_id_returns_first_seq(t: &Target) {
     // Still a duplicate after the first copy was acknowledged and deleted.
     store.ack("bob", 5).await.unwrap();
     let r = store
-        .enqueue(text("alice", "bob", "late retry", Some("c-1")))
+        .enqueue(text("alice", "bob", "first", Some("c-1")))
         .await
         .unwrap();
     assert_eq!(r, Enqueued::Duplicate { seq: 1 });
@@ -328,10 +326,57 @@ async fn persists_across_reopen(t: &Target) {
         4
     );
     let r = store
-        .enqueue(text("alice", "bob", "one again", Some("p-1")))
+        .enqueue(text("alice", "bob", "one", Some("p-1")))
         .await
         .unwrap();
     assert_eq!(r, Enqueued::Duplicate { seq: 1 }, "dedupe memory survives");
+}
+
+/// The same id with another recipient or body is not a retry: `IdConflict`, nothing
+/// stored; the true retry is still a duplicate.
+async fn reused_id_with_another_message_conflicts(t: &Target) {
+    let store = t.open(100).await;
+    let first = enqueue_new(&store, text("alice", "bob", "hello", Some("r-1"))).await;
+    for (to, body) in [("bob", "something else"), ("carol", "hello")] {
+        match store.enqueue(text("alice", to, body, Some("r-1"))).await {
+            Err(StoreError::IdConflict { id }) => assert_eq!(id, "r-1"),
+            other => panic!("{to}/{body}: expected IdConflict, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        store.enqueue(text("alice", "bob", "hello", Some("r-1"))).await,
+        Ok(Enqueued::Duplicate { seq }) if seq == first
+    ));
+    // In one batch too (pipelined sends).
+    let answers = store
+        .enqueue_many(vec![
+            text("alice", "bob", "two", Some("r-2")),
+            text("alice", "bob", "not two", Some("r-2")),
+            text("alice", "bob", "three", Some("r-3")),
+        ])
+        .await;
+    assert!(
+        matches!(answers[0], Ok(Enqueued::New { .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[1], Err(StoreError::IdConflict { .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[2], Ok(Enqueued::New { .. })),
+        "{answers:?}"
+    );
+    assert_eq!(store.pending("bob").await.unwrap(), 3);
+    assert_eq!(store.pending("carol").await.unwrap(), 0);
+    let bodies: Vec<String> = store
+        .fetch("bob", 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body.as_str().to_string())
+        .collect();
+    assert_eq!(bodies, ["hello", "two", "three"]);
 }
 
 /// 8 senders × 50 messages to one recipient, concurrently, through two store handles
@@ -609,6 +654,7 @@ conformance!(
     fetch_after_and_limit,
     ack_deletes_upto_and_counts,
     duplicate_client_id_returns_first_seq,
+    reused_id_with_another_message_conflicts,
     mailbox_full_and_recovery,
     persists_across_reopen,
     concurrent_senders,
@@ -855,7 +901,7 @@ mod sqlite_only {
         assert_eq!(seqs(&store, "bob").await[..2], [3, 4]);
         drop(store);
         let (version, sql) = schema_of(dir.path());
-        assert_eq!(version, 1);
+        assert_eq!(version, 2);
         assert!(!sql.to_uppercase().contains("WITHOUT ROWID"), "{sql}");
         // Opening again leaves it alone.
         let store = t.open(100).await;

@@ -8,7 +8,9 @@
 //!   strictly increasing, never reused, also across restarts and across server processes
 //!   sharing one database) and makes the message durable before it returns.
 //! - `(sender, client_id)` is unique within the dedupe window: a second `enqueue` with the
-//!   same pair returns `Enqueued::Duplicate` with the first copy's recipient and seq.
+//!   same pair returns `Enqueued::Duplicate` with the first copy's seq when it is the same
+//!   message (`NewMessage::fingerprint`: recipient and body), and `StoreError::IdConflict`
+//!   (storing nothing) when it is not.
 //! - `enqueue` refuses with `StoreError::MailboxFull` when the recipient already holds
 //!   `mailbox_max` unacknowledged messages.
 //! - `fetch` returns messages in increasing seq order; `ack` deletes every message of the
@@ -125,6 +127,38 @@ pub struct NewMessage {
     pub accepted_at: i64,
 }
 
+impl NewMessage {
+    /// What a retry must repeat for its `client_id` to count as the same message: a
+    /// stable hash of recipient, kind and body (the same in every process and on every
+    /// node). `None` for blobs, whose stored body names a fresh blob key on every upload.
+    pub fn fingerprint(&self) -> Option<i64> {
+        use sha2::{Digest, Sha256};
+        if matches!(self.body, Body::Blob(_)) {
+            return None;
+        }
+        let mut h = Sha256::new();
+        h.update(self.recipient.as_bytes());
+        h.update([0, self.body.kind() as u8, 0]);
+        h.update(self.body.as_str().as_bytes());
+        let digest = h.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        Some(i64::from_be_bytes(first))
+    }
+}
+
+/// Whether a remembered `(sender, client_id)` with `stored` fingerprint makes `msg` a
+/// retry (`Ok`) or a different message under a reused id (`IdConflict`). Entries written
+/// before fingerprints existed (`None`) count as retries.
+pub fn check_retry(msg: &NewMessage, stored: Option<i64>) -> Result<(), StoreError> {
+    match (stored, msg.fingerprint()) {
+        (Some(a), Some(b)) if a != b => Err(StoreError::IdConflict {
+            id: msg.client_id.clone().unwrap_or_default(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// A message held in a recipient's mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -157,6 +191,8 @@ impl Enqueued {
 pub enum StoreError {
     #[error("mailbox of {recipient} is full ({limit} messages)")]
     MailboxFull { recipient: String, limit: u64 },
+    #[error("message id {id} was already used for a different message (recipient or body)")]
+    IdConflict { id: String },
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("store error: {0}")]

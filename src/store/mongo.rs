@@ -113,6 +113,9 @@ struct ClientIdDoc {
     accepted_at: i64,
     /// When the TTL monitor may remove it: acceptance + dedupe window.
     expire_at: bson::DateTime,
+    /// `NewMessage::fingerprint` of the message (absent in entries from before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fingerprint: Option<i64>,
 }
 
 /// Reads an integer stored as Int32, Int64 or an integral Double. Servers may hand back
@@ -391,6 +394,7 @@ impl Store for MongoStore {
         let key = msg.client_id.as_deref().map(|c| client_key(&msg.sender, c));
         if let Some(key) = &key {
             if let Some(first) = self.seen(key, msg.accepted_at).await.map_err(unavailable)? {
+                super::check_retry(&msg, first.fingerprint)?;
                 return Ok(Enqueued::Duplicate {
                     seq: first.seq.max(0) as u64,
                 });
@@ -418,12 +422,13 @@ impl Store for MongoStore {
             self.release(&msg.recipient, 1).await;
             return Err(unavailable(e));
         }
-        let (Some(key), Some(client_id)) = (key, msg.client_id) else {
+        let fingerprint = msg.fingerprint();
+        let (Some(key), Some(client_id)) = (key, msg.client_id.clone()) else {
             return Ok(Enqueued::New { seq: seq as u64 });
         };
         let claim = ClientIdDoc {
             id: key.clone(),
-            sender: msg.sender,
+            sender: msg.sender.clone(),
             client_id,
             recipient: msg.recipient.clone(),
             seq,
@@ -431,6 +436,7 @@ impl Store for MongoStore {
             expire_at: bson::DateTime::from_millis(
                 msg.accepted_at.saturating_add(self.dedupe_window_ms),
             ),
+            fingerprint,
         };
         match self.client_ids.insert_one(&claim).await {
             Ok(_) => Ok(Enqueued::New { seq: seq as u64 }),
@@ -442,9 +448,12 @@ impl Store for MongoStore {
                     .map_err(unavailable)?;
                 self.release(&msg.recipient, 1).await;
                 match self.client_ids.find_one(doc! { "_id": &key }).await {
-                    Ok(Some(first)) => Ok(Enqueued::Duplicate {
-                        seq: first.seq.max(0) as u64,
-                    }),
+                    Ok(Some(first)) => {
+                        super::check_retry(&msg, first.fingerprint)?;
+                        Ok(Enqueued::Duplicate {
+                            seq: first.seq.max(0) as u64,
+                        })
+                    }
                     Ok(None) => Err(StoreError::Unavailable(
                         "client id vanished while resolving a duplicate; retry".into(),
                     )),

@@ -25,7 +25,7 @@ const QUEUE: usize = 8192;
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// The schema `SCHEMA` creates, kept in SQLite's `user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Messages live in a rowid table (bodies are appended, and only the small
 /// `message_order` index entries are placed by key): with `WITHOUT ROWID`, every key
@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS client_id (
     client_id   TEXT NOT NULL,
     seq         INTEGER NOT NULL,
     accepted_at INTEGER NOT NULL,
+    fingerprint INTEGER,
     PRIMARY KEY (sender, client_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS client_id_age ON client_id (accepted_at);
@@ -80,6 +81,10 @@ INSERT INTO message (recipient, seq, sender, client_id, kind, body, accepted_at)
     ORDER BY recipient, seq;
 DROP TABLE message_v0;
 ";
+
+/// Version 2 remembers each client id's message fingerprint (`id_conflict`); entries from
+/// before have none and count as retries.
+const MIGRATE_1_TO_2: &str = "ALTER TABLE client_id ADD COLUMN fingerprint INTEGER;";
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -238,6 +243,18 @@ fn prepare_schema(conn: &mut Connection, path: &std::path::Path) -> Result<(), S
             tracing::info!(path = %path.display(), "moving messages to schema version 1");
             tx.execute_batch(MIGRATE_0_TO_1).map_err(failed)?;
         }
+    }
+    let old_client_ids = tx
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'client_id'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(failed)?
+        > 0;
+    if version < 2 && old_client_ids {
+        tracing::info!(path = %path.display(), "adding message fingerprints (schema version 2)");
+        tx.execute_batch(MIGRATE_1_TO_2).map_err(failed)?;
     }
     tx.execute_batch(SCHEMA).map_err(failed)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -516,8 +533,11 @@ fn run_requests(
                 let mut each = Vec::with_capacity(msgs.len());
                 for msg in msgs {
                     match enqueue(tx, msg, mailbox_max, dedupe_window_ms) {
-                        // A full mailbox is an answer, not a failed transaction.
-                        Err(e @ StoreError::MailboxFull { .. }) => each.push(Err(e)),
+                        // A full mailbox or a reused id is an answer, not a failed
+                        // transaction.
+                        Err(
+                            e @ (StoreError::MailboxFull { .. } | StoreError::IdConflict { .. }),
+                        ) => each.push(Err(e)),
                         other => each.push(Ok(other?)),
                     }
                 }
@@ -657,19 +677,21 @@ fn enqueue(
     dedupe_window_ms: i64,
 ) -> Result<Enqueued, StoreError> {
     if let Some(id) = &msg.client_id {
-        let seen: Option<i64> = tx
+        let seen: Option<(i64, Option<i64>)> = tx
             .prepare_cached(
-                "SELECT seq FROM client_id WHERE sender = ?1 AND client_id = ?2 AND accepted_at >= ?3",
+                "SELECT seq, fingerprint FROM client_id
+                 WHERE sender = ?1 AND client_id = ?2 AND accepted_at >= ?3",
             )
             .and_then(|mut s| {
                 s.query_row(
                     params![msg.sender, id, msg.accepted_at - dedupe_window_ms],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()
             })
             .map_err(sql)?;
-        if let Some(seq) = seen {
+        if let Some((seq, fingerprint)) = seen {
+            super::check_retry(msg, fingerprint)?;
             return Ok(Enqueued::Duplicate { seq: seq as u64 });
         }
     }
@@ -716,9 +738,18 @@ fn enqueue(
     .map_err(sql)?;
     if let Some(id) = &msg.client_id {
         tx.prepare_cached(
-            "INSERT OR REPLACE INTO client_id (sender, client_id, seq, accepted_at) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR REPLACE INTO client_id (sender, client_id, seq, accepted_at, fingerprint)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )
-        .and_then(|mut s| s.execute(params![msg.sender, id, seq, msg.accepted_at]))
+        .and_then(|mut s| {
+            s.execute(params![
+                msg.sender,
+                id,
+                seq,
+                msg.accepted_at,
+                msg.fingerprint()
+            ])
+        })
         .map_err(sql)?;
     }
     Ok(Enqueued::New { seq: seq as u64 })
