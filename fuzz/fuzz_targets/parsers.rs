@@ -8,6 +8,7 @@ use pigeon::protocol::{
     check_send, chunk_frame, hash, pigeon as pj, seed_json, split_chunk, valid_username, Request,
 };
 use pigeon::store::Body;
+use pigeon::token::{self, TokenKey};
 
 fuzz_target!(|data: &[u8]| {
     // Binary frames: blob chunks.
@@ -39,6 +40,20 @@ fuzz_target!(|data: &[u8]| {
         }) => assert_eq!(format!("{from}#{body}#{to}"), text),
         Ok(other) => panic!("hash::parse gave {other:?}"),
         Err(e) => assert!(!e.message.is_empty()),
+    }
+    // Login tokens (URL query or `login` frame): parse, then verify against a key. A
+    // token that verifies must be one `sign` would produce for its own claims.
+    if let Ok(claims) = token::parse(text) {
+        let key = TokenKey::new(b"fuzz-secret-fuzz-secret-fuzz-secret!");
+        if key.verify(&claims, "hash", 0).is_ok() {
+            assert_eq!(key.sign(&claims.user, claims.expires_at, "hash"), text);
+        }
+    }
+    // The id read from a rate-limited frame matches what the full parser sees.
+    if let (Some(id), Ok(Request::Send { id: Some(full), .. })) =
+        (pj::frame_id(text), pj::parse(text))
+    {
+        assert_eq!(id, full);
     }
     for r in [seed_json::parse(text), pj::parse(text)] {
         match r {
