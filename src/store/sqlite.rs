@@ -63,19 +63,11 @@ CREATE TABLE IF NOT EXISTS users (
 ) WITHOUT ROWID;
 ";
 
-/// Version 0 (before `user_version` was set) kept messages `WITHOUT ROWID`: moved into
-/// the version 1 table, in one transaction with everything else.
-const MIGRATE_0_TO_1: &str = "
-ALTER TABLE message RENAME TO message_v0;
-CREATE TABLE message (
-    recipient   TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    sender      TEXT NOT NULL,
-    client_id   TEXT,
-    kind        INTEGER NOT NULL,
-    body        TEXT NOT NULL,
-    accepted_at INTEGER NOT NULL
-);
+/// Version 0 (before `user_version` was set) kept messages `WITHOUT ROWID`: that table
+/// is renamed before `SCHEMA` creates the current one, then copied over and dropped, in
+/// one transaction with everything else.
+const MIGRATE_0_TO_1_BEFORE: &str = "ALTER TABLE message RENAME TO message_v0;";
+const MIGRATE_0_TO_1_AFTER: &str = "
 INSERT INTO message (recipient, seq, sender, client_id, kind, body, accepted_at)
     SELECT recipient, seq, sender, client_id, kind, body, accepted_at FROM message_v0
     ORDER BY recipient, seq;
@@ -230,6 +222,7 @@ fn prepare_schema(conn: &mut Connection, path: &std::path::Path) -> Result<(), S
             path.display()
         )));
     }
+    let mut moving_messages = false;
     if version == 0 {
         let old_messages: Option<String> = tx
             .query_row(
@@ -241,7 +234,8 @@ fn prepare_schema(conn: &mut Connection, path: &std::path::Path) -> Result<(), S
             .map_err(failed)?;
         if old_messages.is_some_and(|sql| sql.to_uppercase().contains("WITHOUT ROWID")) {
             tracing::info!(path = %path.display(), "moving messages to schema version 1");
-            tx.execute_batch(MIGRATE_0_TO_1).map_err(failed)?;
+            tx.execute_batch(MIGRATE_0_TO_1_BEFORE).map_err(failed)?;
+            moving_messages = true;
         }
     }
     let old_client_ids = tx
@@ -257,6 +251,9 @@ fn prepare_schema(conn: &mut Connection, path: &std::path::Path) -> Result<(), S
         tx.execute_batch(MIGRATE_1_TO_2).map_err(failed)?;
     }
     tx.execute_batch(SCHEMA).map_err(failed)?;
+    if moving_messages {
+        tx.execute_batch(MIGRATE_0_TO_1_AFTER).map_err(failed)?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(failed)?;
     tx.commit().map_err(failed)
