@@ -307,7 +307,7 @@ impl Reader {
             _ => false,
         };
         if matches!(frame, Some(Ok(Message::Ping(_)))) {
-            if let Some(flow) = self.ping_check().await {
+            if let Some(flow) = self.rate_check(true, None).await {
                 return flow;
             }
         }
@@ -316,7 +316,7 @@ impl Reader {
                 Some(Ok(Message::Text(t))) => Some(t.as_str()),
                 _ => None,
             };
-            if let Some(flow) = self.rate_check(text).await {
+            if let Some(flow) = self.rate_check(false, text).await {
                 return flow;
             }
         }
@@ -908,37 +908,33 @@ impl Reader {
         }
     }
 
-    /// Spends a token of the frame-rate bucket: `None` lets the frame through; otherwise
-    /// it was dropped with a `rate_limited` error (and maybe the session closed).
-    /// A dropped Pigeon frame's error carries its `id` (`text`: the frame, if text).
-    async fn rate_check(&mut self, text: Option<&str>) -> Option<Flow> {
-        let verdict = self.bucket.check(Instant::now());
+    /// Spends a token of the frame-rate bucket (`ping`: of the ping bucket): `None` lets
+    /// the frame through; otherwise it was dropped with a `rate_limited` error (and maybe
+    /// the session closed). A dropped Pigeon frame's error carries its `id` (`text`: the
+    /// frame, if text). A ping's pong may already be on its way: tungstenite answers
+    /// pings as it reads them.
+    async fn rate_check(&mut self, ping: bool, text: Option<&str>) -> Option<Flow> {
+        let bucket = match ping {
+            true => &mut self.ping_bucket,
+            false => &mut self.bucket,
+        };
+        let verdict = bucket.check(Instant::now());
         if verdict == Rate::Allow {
             return None;
         }
-        let what = format!(
-            "more than {} frames per second: frame dropped",
-            self.app.config.limits.rate_per_sec
-        );
+        let limits = &self.app.config.limits;
+        let what = match ping {
+            true => format!("more than {} pings per second", limits.ping_per_sec),
+            false => format!(
+                "more than {} frames per second: frame dropped",
+                limits.rate_per_sec
+            ),
+        };
         let id = match (self.dialect, text) {
             (Some(Dialect::Pigeon), Some(t)) => protocol::pigeon::frame_id(t),
             _ => None,
         };
         self.over_rate(verdict, what, id).await
-    }
-
-    /// Spends a token of the ping bucket, like `rate_check` (the pong may already be on
-    /// its way: tungstenite answers pings as it reads them).
-    async fn ping_check(&mut self) -> Option<Flow> {
-        let verdict = self.ping_bucket.check(Instant::now());
-        if verdict == Rate::Allow {
-            return None;
-        }
-        let what = format!(
-            "more than {} pings per second",
-            self.app.config.limits.ping_per_sec
-        );
-        self.over_rate(verdict, what, None).await
     }
 
     /// Acts on a refusing verdict: a `rate_limited` error (naming the dropped frame's
