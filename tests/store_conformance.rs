@@ -725,6 +725,35 @@ mod mongodb_only {
         t.cleanup().await;
     }
 
+    /// A client id remembered by an older Pigeon (no `fingerprint` field) still makes a
+    /// retry a duplicate, whatever its body: there is nothing to compare.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_id_without_fingerprint_is_a_retry() {
+        let Some(t) = mongo_target("old_client_id") else {
+            return;
+        };
+        let store = t.open(100).await;
+        let seq = enqueue_new(&store, text("alice", "bob", "first", Some("o-1"))).await;
+        let db = raw_db(&t).await;
+        let ids = db.collection::<Document>("client_ids");
+        let unset = ids
+            .update_one(
+                doc! { "client_id": "o-1" },
+                doc! { "$unset": { "fingerprint": "" } },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            unset.modified_count, 1,
+            "the entry had a fingerprint to remove"
+        );
+        assert!(matches!(
+            store.enqueue(text("alice", "bob", "other body", Some("o-1"))).await,
+            Ok(Enqueued::Duplicate { seq: s }) if s == seq
+        ));
+        t.cleanup().await;
+    }
+
     /// Collections and indexes exist (found by key, not by name); with a TTL configured
     /// messages carry `expire_at`, without one they do not.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
