@@ -725,6 +725,93 @@ mod mongodb_only {
         t.cleanup().await;
     }
 
+    /// At open, blobs nothing refers to and nobody wrote to for an hour are deleted
+    /// (an upload cut by a crash, a finished blob whose message never came); referenced
+    /// blobs and recent uploads (maybe another node's) stay.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn old_orphan_blobs_are_swept_at_open() {
+        let Some(t) = mongo_target("blob_sweep") else {
+            return;
+        };
+        let store = t.open(100).await;
+        let bytes = vec![7u8; 300 * 1024]; // more than one 255 KiB chunk
+        let [partial, unreferenced, referenced, fresh] =
+            std::array::from_fn(|_| pigeon::transfer::new_blob_key());
+        for key in [&partial, &unreferenced, &referenced, &fresh] {
+            let mut w = store.blob_writer(key).await.unwrap();
+            w.write(&bytes).await.unwrap();
+            if key == &unreferenced || key == &referenced {
+                w.finish().await.unwrap();
+            } // the others are left as a crash would leave them
+        }
+        let meta = BlobMeta {
+            key: referenced.clone(),
+            id: Some("f-ref".into()),
+            name: "a.bin".into(),
+            mime: "application/octet-stream".into(),
+            size: bytes.len() as u64,
+            sha256: None,
+        };
+        enqueue_new(
+            &store,
+            NewMessage {
+                sender: "alice".into(),
+                recipient: "bob".into(),
+                client_id: Some("f-ref".into()),
+                body: meta.to_body(),
+                accepted_at: pigeon::now_ms(),
+            },
+        )
+        .await;
+        drop(store);
+        let db = raw_db(&t).await;
+        let (chunks, files) = (
+            db.collection::<Document>("blob_chunks"),
+            db.collection::<Document>("blob_files"),
+        );
+        for key in [&partial, &unreferenced, &referenced] {
+            let aged = chunks
+                .update_many(doc! { "key": key }, doc! { "$set": { "at": 0_i64 } })
+                .await
+                .unwrap();
+            assert!(aged.matched_count >= 1, "no chunks for {key}");
+            files
+                .update_many(doc! { "_id": key }, doc! { "$set": { "at": 0_i64 } })
+                .await
+                .unwrap();
+        }
+        let count = |key: String| {
+            let chunks = chunks.clone();
+            async move { chunks.count_documents(doc! { "key": key }).await.unwrap() }
+        };
+        let _store = t.open(100).await; // the sweep runs in the background
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while count(partial.clone()).await + count(unreferenced.clone()).await > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "old orphan chunks still there"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(files
+            .find_one(doc! { "_id": &unreferenced })
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            count(referenced.clone()).await,
+            2,
+            "a referenced blob was swept"
+        );
+        assert!(files
+            .find_one(doc! { "_id": &referenced })
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(count(fresh.clone()).await, 1, "a recent upload was swept");
+        t.cleanup().await;
+    }
+
     /// A client id remembered by an older Pigeon (no `fingerprint` field) still makes a
     /// retry a duplicate, whatever its body: there is nothing to compare.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

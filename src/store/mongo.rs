@@ -24,13 +24,17 @@
 //!   size, chunks}` written last, so an unfinished blob is invisible), so no blob meets
 //!   the 16 MiB document limit. Not GridFS's own `fs.*` collections: the MongoDB-wire test
 //!   server this project is tested against cannot create collection names with a dot.
-//!   Acknowledging a blob message deletes its bytes.
+//!   Acknowledging a blob message deletes its bytes. Chunks and file entries carry `at`
+//!   (Unix ms); at start a background sweep deletes blobs no message refers to once
+//!   nothing was written to them for an hour (crash leftovers; younger ones may be
+//!   another node's upload in progress).
 //!
 //! Every write uses the configured write concern (journaled), so a sender is told
 //! "stored" only after the server acknowledged the write at that level. No multi-document
 //! transactions are used; the order of writes is chosen so a failure never loses a
 //! message that a sender was told is stored (see `MongoStore::enqueue`).
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -212,6 +216,19 @@ impl MongoStore {
             .create_schema()
             .await
             .map_err(|e| format!("creating collections and indexes: {e}"))?;
+        // In the background: it reads every blob message and chunk key.
+        let sweep = BlobSweep {
+            messages: store.messages.clone(),
+            chunks: store.blob_chunks.clone(),
+            files: store.blob_files.clone(),
+        };
+        tokio::spawn(async move {
+            match sweep.run(crate::now_ms()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(blobs = n, "removed unfinished or unreferenced blobs"),
+                Err(e) => tracing::warn!(error = %e, "sweeping old blobs failed"),
+            }
+        });
         Ok(store)
     }
 
@@ -635,6 +652,68 @@ impl Store for MongoStore {
 /// GridFS's chunk size.
 const BLOB_CHUNK: usize = 255 * 1024;
 
+/// Blob bytes untouched for this long are no upload in progress (the write timeout
+/// drops a stalled sender long before); younger ones may be another node's upload.
+const BLOB_ORPHAN_AGE_MS: i64 = 60 * 60 * 1000;
+
+/// Deletes blob bytes nothing will read: chunks of uploads that never finished (a crash
+/// mid-upload) and finished blobs no message refers to (a crash between the upload and
+/// its message, or between an ack and the blob's removal), once `BLOB_ORPHAN_AGE_MS`
+/// old. Entries from before the `at` field count as old.
+struct BlobSweep {
+    messages: Collection<MessageDoc>,
+    chunks: Collection<Document>,
+    files: Collection<Document>,
+}
+
+impl BlobSweep {
+    /// Returns how many blobs it removed.
+    async fn run(&self, now_ms: i64) -> Result<usize, mongodb::error::Error> {
+        let cutoff = now_ms.saturating_sub(BLOB_ORPHAN_AGE_MS);
+        let at = |d: &Document| d.get("at").and_then(bson::Bson::as_i64_lossy).unwrap_or(0);
+        let mut referenced = HashSet::new();
+        let mut blobs = self
+            .messages
+            .find(doc! { "kind": Body::Blob(String::new()).kind() })
+            .await?;
+        while let Some(m) = blobs.try_next().await? {
+            if let Some(meta) = Body::Blob(m.body).blob_meta() {
+                referenced.insert(meta.key);
+            }
+        }
+        // Newest write per key, over chunks and file entries.
+        let mut newest: HashMap<String, i64> = HashMap::new();
+        let mut files = self.files.find(doc! {}).await?;
+        while let Some(f) = files.try_next().await? {
+            if let Ok(key) = f.get_str("_id") {
+                newest.insert(key.to_string(), at(&f));
+            }
+        }
+        let mut chunks = self
+            .chunks
+            .find(doc! {})
+            .projection(doc! { "key": 1, "at": 1 })
+            .await?;
+        while let Some(c) = chunks.try_next().await? {
+            if let Ok(key) = c.get_str("key") {
+                let last = newest.entry(key.to_string()).or_insert(0);
+                *last = (*last).max(at(&c));
+            }
+        }
+        let mut removed = 0;
+        for (key, last) in newest {
+            if referenced.contains(&key) || last >= cutoff {
+                continue;
+            }
+            // The file entry first, as in `blob_remove`.
+            self.files.delete_one(doc! { "_id": &key }).await?;
+            self.chunks.delete_many(doc! { "key": &key }).await?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+}
+
 fn chunk_id(key: &str, n: i64) -> String {
     format!("{key}:{n:010}")
 }
@@ -674,7 +753,13 @@ impl ChunkWriter {
             subtype: BinarySubtype::Generic,
             bytes: std::mem::take(&mut self.buf),
         };
-        let chunk = doc! { "_id": chunk_id(&self.key, self.n), "key": &self.key, "n": self.n, "data": data };
+        let chunk = doc! {
+            "_id": chunk_id(&self.key, self.n),
+            "key": &self.key,
+            "n": self.n,
+            "data": data,
+            "at": crate::now_ms(),
+        };
         self.chunks.insert_one(chunk).await.map_err(unavailable)?;
         self.n += 1;
         self.buf = Vec::with_capacity(BLOB_CHUNK);
@@ -699,7 +784,8 @@ impl BlobWrite for ChunkWriter {
 
     async fn finish(mut self: Box<Self>) -> Result<(), StoreError> {
         self.flush_chunk().await?;
-        let file = doc! { "_id": &self.key, "size": self.size, "chunks": self.n };
+        let file =
+            doc! { "_id": &self.key, "size": self.size, "chunks": self.n, "at": crate::now_ms() };
         self.files.insert_one(file).await.map_err(unavailable)?;
         Ok(())
     }
