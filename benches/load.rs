@@ -1144,6 +1144,23 @@ async fn connect(addr: SocketAddr, path: &str, source: Option<IpAddr>) -> Result
     Ok(ws)
 }
 
+/// Logs `user` in and fails with `what` unless its `welcome` says nothing is pending.
+async fn expect_empty_mailbox(addr: SocketAddr, user: &str, what: &str) -> Result<()> {
+    let mut ws = connect(addr, &format!("/ws?user={user}"), None).await?;
+    while let Some(frame) = ws.next().await {
+        if let Message::Text(t) = frame? {
+            let t = t.as_str();
+            if t.contains(r#""type":"welcome""#) {
+                if !t.contains(r#""pending":0"#) {
+                    bail!("{what}: {t}");
+                }
+                return Ok(());
+            }
+        }
+    }
+    bail!("{user}: socket ended before the welcome")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dialect {
     Hash,
@@ -1658,18 +1675,7 @@ async fn flush_inner(cli: &Cli, store: StoreKind, m: u64) -> Result<(Figure, Fig
     }
     drop(ws);
     // Untimed check that the acks emptied the mailbox: a new login sees nothing pending.
-    let mut ws = connect(server.addr, "/ws?user=flush_dst", None).await?;
-    while let Some(frame) = ws.next().await {
-        if let Message::Text(t) = frame? {
-            let t = t.as_str();
-            if t.contains(r#""type":"welcome""#) {
-                if !t.contains(r#""pending":0"#) {
-                    bail!("mailbox not empty after the acks: {t}");
-                }
-                break;
-            }
-        }
-    }
+    expect_empty_mailbox(server.addr, "flush_dst", "mailbox not empty after the acks").await?;
     let flush = Figure::Rate {
         rate: m as f64 / wall,
         hist: None,
@@ -1991,18 +1997,7 @@ async fn blob_run(cli: &Cli, peer: Peer) -> Result<(Figure, String)> {
             }
         }
         drop(dst);
-        let mut ws = connect(server.addr, "/ws?user=blob_dst", None).await?;
-        while let Some(frame) = ws.next().await {
-            if let Message::Text(t) = frame? {
-                let t = t.as_str();
-                if t.contains(r#""type":"welcome""#) {
-                    if !t.contains(r#""pending":0"#) {
-                        bail!("blob still pending after its ack: {t}");
-                    }
-                    break;
-                }
-            }
-        }
+        expect_empty_mailbox(server.addr, "blob_dst", "blob still pending after its ack").await?;
     }
     let note = format!(
         "{} KiB chunks; {}checksum ok",
