@@ -113,7 +113,9 @@ struct Cli {
     /// that never read while a sender pushes 100 msgs/s of 1 KiB at each, ping flooders).
     #[arg(long, default_value_t = 50)]
     hostiles: usize,
-    /// hostile: which kinds run (comma list of slowloris, sink, ping).
+    /// hostile: which kinds run (comma list of slowloris, sink, ping, busy, longname,
+    /// guess). longname: failed logins with 1.9 MB names over HTTP and 0.9 MB names in
+    /// login frames; guess: wrong-password logins over HTTP from 250 addresses.
     #[arg(long, default_value = "slowloris,sink,ping")]
     hostile_kinds: String,
     /// cluster: the Redis server binary (started on a free loopback port per run).
@@ -477,6 +479,7 @@ async fn hostile_rows(cli: &Cli) -> Vec<Row> {
     let attacker = ChildGuard(attacker);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_before = server.stats().rss_kib;
+    let peak = RssSampler::start(server.pid);
     let attacker_before = ProcStats::read(attacker.0.id() as i32);
     let t0 = Instant::now();
     let loud = pairs_measure(
@@ -490,6 +493,7 @@ async fn hostile_rows(cli: &Cli) -> Vec<Row> {
     )
     .await;
     let rss_after = server.stats().rss_kib;
+    let rss_peak = peak.stop();
     let attacker_cpu = (ProcStats::read(attacker.0.id() as i32).cpu_s - attacker_before.cpu_s)
         / t0.elapsed().as_secs_f64()
         * 100.0;
@@ -500,11 +504,12 @@ async fn hostile_rows(cli: &Cli) -> Vec<Row> {
     };
     let note = match (p99(&calm), p99(&loud)) {
         (Some(a), Some(b)) if a > 0 => format!(
-            "p99 under attack / calm = {:.2}× (target ≤ 2×); RSS during the attack {} → {} MiB; \
-             attackers' process {attacker_cpu:.0}% CPU",
+            "p99 under attack / calm = {:.2}× (target ≤ 2×); RSS during the attack {} → {} MiB \
+             (peak {} MiB); attackers' process {attacker_cpu:.0}% CPU",
             b as f64 / a as f64,
             rss_before / 1024,
-            rss_after / 1024
+            rss_after / 1024,
+            rss_peak / 1024
         ),
         _ => "no p99 to compare".into(),
     };
@@ -559,6 +564,13 @@ fn attack_main(args: &[String]) -> Result<()> {
             if kind("busy") {
                 // The sink's traffic to a session that does read: the same load, no hostility.
                 tokio::spawn(busy_reader_and_flood(addr, i, from(5), stop.clone()));
+            }
+            if kind("longname") {
+                tokio::spawn(long_name_logins(addr, i, from(6), stop.clone()));
+            }
+            if kind("guess") {
+                // A botnet: every guesser cycles through 250 addresses of its own.
+                tokio::spawn(password_guesses(addr, i, stop.clone()));
             }
         }
         // Until the parent goes away (stdin closes).
@@ -664,6 +676,78 @@ async fn busy_reader_and_flood(
     });
     sink_flood_into(addr, &format!("feeder{i}"), &reader, source, stop).await;
     acker.abort();
+}
+
+/// One `POST /api/login` with `body` from `source`; the status (0 when it failed).
+async fn post_login(addr: SocketAddr, source: Option<IpAddr>, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let socket = TcpSocket::new_v4()?;
+        if let Some(ip) = source {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        let mut s = socket.connect(addr).await?;
+        let head = format!(
+            "POST /api/login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await?;
+        // The server may refuse a huge body (413) before reading it all.
+        let _ = s.write_all(body.as_bytes()).await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        anyhow::Ok(out)
+    };
+    match tokio::time::timeout(Duration::from_secs(30), attempt).await {
+        Ok(Ok(out)) => String::from_utf8_lossy(&out)
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Failed logins with huge user names, one after the other: a 1.9 MB name over HTTP,
+/// then a 0.9 MB name in a WebSocket login frame (each name unique).
+async fn long_name_logins(
+    addr: SocketAddr,
+    i: usize,
+    source: Option<IpAddr>,
+    stop: Arc<AtomicBool>,
+) {
+    let pad = "n".repeat(1_900_000);
+    let mut k = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        k += 1;
+        let body = format!(r#"{{"user":"{pad}{i}-{k}","password":"x"}}"#);
+        post_login(addr, source, &body).await;
+        if let Ok(mut ws) = connect(addr, "/ws", source).await {
+            let frame = format!(
+                r#"{{"type":"login","user":"{}{i}-{k}","password":"x"}}"#,
+                &pad[..900_000]
+            );
+            if ws.send(Message::text(frame)).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+            }
+        }
+    }
+}
+
+/// Wrong passwords over HTTP for ten users, each guess from the next of 250 addresses
+/// (127.0.1.1-250): no single address reaches its limit quickly, so these cost hashes
+/// until the per-user cap and the hashing queue refuse them.
+async fn password_guesses(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) {
+    let mut k = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        k += 1;
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 1, (1 + (i * 7 + k) % 250) as u8));
+        let body = format!(r#"{{"user":"victim{}","password":"guess{k}"}}"#, k % 10);
+        if post_login(addr, Some(ip), &body).await == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// A session that sends WebSocket pings as fast as the socket takes them, and logs in

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -14,15 +14,18 @@ use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::{self, AuthError, Issued};
+use crate::auth::{AuthError, Issued};
+use crate::escape::Escaped;
 use crate::http::Ctx;
 use crate::protocol::valid_username;
 use crate::store::StoreError;
 
-pub fn routes() -> Router<Arc<Ctx>> {
+/// The account routes; their bodies are read up to `max_body` bytes (413 beyond).
+pub fn routes(max_body: usize) -> Router<Arc<Ctx>> {
     Router::new()
         .route("/api/login", post(login))
         .route("/api/register", post(register))
+        .layer(DefaultBodyLimit::max(max_body))
 }
 
 #[derive(Deserialize)]
@@ -64,11 +67,18 @@ fn auth_error(e: AuthError) -> Response {
                 .insert(header::RETRY_AFTER, HeaderValue::from(try_again_in));
             res
         }
+        AuthError::ThrottleFull => error(StatusCode::TOO_MANY_REQUESTS, "too_busy", e),
+        AuthError::HashBusy => {
+            let mut res = error(StatusCode::SERVICE_UNAVAILABLE, "too_busy", e);
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1));
+            res
+        }
         AuthError::InvalidPassword(m) => error(StatusCode::BAD_REQUEST, "weak_password", m),
         AuthError::Store(StoreError::UserExists(u)) => error(
             StatusCode::CONFLICT,
             "user_exists",
-            format!("user {u} already exists"),
+            format!("user {} already exists", Escaped(&u)),
         ),
         other => {
             tracing::warn!(error = %other, "login failed on the server side");
@@ -143,8 +153,8 @@ async fn register(
             StatusCode::BAD_REQUEST,
             "invalid_user",
             format!(
-                "{:?} is not a valid username (1-32 letters, digits, _ . -)",
-                c.user
+                "\"{}\" is not a valid username (1-32 letters, digits, _ . -)",
+                Escaped(&c.user)
             ),
         );
     }
@@ -156,15 +166,13 @@ async fn register(
             format!("a password must have at least {min} characters"),
         );
     }
-    let password = c.password.clone();
-    let hash = match tokio::task::spawn_blocking(move || auth::hash_password(&password)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => return auth_error(e),
-        Err(e) => return auth_error(AuthError::Hash(e.to_string())),
+    let hash = match app.auth.hash_new_password(&c.password).await {
+        Ok(h) => h,
+        Err(e) => return auth_error(e),
     };
     if let Err(e) = app.store.create_user(&c.user, &hash).await {
         return auth_error(e.into());
     }
-    tracing::info!(user = %c.user, ip = %peer.ip(), "account registered");
+    tracing::info!(user = %Escaped(&c.user), ip = %peer.ip(), "account registered");
     issued(StatusCode::CREATED, &c.user, app.auth.issue(&c.user, &hash))
 }

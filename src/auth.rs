@@ -14,13 +14,19 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 
 use crate::config::Config;
-use crate::limits::{LoginThrottle, TakeoverDamper};
+use crate::escape::Escaped;
+use crate::limits::{
+    Attempt, HashPool, LoginThrottle, PoolError, Refusal, TakeoverDamper, ThrottleLimits,
+};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::store::{Store, StoreError};
 use crate::token::{self, TokenError, TokenKey};
 
 /// Longest password accepted (bytes): hashing is deliberately slow, so bound the input.
 pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// Longest user name a login may name (bytes), checked before the name is used as a key
+/// or logged. No account can have a longer one (`valid_username`: 32 characters).
+pub const MAX_LOGIN_NAME_BYTES: usize = 128;
 /// The file in the data directory holding the generated token secret.
 pub const SECRET_FILE: &str = "auth_secret";
 
@@ -35,6 +41,12 @@ pub enum AuthError {
     TokenExpired,
     #[error("too many failed logins: try again in {try_again_in} s")]
     Throttled { try_again_in: u64 },
+    /// The failed-login bookkeeping is full (HTTP 429).
+    #[error("too many logins from too many places: try again shortly")]
+    ThrottleFull,
+    /// The password-hashing queue is full (HTTP 503).
+    #[error("the server is busy checking passwords: try again shortly")]
+    HashBusy,
     #[error("{0}")]
     InvalidPassword(String),
     #[error(transparent)]
@@ -57,6 +69,7 @@ impl AuthError {
             }
             AuthError::TokenExpired => ErrorCode::TokenExpired,
             AuthError::Throttled { .. } => ErrorCode::TooManyAttempts,
+            AuthError::ThrottleFull | AuthError::HashBusy => ErrorCode::TooBusy,
             AuthError::Store(_) | AuthError::Hash(_) | AuthError::Secret { .. } => {
                 ErrorCode::StoreUnavailable
             }
@@ -82,7 +95,28 @@ pub struct Auth {
     key: TokenKey,
     ttl_secs: u64,
     throttle: LoginThrottle,
+    hashers: HashPool,
     takeovers: TakeoverDamper,
+}
+
+impl From<PoolError> for AuthError {
+    fn from(e: PoolError) -> AuthError {
+        match e {
+            PoolError::Busy => AuthError::HashBusy,
+            PoolError::Failed(m) => AuthError::Hash(m),
+        }
+    }
+}
+
+impl From<Refusal> for AuthError {
+    fn from(r: Refusal) -> AuthError {
+        match r {
+            Refusal::Throttled(wait) => AuthError::Throttled {
+                try_again_in: wait.as_secs().max(1),
+            },
+            Refusal::Full => AuthError::ThrottleFull,
+        }
+    }
 }
 
 impl Auth {
@@ -99,10 +133,15 @@ impl Auth {
             password_mode: config.auth.password_mode(),
             key: TokenKey::new(&secret),
             ttl_secs: config.auth.token_ttl_secs,
-            throttle: LoginThrottle::new(
-                l.login_max_failures,
-                Duration::from_secs(l.login_backoff_secs),
-            ),
+            throttle: LoginThrottle::new(ThrottleLimits {
+                max: l.login_max_failures,
+                backoff: Duration::from_secs(l.login_backoff_secs),
+                backoff_max: Duration::from_secs(l.login_backoff_max_secs),
+                user_max: l.login_user_max_failures,
+                user_window: Duration::from_secs(l.login_user_window_secs),
+                max_keys: l.login_throttle_max_keys,
+            }),
+            hashers: HashPool::new(l.hash_workers, l.hash_queue),
             takeovers: TakeoverDamper::new(
                 l.takeover_max,
                 Duration::from_secs(l.takeover_window_secs),
@@ -115,16 +154,9 @@ impl Auth {
         self.password_mode
     }
 
-    fn check_throttle(&self, user: &str, ip: Option<IpAddr>) -> Result<(), AuthError> {
-        match self.throttle.blocked(user, ip, Instant::now()) {
-            Some(wait) => Err(AuthError::Throttled {
-                try_again_in: wait.as_secs().max(1),
-            }),
-            None => Ok(()),
-        }
-    }
-
-    /// Checks `user`'s password (throttled per user and IP).
+    /// Checks `user`'s password. Overlong names and passwords are refused before
+    /// anything else; then the attempt is counted (per user, address and both) before
+    /// the password is hashed on the bounded pool, and forgiven if it was right.
     pub async fn check_password(
         &self,
         store: &Arc<dyn Store>,
@@ -132,32 +164,65 @@ impl Auth {
         password: &str,
         ip: Option<IpAddr>,
     ) -> Result<String, AuthError> {
-        self.check_throttle(user, ip)?;
-        let stored = store.password_hash(user).await?;
-        let ok = if password.len() > MAX_PASSWORD_BYTES {
-            false
-        } else {
-            // An unknown user costs as much time as a wrong password: no user probing.
-            let hash = stored.clone();
-            let password = password.to_string();
-            tokio::task::spawn_blocking(move || {
-                verify_password(&password, hash.as_deref().unwrap_or_else(|| dummy_hash()))
-            })
-            .await
-            .map_err(|e| AuthError::Hash(e.to_string()))?
-                && stored.is_some()
-        };
-        match (ok, stored) {
-            (true, Some(hash)) => {
-                self.throttle.succeeded(user, ip);
+        if user.is_empty()
+            || user.len() > MAX_LOGIN_NAME_BYTES
+            || password.len() > MAX_PASSWORD_BYTES
+        {
+            tracing::debug!(user = %Escaped(user), ?ip, "refused a login with an overlong name or password");
+            return Err(AuthError::BadCredentials);
+        }
+        let ticket = self
+            .throttle
+            .reserve(user, ip, Attempt::Password, Instant::now())?;
+        match self.verify_stored(store, user, password).await {
+            Ok(hash) => {
+                self.throttle
+                    .succeeded(ticket, Attempt::Password, Instant::now());
                 Ok(hash)
             }
-            _ => {
-                self.throttle.failed(user, ip, Instant::now());
-                tracing::info!(%user, ?ip, "failed password login");
+            Err(AuthError::BadCredentials) => {
+                tracing::info!(user = %Escaped(user), ?ip, "failed password login");
                 Err(AuthError::BadCredentials)
             }
+            Err(e) => {
+                self.throttle.cancel(ticket);
+                Err(e)
+            }
         }
+    }
+
+    /// The stored hash of `user` if `password` matches it.
+    async fn verify_stored(
+        &self,
+        store: &Arc<dyn Store>,
+        user: &str,
+        password: &str,
+    ) -> Result<String, AuthError> {
+        let stored = store.password_hash(user).await?;
+        // An unknown user costs as much time as a wrong password: no user probing.
+        let hash = stored.clone();
+        let password = password.to_string();
+        let ok = self
+            .hashers
+            .run(move || {
+                verify_password(&password, hash.as_deref().unwrap_or_else(|| dummy_hash()))
+            })
+            .await?;
+        match stored {
+            Some(hash) if ok => Ok(hash),
+            _ => Err(AuthError::BadCredentials),
+        }
+    }
+
+    /// Hashes a new password on the bounded pool (registration).
+    pub async fn hash_new_password(&self, password: &str) -> Result<String, AuthError> {
+        if password.is_empty() || password.len() > MAX_PASSWORD_BYTES {
+            return Err(AuthError::InvalidPassword(format!(
+                "a password must be 1-{MAX_PASSWORD_BYTES} bytes"
+            )));
+        }
+        let password = password.to_string();
+        self.hashers.run(move || hash_password(&password)).await?
     }
 
     /// Checks the password and issues a token.
@@ -190,17 +255,36 @@ impl Auth {
         ip: Option<IpAddr>,
     ) -> Result<String, AuthError> {
         let claims = token::parse(token).map_err(AuthError::BadToken)?;
-        self.check_throttle(&claims.user, ip)?;
-        let Some(hash) = store.password_hash(&claims.user).await? else {
-            self.throttle.failed(&claims.user, ip, Instant::now());
+        if claims.user.is_empty() || claims.user.len() > MAX_LOGIN_NAME_BYTES {
             return Err(AuthError::BadToken(TokenError::BadSignature));
+        }
+        let ticket = self
+            .throttle
+            .reserve(&claims.user, ip, Attempt::Token, Instant::now())?;
+        let hash = match store.password_hash(&claims.user).await {
+            Ok(Some(hash)) => hash,
+            Ok(None) => {
+                self.throttle.failed(ticket, Instant::now());
+                return Err(AuthError::BadToken(TokenError::BadSignature));
+            }
+            Err(e) => {
+                self.throttle.cancel(ticket);
+                return Err(e.into());
+            }
         };
         match self.key.verify(&claims, &hash, token::now_secs()) {
-            Ok(()) => Ok(claims.user),
-            Err(TokenError::Expired) => Err(AuthError::TokenExpired),
+            Ok(()) => {
+                self.throttle
+                    .succeeded(ticket, Attempt::Token, Instant::now());
+                Ok(claims.user)
+            }
+            Err(TokenError::Expired) => {
+                self.throttle.cancel(ticket);
+                Err(AuthError::TokenExpired)
+            }
             Err(e) => {
-                self.throttle.failed(&claims.user, ip, Instant::now());
-                tracing::info!(user = %claims.user, ?ip, "rejected a forged or stale token");
+                self.throttle.failed(ticket, Instant::now());
+                tracing::info!(user = %Escaped(&claims.user), ?ip, "rejected a forged or stale token");
                 Err(AuthError::BadToken(e))
             }
         }

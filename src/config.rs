@@ -179,10 +179,30 @@ pub struct LimitsConfig {
     pub login_timeout_secs: u64,
     /// Failed logins (password or token) for one user from one IP address before further
     /// attempts are refused with `too_many_attempts`; one IP address gets four times as
-    /// many across all users.
+    /// many across all users. An attempt counts from the moment it is let through (before
+    /// its password is hashed), so parallel attempts cannot exceed it.
     pub login_max_failures: u32,
-    /// How long failed logins are remembered, and how long a throttled user/IP waits.
+    /// How long failed logins are remembered, and how long a throttled user/IP waits the
+    /// first time. Each further lock-out of the same user and address doubles the wait,
+    /// up to `login_backoff_max_secs`.
     pub login_backoff_secs: u64,
+    pub login_backoff_max_secs: u64,
+    /// Failed password logins for one user from all addresses together within
+    /// `login_user_window_secs`; beyond it password logins for that user are refused
+    /// from addresses that never logged in as them. Looser than the per-address limit and
+    /// with a short window, so an attacker can lock the real user out only briefly.
+    pub login_user_max_failures: u32,
+    pub login_user_window_secs: u64,
+    /// Entries the failed-login bookkeeping may hold (users, addresses and pairs); when
+    /// full, logins with new keys are refused with `too_busy` instead of growing it.
+    pub login_throttle_max_keys: usize,
+    /// Password hashes (argon2, ~19 MiB each) computed at once; 0 = the number of CPUs.
+    pub hash_workers: usize,
+    /// Logins and registrations that may wait for a hashing slot; beyond that they are
+    /// refused at once with `too_busy` (HTTP 503).
+    pub hash_queue: usize,
+    /// Largest request body `POST /api/login` and `/api/register` read (bytes).
+    pub api_max_body_bytes: usize,
     /// Take-overs of one user allowed within `takeover_window_secs`; the login after
     /// that is refused with `takeover_loop` (two clients fighting over one account).
     pub takeover_max: u32,
@@ -214,6 +234,13 @@ impl Default for LimitsConfig {
             login_timeout_secs: 10,
             login_max_failures: 5,
             login_backoff_secs: 60,
+            login_backoff_max_secs: 3600,
+            login_user_max_failures: 20,
+            login_user_window_secs: 30,
+            login_throttle_max_keys: 100_000,
+            hash_workers: 0,
+            hash_queue: 64,
+            api_max_body_bytes: 16 * 1024,
             takeover_max: 20,
             takeover_window_secs: 60,
         }
@@ -451,6 +478,16 @@ impl Config {
             return bad(
                 "limits.login_timeout_secs, login_max_failures and takeover_window_secs must be positive",
             );
+        }
+        if l.login_user_max_failures == 0
+            || l.login_user_window_secs == 0
+            || l.login_backoff_secs == 0
+            || l.login_backoff_max_secs < l.login_backoff_secs
+        {
+            return bad("limits.login_user_max_failures, login_user_window_secs and login_backoff_secs must be positive, and login_backoff_max_secs at least login_backoff_secs");
+        }
+        if l.login_throttle_max_keys < 100 || l.api_max_body_bytes < 1024 {
+            return bad("limits.login_throttle_max_keys must be at least 100 and api_max_body_bytes at least 1024");
         }
         Ok(())
     }

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::services::ServeDir;
 
 use crate::app::App;
+use crate::escape::{Escaped, EscapedOpt};
 use crate::protocol::{Dialect, ErrorCode, ProtocolError};
 use crate::session::{self, Greeting, CLOSE_AUTH};
 
@@ -57,7 +58,7 @@ pub fn routes(ctx: Arc<Ctx>) -> Router {
         .route("/web/{user}", get(upgrade_named))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .merge(crate::api::routes())
+        .merge(crate::api::routes(ctx.app.config.limits.api_max_body_bytes))
         .fallback_service(static_dir)
         .with_state(ctx)
 }
@@ -231,7 +232,11 @@ where
         let origin = origin.to_str().unwrap_or("");
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
         if !origin_allowed(&ctx.app.config.auth.allowed_origins, origin, host) {
-            tracing::info!(%origin, ?host, "WebSocket from a disallowed origin refused");
+            tracing::info!(
+                origin = %Escaped(origin),
+                host = %EscapedOpt(host),
+                "WebSocket from a disallowed origin refused"
+            );
             return (
                 StatusCode::FORBIDDEN,
                 format!(

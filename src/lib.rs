@@ -7,7 +7,7 @@
 //! `transfer` (incoming blobs), `cluster` (nodes through Redis), and `echo` (a test-only
 //! WebSocket echo for conformance tests). Security: `auth` (passwords, tokens), `token`,
 //! `api` (`/api/login`, `/api/register`), `accounts` (`pigeon user ...`), `limits` (rate,
-//! throttles, caps) and `tls`.
+//! throttles, caps, the hashing pool), `escape` (client bytes in the log) and `tls`.
 
 pub mod accounts;
 pub mod api;
@@ -17,6 +17,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod echo;
+pub mod escape;
 pub mod http;
 pub mod limits;
 pub mod metrics;

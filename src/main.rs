@@ -105,7 +105,31 @@ fn load_config(
     Ok((cfg, unknown))
 }
 
+/// glibc's malloc raises its mmap threshold whenever a large mmapped block is freed, so
+/// the next ~19 MiB argon2 blocks come from its arenas, which it keeps: after a flood of
+/// parallel password logins the server held gigabytes it no longer used. A fixed
+/// threshold (which also stops that adjustment) sends big blocks to mmap and back to the
+/// system on free; fewer arenas keep less of the rest. `MALLOC_MMAP_THRESHOLD_` and
+/// `MALLOC_ARENA_MAX` in the environment win. Called before any thread exists.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD: libc::c_int = 1024 * 1024;
+        const ARENAS: libc::c_int = 4;
+        // SAFETY: mallopt only sets allocator parameters; no other thread runs yet.
+        unsafe {
+            if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            }
+            if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+                libc::mallopt(libc::M_ARENA_MAX, ARENAS);
+            }
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    tune_allocator();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     match cli.command {
@@ -167,7 +191,11 @@ fn init_logging(cfg: &Config) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
         .context("invalid log level")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour codes are escape sequences: only for a terminal, never into a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match cfg.log.format.as_str() {
         "json" => builder.json().init(),
         "pretty" => builder.init(),

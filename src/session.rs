@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::app::App;
+use crate::escape::{Escaped, EscapedOpt};
 use crate::limits::{Rate, TokenBucket};
 use crate::metrics::{dec, inc};
 use crate::protocol::{
@@ -604,7 +605,7 @@ impl Reader {
         }
         if self.app.router.is_online(&user) && !self.app.auth.allow_takeover(&user) {
             tracing::warn!(
-                %user,
+                user = %Escaped(&user),
                 max = self.app.config.limits.takeover_max,
                 window_secs = self.app.config.limits.takeover_window_secs,
                 "login refused: this user is being taken over in a loop"
@@ -626,11 +627,11 @@ impl Reader {
         };
         let replaced = self.app.router.register(&user, handle).map(|old| {
             inc(&self.app.metrics.takeovers);
-            tracing::info!(%user, old = old.generation, new = self.generation, "session taken over");
+            tracing::info!(user = %Escaped(&user), old = old.generation, new = self.generation, "session taken over");
             old.shared.stop(StopReason::Replaced);
             old.shared
         });
-        tracing::debug!(%user, generation = self.generation, ?dialect, "session identified");
+        tracing::debug!(user = %Escaped(&user), generation = self.generation, ?dialect, "session identified");
         self.user = Some(user.clone());
         self.dialect = Some(dialect);
         self.errors_in_row = 0;
@@ -810,7 +811,7 @@ impl Reader {
 
     /// Answers a bad request with an error frame; too many in a row close the session.
     async fn refuse(&mut self, dialect: Dialect, e: ProtocolError) -> Flow {
-        tracing::debug!(user = ?self.user, code = e.code.as_str(), message = %e.message, "refused frame");
+        tracing::debug!(user = %EscapedOpt(self.user.as_deref()), code = e.code.as_str(), message = %Escaped(&e.message), "refused frame");
         inc(&self.app.metrics.errors);
         if self.reply(dialect, &Event::Error(&e)).await == Flow::Close {
             return Flow::Close;
@@ -944,7 +945,7 @@ impl Reader {
         let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
         let e = ProtocolError::new(ErrorCode::RateLimited, what).with_id(id);
         if verdict == Rate::Close {
-            tracing::info!(user = ?self.user, peer = ?self.peer, "closing a flooding connection");
+            tracing::info!(user = %EscapedOpt(self.user.as_deref()), peer = ?self.peer, "closing a flooding connection");
             if let Some(ip) = self.peer {
                 self.app.flood_ban.flooded(ip, Instant::now());
             }
@@ -955,7 +956,7 @@ impl Reader {
 
     /// Sends an error frame, then closes with `code` (the error code is the reason).
     async fn refuse_and_close(&mut self, dialect: Dialect, e: ProtocolError, code: u16) -> Flow {
-        tracing::debug!(user = ?self.user, peer = ?self.peer, code = e.code.as_str(), message = %e.message, "closing session");
+        tracing::debug!(user = %EscapedOpt(self.user.as_deref()), peer = ?self.peer, code = e.code.as_str(), message = %Escaped(&e.message), "closing session");
         inc(&self.app.metrics.errors);
         self.reply(dialect, &Event::Error(&e)).await;
         self.close(code, e.code.as_str()).await
@@ -1306,7 +1307,7 @@ where
         let mut handover: Handover = Box::pin(async move {
             if let Some(old) = replaced {
                 if tokio::time::timeout(wait, old.wait_done()).await.is_err() {
-                    tracing::warn!(user = %user_for_log, "replaced session did not finish in time");
+                    tracing::warn!(user = %Escaped(&user_for_log), "replaced session did not finish in time");
                 }
             }
             if let Some(kick) = replaced_remote {

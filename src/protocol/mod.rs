@@ -71,6 +71,7 @@ pub enum ErrorCode {
     TakeoverLoop,
     RateLimited,
     LoginTimeout,
+    TooBusy,
 }
 
 impl ErrorCode {
@@ -101,6 +102,7 @@ impl ErrorCode {
             ErrorCode::TakeoverLoop => "takeover_loop",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::LoginTimeout => "login_timeout",
+            ErrorCode::TooBusy => "too_busy",
         }
     }
 }
