@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::auth::{self, AuthError, Issued};
 use crate::http::Ctx;
-use crate::protocol::valid_username;
+use crate::protocol::{canonical_username, USERNAME_RULE};
 use crate::store::StoreError;
 
 pub fn routes() -> Router<Arc<Ctx>> {
@@ -65,6 +65,7 @@ fn auth_error(e: AuthError) -> Response {
             res
         }
         AuthError::InvalidPassword(m) => error(StatusCode::BAD_REQUEST, "weak_password", m),
+        AuthError::InvalidUser => error(StatusCode::BAD_REQUEST, "invalid_user", e),
         AuthError::Store(StoreError::UserExists(u)) => error(
             StatusCode::CONFLICT,
             "user_exists",
@@ -116,7 +117,7 @@ async fn login(
         .login(&app.store, &c.user, &c.password, Some(peer.ip()))
         .await
     {
-        Ok(t) => issued(StatusCode::OK, &c.user, t),
+        Ok(t) => issued(StatusCode::OK, &t.user.clone(), t),
         Err(e) => auth_error(e),
     }
 }
@@ -138,16 +139,13 @@ async fn register(
         Ok(c) => c,
         Err(r) => return *r,
     };
-    if !valid_username(&c.user) {
+    let Some(user) = canonical_username(&c.user) else {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_user",
-            format!(
-                "{:?} is not a valid username (1-32 letters, digits, _ . -)",
-                c.user
-            ),
+            format!("not a valid username: {USERNAME_RULE}"),
         );
-    }
+    };
     let min = app.config.auth.min_password_chars;
     if c.password.chars().count() < min {
         return error(
@@ -162,9 +160,9 @@ async fn register(
         Ok(Err(e)) => return auth_error(e),
         Err(e) => return auth_error(AuthError::Hash(e.to_string())),
     };
-    if let Err(e) = app.store.create_user(&c.user, &hash).await {
+    if let Err(e) = app.store.create_user(&user, &hash).await {
         return auth_error(e.into());
     }
-    tracing::info!(user = %c.user, ip = %peer.ip(), "account registered");
-    issued(StatusCode::CREATED, &c.user, app.auth.issue(&c.user, &hash))
+    tracing::info!(%user, ip = %peer.ip(), "account registered");
+    issued(StatusCode::CREATED, &user, app.auth.issue(&user, &hash))
 }

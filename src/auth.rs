@@ -15,7 +15,9 @@ use argon2::Argon2;
 
 use crate::config::Config;
 use crate::limits::{LoginThrottle, TakeoverDamper};
-use crate::protocol::{ErrorCode, ProtocolError};
+use crate::protocol::{
+    canonical_username, valid_username, ErrorCode, ProtocolError, USERNAME_RULE,
+};
 use crate::store::{Store, StoreError};
 use crate::token::{self, TokenError, TokenKey};
 
@@ -37,6 +39,8 @@ pub enum AuthError {
     Throttled { try_again_in: u64 },
     #[error("{0}")]
     InvalidPassword(String),
+    #[error("not a valid username: {USERNAME_RULE}")]
+    InvalidUser,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("password hashing failed: {0}")]
@@ -56,6 +60,7 @@ impl AuthError {
                 ErrorCode::BadCredentials
             }
             AuthError::TokenExpired => ErrorCode::TokenExpired,
+            AuthError::InvalidUser => ErrorCode::InvalidUser,
             AuthError::Throttled { .. } => ErrorCode::TooManyAttempts,
             AuthError::Store(_) | AuthError::Hash(_) | AuthError::Secret { .. } => {
                 ErrorCode::StoreUnavailable
@@ -72,6 +77,8 @@ impl AuthError {
 /// A freshly issued session token.
 #[derive(Debug, Clone)]
 pub struct Issued {
+    /// The canonical name it was issued to.
+    pub user: String,
     pub token: String,
     /// Unix seconds.
     pub expires_at: u64,
@@ -124,14 +131,16 @@ impl Auth {
         }
     }
 
-    /// Checks `user`'s password (throttled per user and IP).
+    /// Checks `user`'s password (throttled per user and IP); the name may be spelled in
+    /// any form that canonicalizes (`protocol::canonical_username`).
     pub async fn check_password(
         &self,
         store: &Arc<dyn Store>,
         user: &str,
         password: &str,
         ip: Option<IpAddr>,
-    ) -> Result<String, AuthError> {
+    ) -> Result<Proof, AuthError> {
+        let user = &canonical_username(user).ok_or(AuthError::InvalidUser)?;
         self.check_throttle(user, ip)?;
         let stored = store.password_hash(user).await?;
         let ok = if password.len() > MAX_PASSWORD_BYTES {
@@ -150,7 +159,11 @@ impl Auth {
         match (ok, stored) {
             (true, Some(hash)) => {
                 self.throttle.succeeded(user, ip);
-                Ok(hash)
+                Ok(Proof {
+                    user: user.clone(),
+                    credential: credential_stamp(&hash),
+                    hash,
+                })
             }
             _ => {
                 self.throttle.failed(user, ip, Instant::now());
@@ -168,14 +181,15 @@ impl Auth {
         password: &str,
         ip: Option<IpAddr>,
     ) -> Result<Issued, AuthError> {
-        let hash = self.check_password(store, user, password, ip).await?;
-        Ok(self.issue(user, &hash))
+        let proof = self.check_password(store, user, password, ip).await?;
+        Ok(self.issue(&proof.user, &proof.hash))
     }
 
     /// A token for `user`, whose current password hash is `hash`.
     pub fn issue(&self, user: &str, hash: &str) -> Issued {
         let expires_at = token::now_secs().saturating_add(self.ttl_secs);
         Issued {
+            user: user.to_string(),
             token: self.key.sign(user, expires_at, hash),
             expires_at,
         }
@@ -188,15 +202,23 @@ impl Auth {
         store: &Arc<dyn Store>,
         token: &str,
         ip: Option<IpAddr>,
-    ) -> Result<String, AuthError> {
+    ) -> Result<Proof, AuthError> {
         let claims = token::parse(token).map_err(AuthError::BadToken)?;
+        // Tokens are only ever issued to canonical names.
+        if !valid_username(&claims.user) {
+            return Err(AuthError::BadToken(TokenError::BadSignature));
+        }
         self.check_throttle(&claims.user, ip)?;
         let Some(hash) = store.password_hash(&claims.user).await? else {
             self.throttle.failed(&claims.user, ip, Instant::now());
             return Err(AuthError::BadToken(TokenError::BadSignature));
         };
         match self.key.verify(&claims, &hash, token::now_secs()) {
-            Ok(()) => Ok(claims.user),
+            Ok(()) => Ok(Proof {
+                user: claims.user,
+                credential: credential_stamp(&hash),
+                hash,
+            }),
             Err(TokenError::Expired) => Err(AuthError::TokenExpired),
             Err(e) => {
                 self.throttle.failed(&claims.user, ip, Instant::now());
@@ -211,6 +233,28 @@ impl Auth {
     pub fn allow_takeover(&self, user: &str) -> bool {
         self.takeovers.allow(user, Instant::now())
     }
+}
+
+/// Who a password or token proved to be, and under which credentials (no `Debug`: it
+/// holds the hash).
+#[derive(Clone)]
+pub struct Proof {
+    /// The canonical user name.
+    pub user: String,
+    /// `credential_stamp` of the password hash the proof was checked against.
+    pub credential: u64,
+    /// That hash (a PHC string; never logged).
+    pub hash: String,
+}
+
+/// A short fingerprint of a password hash: a session remembers the one it logged in
+/// under, and `revoke` ends it once the account's hash is another (or gone).
+pub fn credential_stamp(hash: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(hash.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
 /// An argon2id PHC string for `password` (slow on purpose: call off the async runtime).
