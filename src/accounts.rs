@@ -6,7 +6,7 @@ use std::io::{BufRead, IsTerminal};
 
 use crate::auth::{self, AuthError};
 use crate::config::Config;
-use crate::protocol::valid_username;
+use crate::protocol::{canonical_username, USERNAME_RULE};
 use crate::store::{self, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +18,7 @@ pub enum Action {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
-    #[error("{0:?} is not a valid username (1-32 letters, digits, _ . -)")]
+    #[error("{0:?} is not a valid username: {USERNAME_RULE}")]
     InvalidUser(String),
     #[error("no such user: {0}")]
     NoSuchUser(String),
@@ -33,6 +33,10 @@ pub enum AccountError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// How many names from before canonical names are listed at most (start-up refusal,
+/// `pigeon user del`).
+pub const LEGACY_LIST_MAX: usize = 1000;
 
 /// Where the password comes from.
 pub enum PasswordSource<'a> {
@@ -49,13 +53,24 @@ pub async fn run(
     user: &str,
     source: PasswordSource<'_>,
 ) -> Result<String, AccountError> {
-    if !valid_username(user) {
-        return Err(AccountError::InvalidUser(user.to_string()));
-    }
     let store = store::open(&config.storage, config.limits.mailbox_max).await?;
+    if action == Action::Delete && canonical_username(user).as_deref() != Some(user) {
+        // An account stored before names were canonical ("Alice"): deleted by its exact
+        // name (the server refuses to start while one exists).
+        if user.len() <= crate::protocol::MAX_USERNAME_INPUT_BYTES
+            && store.delete_user(user).await?
+        {
+            return Ok(format!(
+                "deleted user {user:?} (a name from before canonical names)"
+            ));
+        }
+    }
+    let canonical =
+        canonical_username(user).ok_or_else(|| AccountError::InvalidUser(user.to_string()))?;
+    let user = canonical.as_str();
     if action == Action::Delete {
         return if store.delete_user(user).await? {
-            Ok(format!("deleted user {user}"))
+            Ok(format!("deleted user {user} and the mail waiting for it"))
         } else {
             Err(AccountError::NoSuchUser(user.to_string()))
         };

@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::auth::{AuthError, Issued};
 use crate::escape::Escaped;
 use crate::http::Ctx;
-use crate::protocol::valid_username;
+use crate::protocol::{canonical_username, USERNAME_RULE};
 use crate::store::StoreError;
 
 /// The account routes; their bodies are read up to `max_body` bytes (413 beyond).
@@ -75,6 +75,7 @@ fn auth_error(e: AuthError) -> Response {
             res
         }
         AuthError::InvalidPassword(m) => error(StatusCode::BAD_REQUEST, "weak_password", m),
+        AuthError::InvalidUser => error(StatusCode::BAD_REQUEST, "invalid_user", e),
         AuthError::Store(StoreError::UserExists(u)) => error(
             StatusCode::CONFLICT,
             "user_exists",
@@ -126,7 +127,7 @@ async fn login(
         .login(&app.store, &c.user, &c.password, Some(peer.ip()))
         .await
     {
-        Ok(t) => issued(StatusCode::OK, &c.user, t),
+        Ok(t) => issued(StatusCode::OK, &t.user.clone(), t),
         Err(e) => auth_error(e),
     }
 }
@@ -148,16 +149,16 @@ async fn register(
         Ok(c) => c,
         Err(r) => return *r,
     };
-    if !valid_username(&c.user) {
+    let Some(user) = canonical_username(&c.user) else {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_user",
             format!(
-                "\"{}\" is not a valid username (1-32 letters, digits, _ . -)",
+                "\"{}\" is not a valid username: {USERNAME_RULE}",
                 Escaped(&c.user)
             ),
         );
-    }
+    };
     let min = app.config.auth.min_password_chars;
     if c.password.chars().count() < min {
         return error(
@@ -170,9 +171,9 @@ async fn register(
         Ok(h) => h,
         Err(e) => return auth_error(e),
     };
-    if let Err(e) = app.store.create_user(&c.user, &hash).await {
+    if let Err(e) = app.store.create_user(&user, &hash).await {
         return auth_error(e.into());
     }
-    tracing::info!(user = %Escaped(&c.user), ip = %peer.ip(), "account registered");
-    issued(StatusCode::CREATED, &c.user, app.auth.issue(&c.user, &hash))
+    tracing::info!(%user, ip = %peer.ip(), "account registered");
+    issued(StatusCode::CREATED, &user, app.auth.issue(&user, &hash))
 }

@@ -18,7 +18,9 @@ use crate::escape::Escaped;
 use crate::limits::{
     Attempt, HashPool, LoginThrottle, PoolError, Refusal, TakeoverDamper, ThrottleLimits,
 };
-use crate::protocol::{ErrorCode, ProtocolError};
+use crate::protocol::{
+    canonical_username, valid_username, ErrorCode, ProtocolError, USERNAME_RULE,
+};
 use crate::store::{Store, StoreError};
 use crate::token::{self, TokenError, TokenKey};
 
@@ -49,6 +51,8 @@ pub enum AuthError {
     HashBusy,
     #[error("{0}")]
     InvalidPassword(String),
+    #[error("not a valid username: {USERNAME_RULE}")]
+    InvalidUser,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("password hashing failed: {0}")]
@@ -68,6 +72,7 @@ impl AuthError {
                 ErrorCode::BadCredentials
             }
             AuthError::TokenExpired => ErrorCode::TokenExpired,
+            AuthError::InvalidUser => ErrorCode::InvalidUser,
             AuthError::Throttled { .. } => ErrorCode::TooManyAttempts,
             AuthError::ThrottleFull | AuthError::HashBusy => ErrorCode::TooBusy,
             AuthError::Store(_) | AuthError::Hash(_) | AuthError::Secret { .. } => {
@@ -85,6 +90,8 @@ impl AuthError {
 /// A freshly issued session token.
 #[derive(Debug, Clone)]
 pub struct Issued {
+    /// The canonical name it was issued to.
+    pub user: String,
     pub token: String,
     /// Unix seconds.
     pub expires_at: u64,
@@ -155,15 +162,17 @@ impl Auth {
     }
 
     /// Checks `user`'s password. Overlong names and passwords are refused before
-    /// anything else; then the attempt is counted (per user, address and both) before
-    /// the password is hashed on the bounded pool, and forgiven if it was right.
+    /// anything else; the name may be spelled in any form that canonicalizes
+    /// (`protocol::canonical_username`); then the attempt is counted (per user, address
+    /// and both) before the password is hashed on the bounded pool, and forgiven if it
+    /// was right.
     pub async fn check_password(
         &self,
         store: &Arc<dyn Store>,
         user: &str,
         password: &str,
         ip: Option<IpAddr>,
-    ) -> Result<String, AuthError> {
+    ) -> Result<Proof, AuthError> {
         if user.is_empty()
             || user.len() > MAX_LOGIN_NAME_BYTES
             || password.len() > MAX_PASSWORD_BYTES
@@ -171,6 +180,7 @@ impl Auth {
             tracing::debug!(user = %Escaped(user), ?ip, "refused a login with an overlong name or password");
             return Err(AuthError::BadCredentials);
         }
+        let user = &canonical_username(user).ok_or(AuthError::InvalidUser)?;
         let ticket = self
             .throttle
             .reserve(user, ip, Attempt::Password, Instant::now())?;
@@ -178,7 +188,11 @@ impl Auth {
             Ok(hash) => {
                 self.throttle
                     .succeeded(ticket, Attempt::Password, Instant::now());
-                Ok(hash)
+                Ok(Proof {
+                    user: user.clone(),
+                    credential: credential_stamp(&hash),
+                    hash,
+                })
             }
             Err(AuthError::BadCredentials) => {
                 tracing::info!(user = %Escaped(user), ?ip, "failed password login");
@@ -233,14 +247,15 @@ impl Auth {
         password: &str,
         ip: Option<IpAddr>,
     ) -> Result<Issued, AuthError> {
-        let hash = self.check_password(store, user, password, ip).await?;
-        Ok(self.issue(user, &hash))
+        let proof = self.check_password(store, user, password, ip).await?;
+        Ok(self.issue(&proof.user, &proof.hash))
     }
 
     /// A token for `user`, whose current password hash is `hash`.
     pub fn issue(&self, user: &str, hash: &str) -> Issued {
         let expires_at = token::now_secs().saturating_add(self.ttl_secs);
         Issued {
+            user: user.to_string(),
             token: self.key.sign(user, expires_at, hash),
             expires_at,
         }
@@ -253,9 +268,10 @@ impl Auth {
         store: &Arc<dyn Store>,
         token: &str,
         ip: Option<IpAddr>,
-    ) -> Result<String, AuthError> {
+    ) -> Result<Proof, AuthError> {
         let claims = token::parse(token).map_err(AuthError::BadToken)?;
-        if claims.user.is_empty() || claims.user.len() > MAX_LOGIN_NAME_BYTES {
+        // Tokens are only ever issued to canonical names.
+        if claims.user.len() > MAX_LOGIN_NAME_BYTES || !valid_username(&claims.user) {
             return Err(AuthError::BadToken(TokenError::BadSignature));
         }
         let ticket = self
@@ -276,7 +292,11 @@ impl Auth {
             Ok(()) => {
                 self.throttle
                     .succeeded(ticket, Attempt::Token, Instant::now());
-                Ok(claims.user)
+                Ok(Proof {
+                    user: claims.user,
+                    credential: credential_stamp(&hash),
+                    hash,
+                })
             }
             Err(TokenError::Expired) => {
                 self.throttle.cancel(ticket);
@@ -295,6 +315,28 @@ impl Auth {
     pub fn allow_takeover(&self, user: &str) -> bool {
         self.takeovers.allow(user, Instant::now())
     }
+}
+
+/// Who a password or token proved to be, and under which credentials (no `Debug`: it
+/// holds the hash).
+#[derive(Clone)]
+pub struct Proof {
+    /// The canonical user name.
+    pub user: String,
+    /// `credential_stamp` of the password hash the proof was checked against.
+    pub credential: u64,
+    /// That hash (a PHC string; never logged).
+    pub hash: String,
+}
+
+/// A short fingerprint of a password hash: a session remembers the one it logged in
+/// under, and `revoke` ends it once the account's hash is another (or gone).
+pub fn credential_stamp(hash: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(hash.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
 /// An argon2id PHC string for `password` (slow on purpose: call off the async runtime).

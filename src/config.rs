@@ -326,6 +326,11 @@ pub struct AuthConfig {
     /// besides pages from the same host as the `Host` header (always allowed). "*": any.
     /// Requests without an `Origin` header (non-browser clients) are always allowed.
     pub allowed_origins: Vec<String>,
+    /// How often (milliseconds) the server reads the store's account change feed to end
+    /// the live sessions of users whose password was changed or who were deleted, also by
+    /// `pigeon user` in another process or on another node (password mode only). Bounds
+    /// how long such a session outlives the change.
+    pub revoke_poll_ms: u64,
 }
 
 impl Default for AuthConfig {
@@ -337,6 +342,7 @@ impl Default for AuthConfig {
             allow_register: false,
             min_password_chars: 8,
             allowed_origins: Vec::new(),
+            revoke_poll_ms: 1000,
         }
     }
 }
@@ -453,6 +459,9 @@ impl Config {
         }
         if !["password", "open"].contains(&self.auth.mode.as_str()) {
             return bad("auth.mode must be \"password\" or \"open\"");
+        }
+        if !(50..=60_000).contains(&self.auth.revoke_poll_ms) {
+            return bad("auth.revoke_poll_ms must be between 50 and 60000");
         }
         if self.auth.token_ttl_secs == 0 {
             return bad("auth.token_ttl_secs must be positive");

@@ -28,7 +28,7 @@ use tower_http::services::ServeDir;
 
 use crate::app::App;
 use crate::escape::{Escaped, EscapedOpt};
-use crate::protocol::{Dialect, ErrorCode, ProtocolError};
+use crate::protocol::{canonical_username, Dialect, ErrorCode, ProtocolError};
 use crate::session::{self, Greeting, CLOSE_AUTH};
 
 /// What the HTTP handlers need besides the shared `App`.
@@ -125,18 +125,31 @@ async fn resolve(
                 "log in first: add ?token= (from POST /api/login) or an Authorization: \
                  Bearer header, or open /ws and send a login frame with user and password",
             )),
-            Some(user) => Greeting::Named { user, dialect },
+            Some(user) => Greeting::Named {
+                user,
+                dialect,
+                credential: None,
+            },
             None => Greeting::Anonymous,
         };
     };
     match app.auth.verify_token(&app.store, &token, ip).await {
-        Ok(user) => match claimed {
-            Some(c) if c != user => refused(ProtocolError::new(
-                ErrorCode::BadCredentials,
-                format!("this token was issued to {user}, not to {c}"),
-            )),
-            Some(_) => Greeting::Named { user, dialect },
-            None => Greeting::Authenticated { user },
+        Ok(proof) => match claimed {
+            Some(c) if canonical_username(&c).as_deref() != Some(proof.user.as_str()) => {
+                refused(ProtocolError::new(
+                    ErrorCode::BadCredentials,
+                    format!("this token was issued to {}, not to {c:?}", proof.user),
+                ))
+            }
+            Some(_) => Greeting::Named {
+                user: proof.user,
+                dialect,
+                credential: Some(proof.credential),
+            },
+            None => Greeting::Authenticated {
+                user: proof.user,
+                credential: proof.credential,
+            },
         },
         Err(e) => {
             tracing::debug!(error = %e, "token refused at upgrade");

@@ -6,8 +6,9 @@
 //! `store` (the offline mailbox), `config`, `metrics`, `client` (the terminal client),
 //! `transfer` (incoming blobs), `cluster` (nodes through Redis), and `echo` (a test-only
 //! WebSocket echo for conformance tests). Security: `auth` (passwords, tokens), `token`,
-//! `api` (`/api/login`, `/api/register`), `accounts` (`pigeon user ...`), `limits` (rate,
-//! throttles, caps, the hashing pool), `escape` (client bytes in the log) and `tls`.
+//! `api` (`/api/login`, `/api/register`), `accounts` (`pigeon user ...`), `revoke` (ending
+//! sessions whose account changed), `limits` (rate, throttles, caps, the hashing pool),
+//! `escape` (client bytes in the log) and `tls`.
 
 pub mod accounts;
 pub mod api;
@@ -23,6 +24,7 @@ pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod ranges;
+pub mod revoke;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::protocol::{Dialect, Fate};
+use crate::protocol::{Dialect, Fate, KickReason};
 use crate::ranges::SeqRanges;
 use crate::store::{BlobMeta, StoredMessage};
 
@@ -22,6 +22,9 @@ pub enum StopReason {
     Shutdown,
     /// The session's own reader ended (client closed, protocol close): no notice to send.
     Closed,
+    /// The account's password changed or the account was deleted since the session
+    /// logged in (`revoke`): a `kicked` notice, then close code 4003.
+    Revoked(KickReason),
 }
 
 /// What a session's writer task is fed, in order.
@@ -153,6 +156,9 @@ impl SessionShared {
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     pub generation: u64,
+    /// `auth::credential_stamp` of the password hash the session logged in under
+    /// (`None` in open mode): `revoke` compares it with the account's current hash.
+    pub credential: Option<u64>,
     pub tx: mpsc::Sender<Outgoing>,
     pub shared: Arc<SessionShared>,
 }

@@ -43,6 +43,19 @@ pub enum ServerError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(
+        "the store holds accounts whose names are not canonical (names are now compared \
+         after Unicode NFKC and lowercasing, ASCII only): {}. Delete each with \
+         `pigeon user del NAME` (exactly as listed; its waiting mail goes with it) and \
+         create it again under its canonical name with `pigeon user add`",
+        list_names(.0)
+    )]
+    LegacyNames(Vec<String>),
+}
+
+fn list_names(names: &[String]) -> String {
+    let shown: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    shown.join(", ")
 }
 
 /// The tungstenite settings every session uses, from `[websocket]` and `[limits]`.
@@ -64,6 +77,12 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let tls = tls::acceptor(&config.tls)?;
     let store = store::open(&config.storage, config.limits.mailbox_max).await?;
+    let legacy = store
+        .legacy_user_names(crate::accounts::LEGACY_LIST_MAX)
+        .await?;
+    if !legacy.is_empty() {
+        return Err(ServerError::LegacyNames(legacy));
+    }
     let cluster = match config.cluster.enabled() {
         true => Some(Cluster::connect(&config.cluster).await?),
         false => None,
@@ -135,6 +154,9 @@ async fn serve(
     let routes = http::routes(ctx);
     if let Some(cluster) = app.cluster.clone() {
         tracker.spawn(cluster.run(app.clone(), shutdown_rx.clone()));
+    }
+    if app.auth.required() {
+        tracker.spawn(crate::revoke::run(app.clone(), shutdown_rx.clone()));
     }
     let limit = Arc::new(Semaphore::new(app.config.server.max_connections));
     let per_ip = Arc::new(IpConnections::default());

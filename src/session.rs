@@ -32,8 +32,8 @@ use crate::escape::{Escaped, EscapedOpt};
 use crate::limits::{Rate, TokenBucket};
 use crate::metrics::{dec, inc};
 use crate::protocol::{
-    self, hash, pigeon, seed_json, valid_username, Dialect, ErrorCode, Event, Fate, ProtocolError,
-    Request,
+    self, canonical_or_error, canonical_username, hash, pigeon, seed_json, Dialect, ErrorCode,
+    Event, Fate, KickReason, ProtocolError, Request,
 };
 use crate::ranges::SeqRanges;
 use crate::router::{BlobChunk, Outgoing, SessionHandle, SessionShared, Start, StopReason};
@@ -75,12 +75,16 @@ const CLOSE_LINGER_FRAMES: usize = 256;
 pub enum Greeting {
     /// Nothing yet: a login frame or the first hash frame will tell.
     Anonymous,
-    /// From the path or query; `valid_username` not yet checked. In password mode only
-    /// after a token proved it.
-    Named { user: String, dialect: Dialect },
+    /// From the path or query; not yet canonicalized. In password mode only after a
+    /// token proved it (`credential`: the stamp of the hash it was checked against).
+    Named {
+        user: String,
+        dialect: Dialect,
+        credential: Option<u64>,
+    },
     /// A valid token (in the URL) proved the user; the first frame picks the dialect: a
     /// hash frame from this user, or a Pigeon `login` frame.
-    Authenticated { user: String },
+    Authenticated { user: String, credential: u64 },
     /// The upgrade's credentials were refused: send the error, then close with `close`.
     Refused {
         dialect: Dialect,
@@ -133,6 +137,7 @@ pub async fn run<S>(
         pending: Vec::new(),
         peer,
         authenticated: None,
+        credential: None,
         bucket: TokenBucket::new(
             app.config.limits.rate_per_sec,
             app.config.limits.rate_burst,
@@ -149,9 +154,17 @@ pub async fn run<S>(
     let mut stop = shared.stop_signal();
     let flow = match greeting {
         Greeting::Anonymous => Flow::Continue,
-        Greeting::Named { user, dialect } => reader.identify(user, dialect, true).await,
-        Greeting::Authenticated { user } => {
+        Greeting::Named {
+            user,
+            dialect,
+            credential,
+        } => {
+            reader.credential = credential;
+            reader.identify(user, dialect, true).await
+        }
+        Greeting::Authenticated { user, credential } => {
             reader.authenticated = Some(user);
+            reader.credential = Some(credential);
             Flow::Continue
         }
         Greeting::Refused {
@@ -232,6 +245,9 @@ struct Reader {
     peer: Option<IpAddr>,
     /// The user a token in the URL proved, before the first frame picked the dialect.
     authenticated: Option<String>,
+    /// `auth::credential_stamp` of the password hash this session's login was checked
+    /// against (password mode): a later change of the account ends the session.
+    credential: Option<u64>,
     bucket: TokenBucket,
     /// WebSocket pings on top of `bucket`: a ping costs a pong, and floods are cheap to send.
     ping_bucket: TokenBucket,
@@ -371,13 +387,10 @@ impl Reader {
                     body,
                 },
             ) => {
-                if !valid_username(&from) {
-                    let e = ProtocolError::new(
-                        ErrorCode::InvalidUser,
-                        format!("sender {from:?} is not a valid username"),
-                    );
-                    return self.refuse(Dialect::Hash, e).await;
-                }
+                let from = match canonical_or_error(&from, "sender") {
+                    Ok(f) => f,
+                    Err(e) => return self.refuse(Dialect::Hash, e).await,
+                };
                 if let Some(flow) = self.check_hash_sender(&from).await {
                     return flow;
                 }
@@ -411,7 +424,10 @@ impl Reader {
                 self.refuse(dialect, e).await
             }
             (Some(user), Request::Send { from, id, to, body }) => {
-                if from.as_ref().is_some_and(|f| *f != user) {
+                if from
+                    .as_ref()
+                    .is_some_and(|f| canonical_username(f).as_ref() != Some(&user))
+                {
                     let e = ProtocolError::new(
                         ErrorCode::WrongSender,
                         format!("this session belongs to {user}"),
@@ -451,11 +467,14 @@ impl Reader {
                     sha256,
                 },
             ) => {
-                if let Err(e) = protocol::check_send(&to, Some(&id)) {
-                    return self
-                        .refuse(dialect, e.with_id(Some(id)).with_to(Some(to)))
-                        .await;
-                }
+                let to = match protocol::check_send(&to, Some(&id)) {
+                    Ok(to) => to,
+                    Err(e) => {
+                        return self
+                            .refuse(dialect, e.with_id(Some(id)).with_to(Some(to)))
+                            .await
+                    }
+                };
                 let meta = BlobMeta {
                     key: String::new(),
                     id: Some(id.clone()),
@@ -592,17 +611,14 @@ impl Reader {
     /// Claims `user` for this session: registers it (taking over any older session) and
     /// tells the writer to start delivering.
     async fn identify(&mut self, user: String, dialect: Dialect, from_url: bool) -> Flow {
-        if !valid_username(&user) {
-            let e = ProtocolError::new(
-                ErrorCode::InvalidUser,
-                format!("{user:?} is not a valid username (1-32 letters, digits, _ . -)"),
-            );
-            if from_url {
+        let user = match canonical_or_error(&user, "user") {
+            Ok(user) => user,
+            Err(e) if from_url => {
                 self.refuse(dialect, e).await;
                 return self.close(CLOSE_INVALID_USER, "invalid_user").await;
             }
-            return self.refuse(dialect, e).await;
-        }
+            Err(e) => return self.refuse(dialect, e).await,
+        };
         if self.app.router.is_online(&user) && !self.app.auth.allow_takeover(&user) {
             tracing::warn!(
                 user = %Escaped(&user),
@@ -622,6 +638,7 @@ impl Reader {
         self.generation = self.app.router.next_generation();
         let handle = SessionHandle {
             generation: self.generation,
+            credential: self.credential,
             tx: self.tx.clone(),
             shared: self.shared.clone(),
         };
@@ -657,9 +674,10 @@ impl Reader {
     /// A text or JSON message from this session's user.
     async fn send(&mut self, user: &str, id: Option<String>, to: String, body: Body) -> Flow {
         let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
-        if let Err(e) = protocol::check_send(&to, id.as_deref()) {
-            return self.refuse(dialect, e.with_id(id).with_to(Some(to))).await;
-        }
+        let to = match protocol::check_send(&to, id.as_deref()) {
+            Ok(to) => to,
+            Err(e) => return self.refuse(dialect, e.with_id(id).with_to(Some(to))).await,
+        };
         self.last_to = Some(to.clone());
         // Held until the frames already waiting on the socket are read too, then stored
         // together (see `flush_sends`).
@@ -832,11 +850,13 @@ impl Reader {
     /// token in the URL already proved.
     async fn login(&mut self, user: String) -> Flow {
         match &self.authenticated {
-            Some(me) if *me == user => self.identify(user, Dialect::Pigeon, false).await,
+            Some(me) if canonical_username(&user).as_ref() == Some(me) => {
+                self.identify(user, Dialect::Pigeon, false).await
+            }
             Some(me) => {
                 let e = ProtocolError::new(
                     ErrorCode::BadCredentials,
-                    format!("this connection's token was issued to {me}, not to {user}"),
+                    format!("this connection's token was issued to {me}, not to {user:?}"),
                 );
                 self.refuse_and_close(Dialect::Pigeon, e, CLOSE_AUTH).await
             }
@@ -861,21 +881,25 @@ impl Reader {
         let (app, ip) = (self.app.clone(), self.peer);
         let proved = match (&user, password, token) {
             (_, _, Some(t)) => app.auth.verify_token(&app.store, &t, ip).await,
-            (Some(u), Some(p), None) => app
-                .auth
-                .check_password(&app.store, u, &p, ip)
-                .await
-                .map(|_| u.clone()),
+            (Some(u), Some(p), None) => app.auth.check_password(&app.store, u, &p, ip).await,
             _ => Err(crate::auth::AuthError::BadCredentials),
         };
         match proved {
-            Ok(proved) if user.as_ref().is_none_or(|u| *u == proved) => {
-                self.identify(proved, Dialect::Pigeon, false).await
+            Ok(proof)
+                if user
+                    .as_ref()
+                    .is_none_or(|u| canonical_username(u).as_ref() == Some(&proof.user)) =>
+            {
+                self.credential = Some(proof.credential);
+                self.identify(proof.user, Dialect::Pigeon, false).await
             }
-            Ok(proved) => {
+            Ok(proof) => {
                 let e = ProtocolError::new(
                     ErrorCode::BadCredentials,
-                    format!("the token was issued to {proved}, not to the user named"),
+                    format!(
+                        "the token was issued to {}, not to the user named",
+                        proof.user
+                    ),
                 );
                 self.refuse_and_close(Dialect::Pigeon, e, CLOSE_AUTH).await
             }
@@ -1054,10 +1078,18 @@ where
                 self.dialect = *d; // stopped before `Start` was handled
             }
             let _ = match reason {
-                Some(StopReason::Replaced) => match self.write_event(&Event::Kicked).await {
-                    Ok(()) => self.close(CLOSE_REPLACED, "session_replaced").await,
-                    Err(e) => Err(e),
-                },
+                Some(StopReason::Replaced) => {
+                    match self.write_event(&Event::Kicked(KickReason::Replaced)).await {
+                        Ok(()) => self.close(CLOSE_REPLACED, "session_replaced").await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(StopReason::Revoked(reason)) => {
+                    match self.write_event(&Event::Kicked(reason)).await {
+                        Ok(()) => self.close(CLOSE_AUTH, reason.as_str()).await,
+                        Err(e) => Err(e),
+                    }
+                }
                 Some(StopReason::Shutdown) => {
                     self.close(CLOSE_GOING_AWAY, "server shutting down").await
                 }

@@ -109,10 +109,11 @@ async fn pigeon_json_send_sent_msg_ack() {
 async fn login_frame_identifies() {
     let (srv, _dir) = server().await;
     let mut c = Client::connect(&srv.url("/ws")).await;
-    c.send_json(json!({"type":"login","user":"Zoë"})).await;
+    // Names are canonical: the welcome names the user as the server keys it.
+    c.send_json(json!({"type":"login","user":"Zoe.B"})).await;
     let w = c.json().await;
     assert_eq!(w["type"], "welcome");
-    assert_eq!(w["user"], "Zoë");
+    assert_eq!(w["user"], "zoe.b");
     assert_eq!(w["pending"], 0);
     assert_eq!(c.json().await["type"], "synced");
     srv.stop().await;

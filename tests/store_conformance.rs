@@ -618,6 +618,124 @@ async fn accounts(t: &Target) {
     assert_eq!(store.password_hash("zoë").await.unwrap(), None);
 }
 
+/// Deleting an account deletes its mailbox (messages and blob bytes) and its senders'
+/// dedupe memory, so a new account under the name starts empty; seqs are not reused;
+/// other users' mail is untouched.
+async fn deleting_a_user_deletes_their_mail(t: &Target) {
+    let store = t.open(1000).await;
+    store.create_user("carol", "$argon2id$old").await.unwrap();
+    let first = enqueue_new(
+        &store,
+        text("bob", "carol", "for the old carol", Some("b1")),
+    )
+    .await;
+    enqueue_new(
+        &store,
+        text("carol", "bob", "from the old carol", Some("c1")),
+    )
+    .await;
+    enqueue_new(&store, text("bob", "dave", "for dave", None)).await;
+    let key = pigeon::transfer::new_blob_key();
+    let mut w = store.blob_writer(&key).await.unwrap();
+    w.write(b"old carol's file").await.unwrap();
+    w.finish().await.unwrap();
+    let meta = BlobMeta {
+        key: key.clone(),
+        id: Some("f1".into()),
+        name: "f.txt".into(),
+        mime: "text/plain".into(),
+        size: 16,
+        sha256: None,
+    };
+    let blob = NewMessage {
+        sender: "bob".into(),
+        recipient: "carol".into(),
+        client_id: Some("f1".into()),
+        body: meta.to_body(),
+        accepted_at: pigeon::now_ms(),
+    };
+    let last = enqueue_new(&store, blob).await;
+    assert!(store.delete_user("carol").await.unwrap());
+    assert_eq!(seqs(&store, "carol").await, Vec::<u64>::new());
+    assert_eq!(store.pending("carol").await.unwrap(), 0);
+    assert!(
+        read_all(&store, &key).await.is_err(),
+        "the blob must be deleted"
+    );
+    assert_eq!(seqs(&store, "dave").await.len(), 1, "other mailboxes stay");
+    assert_eq!(
+        seqs(&store, "bob").await.len(),
+        1,
+        "mail the old carol sent stays"
+    );
+    store.create_user("carol", "$argon2id$new").await.unwrap();
+    let seq = enqueue_new(&store, text("bob", "carol", "for the new carol", None)).await;
+    assert!(
+        seq > last && last > first,
+        "seqs are never reused: {seq} after {last}"
+    );
+    // The new carol's client id "c1" is hers, not a retry of the old carol's.
+    enqueue_new(
+        &store,
+        text("carol", "bob", "from the new carol", Some("c1")),
+    )
+    .await;
+    let bodies: Vec<String> = store
+        .fetch("carol", 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body.as_str().to_string())
+        .collect();
+    assert_eq!(bodies, vec!["for the new carol".to_string()]);
+}
+
+/// The account change feed: a password change and a deletion each append the user, in
+/// increasing seq order after the cursor; a change to no account appends nothing.
+/// Legacy (non-canonical) names are listed.
+async fn account_change_feed(t: &Target) {
+    let store = t.open(1000).await;
+    let start = store.account_change_cursor().await.unwrap();
+    assert!(store.account_changes(start, 100).await.unwrap().is_empty());
+    store.create_user("erin", "$argon2id$one").await.unwrap();
+    store.create_user("frank", "$argon2id$one").await.unwrap();
+    assert!(
+        store.account_changes(start, 100).await.unwrap().is_empty(),
+        "creating is no change"
+    );
+    assert!(store
+        .set_password_hash("erin", "$argon2id$two")
+        .await
+        .unwrap());
+    assert!(store.delete_user("frank").await.unwrap());
+    assert!(!store.set_password_hash("nobody", "x").await.unwrap());
+    assert!(!store.delete_user("nobody").await.unwrap());
+    let changes = store.account_changes(start, 100).await.unwrap();
+    let users: Vec<&str> = changes.iter().map(|c| c.user.as_str()).collect();
+    assert_eq!(users, vec!["erin", "frank"]);
+    assert!(changes[0].seq > start && changes[1].seq > changes[0].seq);
+    assert_eq!(store.account_change_cursor().await.unwrap(), changes[1].seq);
+    assert_eq!(
+        store.account_changes(changes[0].seq, 100).await.unwrap(),
+        changes[1..]
+    );
+    assert_eq!(store.account_changes(start, 1).await.unwrap(), changes[..1]);
+    // Another handle (another process) sees the same feed.
+    let other = t.open(1000).await;
+    assert_eq!(other.account_changes(start, 100).await.unwrap(), changes);
+
+    assert!(store.legacy_user_names(10).await.unwrap().is_empty());
+    store.create_user("Gina", "$argon2id$one").await.unwrap();
+    store
+        .create_user("zo\u{eb}", "$argon2id$one")
+        .await
+        .unwrap();
+    let mut legacy = store.legacy_user_names(10).await.unwrap();
+    legacy.sort();
+    assert_eq!(legacy, vec!["Gina".to_string(), "zo\u{eb}".to_string()]);
+    assert_eq!(store.legacy_user_names(1).await.unwrap().len(), 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // One test per (backend, check).
 
@@ -663,6 +781,8 @@ conformance!(
     blobs_round_trip_and_die_with_their_ack,
     ack_ranges_delete_exactly_those,
     accounts,
+    deleting_a_user_deletes_their_mail,
+    account_change_feed,
 );
 
 // ---------------------------------------------------------------------------------------

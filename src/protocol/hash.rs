@@ -58,10 +58,7 @@ pub fn format(event: &Event<'_>) -> Option<String> {
         // A stored message is answered `Out Line` first: `protocol::format` adds it.
         Event::Sent { .. } => Some(SEND_SUCCESS.to_string()),
         Event::Error(e) => Some(format!("!error#{}#{}", e.code.as_str(), e.message)),
-        Event::Kicked => Some(format!(
-            "!kicked#session_replaced#{}",
-            super::KICKED_MESSAGE
-        )),
+        Event::Kicked(reason) => Some(format!("!kicked#{}#{}", reason.as_str(), reason.message())),
         Event::Welcome { .. }
         | Event::Synced
         | Event::Pong

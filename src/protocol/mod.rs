@@ -31,16 +31,86 @@ impl Dialect {
     }
 }
 
-/// 1–32 characters, each a Unicode letter or digit, `_`, `.` or `-`.
+/// Longest name input accepted before normalization, in bytes: 32 characters of up to
+/// four bytes each. Longer input is refused before any work is spent on it.
+pub const MAX_USERNAME_INPUT_BYTES: usize = 4 * MAX_USERNAME_CHARS;
+
+/// The naming rule, as error messages state it.
+pub const USERNAME_RULE: &str = "names are 1-32 ASCII letters, digits, _ . - \
+     (compared after Unicode NFKC and lowercasing: Alice, ALICE and full-width \
+     \u{ff41}lice are all alice; accented, Cyrillic, Greek and other non-ASCII letters \
+     are refused)";
+
+/// The one canonical form of a user name, or `None` when the name is not allowed.
+///
+/// The name is normalized with Unicode NFKC (full-width and other compatibility forms
+/// become their plain letters), lowercased, and must then be 1-32 characters from
+/// `a-z 0-9 _ . -`. Every place a name enters (paths, queries, login frames, hash
+/// senders, recipients, the account API and `pigeon user`) goes through here, and the
+/// result is the key everywhere (router, store, tokens). ASCII only after folding: no
+/// two allowed names look alike (no Cyrillic `а` for Latin `a`), and `#` (the hash
+/// dialect's separator) never occurs.
+pub fn canonical_username(name: &str) -> Option<String> {
+    if name.is_empty() || name.len() > MAX_USERNAME_INPUT_BYTES {
+        return None;
+    }
+    let allowed =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-');
+    let folded: String = if name.is_ascii() {
+        name.to_ascii_lowercase()
+    } else {
+        use unicode_normalization::UnicodeNormalization;
+        name.nfkc().flat_map(char::to_lowercase).collect()
+    };
+    let n = folded.chars().count();
+    (n > 0 && n <= MAX_USERNAME_CHARS && folded.chars().all(allowed)).then_some(folded)
+}
+
+/// Whether `name` is a user name in its canonical form already.
 pub fn valid_username(name: &str) -> bool {
-    let mut n = 0;
-    for c in name.chars() {
-        n += 1;
-        if n > MAX_USERNAME_CHARS || !(c.is_alphanumeric() || matches!(c, '_' | '.' | '-')) {
-            return false;
+    canonical_username(name).is_some_and(|c| c == name)
+}
+
+/// `canonical_username`, or the `invalid_user` error naming `what` ("recipient", ...).
+pub fn canonical_or_error(name: &str, what: &str) -> Result<String, ProtocolError> {
+    canonical_username(name).ok_or_else(|| {
+        let shown: String = name.chars().take(MAX_USERNAME_CHARS + 1).collect();
+        ProtocolError::new(
+            ErrorCode::InvalidUser,
+            format!("{what} {shown:?} is not a valid username: {USERNAME_RULE}"),
+        )
+    })
+}
+
+/// Why the server ended a session from outside (the `kicked` notice and close reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickReason {
+    /// The same user logged in on another connection (close 4000).
+    Replaced,
+    /// The account's password was changed (close 4003).
+    CredentialsChanged,
+    /// The account was deleted (close 4003).
+    AccountDeleted,
+}
+
+impl KickReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KickReason::Replaced => "session_replaced",
+            KickReason::CredentialsChanged => "credentials_changed",
+            KickReason::AccountDeleted => "account_deleted",
         }
     }
-    n > 0
+
+    pub fn message(self) -> &'static str {
+        match self {
+            KickReason::Replaced => KICKED_MESSAGE,
+            KickReason::CredentialsChanged => {
+                "the password of this account was changed: log in again"
+            }
+            KickReason::AccountDeleted => "this account was deleted",
+        }
+    }
 }
 
 /// Why a frame was refused. Each maps to a stable wire code (see docs/PROTOCOL.md).
@@ -221,7 +291,7 @@ pub enum Event<'a> {
         duplicate: bool,
     },
     Error(&'a ProtocolError),
-    Kicked,
+    Kicked(KickReason),
     Pong,
     /// To a sender: `from` acknowledged every message up to its seq `upto`.
     Receipt {
@@ -308,20 +378,16 @@ pub fn format(dialect: Dialect, event: &Event<'_>, mut emit: impl FnMut(String))
     }
 }
 
-/// Checks the fields every send needs, whatever its dialect.
-pub fn check_send(to: &str, id: Option<&str>) -> Result<(), ProtocolError> {
+/// Checks the fields every send needs, whatever its dialect; returns the recipient's
+/// canonical name.
+pub fn check_send(to: &str, id: Option<&str>) -> Result<String, ProtocolError> {
     if to.is_empty() {
         return Err(ProtocolError::new(
             ErrorCode::EmptyField,
             "recipient is empty",
         ));
     }
-    if !valid_username(to) {
-        return Err(ProtocolError::new(
-            ErrorCode::InvalidUser,
-            format!("recipient {to:?} is not a valid username (1-32 letters, digits, _ . -)"),
-        ));
-    }
+    let to = canonical_or_error(to, "recipient")?;
     if let Some(id) = id {
         if id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES {
             return Err(ProtocolError::new(
@@ -330,7 +396,7 @@ pub fn check_send(to: &str, id: Option<&str>) -> Result<(), ProtocolError> {
             ));
         }
     }
-    Ok(())
+    Ok(to)
 }
 
 #[cfg(test)]
@@ -339,15 +405,27 @@ mod tests {
 
     #[test]
     fn usernames() {
-        for ok in [
-            "alice",
-            "a",
-            "Zoë",
-            "用户",
-            "a.b-c_d",
-            "12345678901234567890123456789012",
-        ] {
+        for ok in ["alice", "a", "a.b-c_d", "12345678901234567890123456789012"] {
             assert!(valid_username(ok), "{ok}");
+            assert_eq!(canonical_username(ok).as_deref(), Some(ok));
+        }
+        for (spelled, canonical) in [
+            ("Alice", "alice"),
+            ("ALICE", "alice"),
+            ("\u{ff41}\u{ff4c}\u{ff49}\u{ff43}\u{ff45}", "alice"), // full-width
+            ("\u{ff21}lice", "alice"),
+            ("\u{212a}im", "kim"), // Kelvin sign
+            ("\u{fb00}", "ff"),    // ligature
+        ] {
+            assert_eq!(
+                canonical_username(spelled).as_deref(),
+                Some(canonical),
+                "{spelled}"
+            );
+            assert!(
+                !valid_username(spelled),
+                "{spelled} is not canonical itself"
+            );
         }
         for bad in [
             "",
@@ -356,10 +434,18 @@ mod tests {
             "!x",
             "a/b",
             "123456789012345678901234567890123",
-            "é\u{0301}x\n",
+            "\u{e9}\u{0301}x\n",
+            "\u{0430}lice", // Cyrillic a
+            "zo\u{eb}",
+            "zoe\u{308}",
+            "\u{7528}\u{6237}",
+            "a\u{200b}b",
+            "\u{130}",
         ] {
+            assert_eq!(canonical_username(bad), None, "{bad:?}");
             assert!(!valid_username(bad), "{bad:?}");
         }
+        assert_eq!(canonical_username(&"A".repeat(10_000)), None);
     }
 
     #[test]
@@ -378,7 +464,7 @@ mod tests {
 
     #[test]
     fn check_send_rejects_bad_fields() {
-        assert!(check_send("bob", Some("1")).is_ok());
+        assert_eq!(check_send("Bob", Some("1")).unwrap(), "bob");
         assert_eq!(
             check_send("", None).unwrap_err().code,
             ErrorCode::EmptyField

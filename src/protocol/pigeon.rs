@@ -283,9 +283,9 @@ pub fn format(event: &Event<'_>) -> String {
             to: e.to.as_deref(),
             try_again_in: e.try_again_in,
         },
-        Event::Kicked => ServerFrame::Kicked {
-            reason: "session_replaced",
-            message: super::KICKED_MESSAGE,
+        Event::Kicked(reason) => ServerFrame::Kicked {
+            reason: reason.as_str(),
+            message: reason.message(),
         },
         Event::Pong => ServerFrame::Pong,
         Event::Receipt { from, upto } => ServerFrame::Receipt { from, upto: *upto },

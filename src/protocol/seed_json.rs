@@ -90,8 +90,8 @@ pub fn format(event: &Event<'_>) -> Option<String> {
             }
             v
         }
-        Event::Kicked => {
-            json!({"error": "kicked", "reason": "session_replaced", "message": super::KICKED_MESSAGE})
+        Event::Kicked(reason) => {
+            json!({"error": "kicked", "reason": reason.as_str(), "message": reason.message()})
         }
         Event::Welcome { .. }
         | Event::Synced

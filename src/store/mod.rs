@@ -16,10 +16,17 @@
 //! - `fetch` returns messages in increasing seq order; `ack` deletes every message of the
 //!   recipient with `seq <= upto`.
 //!
-//! Accounts (`[auth] mode = "password"`) live in the store too: a user name and its
-//! argon2 PHC hash string, never a password. The account methods have default
-//! implementations that refuse with `StoreError::Backend`, so a backend without accounts
-//! still serves open mode.
+//! Accounts (`[auth] mode = "password"`) live in the store too: a user name (canonical,
+//! `protocol::canonical_username`) and its argon2 PHC hash string, never a password. The
+//! account methods have default implementations that refuse with `StoreError::Backend`,
+//! so a backend without accounts still serves open mode.
+//!
+//! Account changes are visible to every process sharing the store: `set_password_hash`
+//! and `delete_user` append the user to a change feed (`account_changes`, numbered in
+//! increasing order, kept a day), which servers poll to end the user's live sessions
+//! (`revoke`). Deleting an account deletes its mailbox (messages and blob bytes) and its
+//! dedupe memory as a sender, so a later account under the same name starts empty; the
+//! mailbox's seq counter stays, so seqs are still never reused.
 
 pub mod blob_files;
 pub mod mongo;
@@ -170,6 +177,18 @@ pub struct StoredMessage {
     pub accepted_at: i64,
 }
 
+/// One entry of the account change feed: `user`'s password changed or the account was
+/// deleted (which one, the current account tells).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountChange {
+    /// Increasing over the store's life (never reused); may have gaps.
+    pub seq: u64,
+    pub user: String,
+}
+
+/// How long change feed entries are kept (readers are seconds behind at most).
+pub const ACCOUNT_CHANGE_KEEP_MS: i64 = 24 * 60 * 60 * 1000;
+
 /// The outcome of `enqueue`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
@@ -270,13 +289,16 @@ pub trait Store: Send + Sync + 'static {
         Err(accounts_unsupported(self.backend()))
     }
 
-    /// Deletes an account (its mailbox stays); false when there was none.
+    /// Deletes an account by its exact stored name, with its mailbox (messages and blob
+    /// bytes) and its remembered client ids, and records the change in the feed; false
+    /// (and nothing deleted) when there was no such account.
     async fn delete_user(&self, user: &str) -> Result<bool, StoreError> {
         let _ = user;
         Err(accounts_unsupported(self.backend()))
     }
 
-    /// Replaces an account's password hash; false when there is no such account.
+    /// Replaces an account's password hash and records the change in the feed; false
+    /// when there is no such account.
     async fn set_password_hash(&self, user: &str, password_hash: &str) -> Result<bool, StoreError> {
         let _ = (user, password_hash);
         Err(accounts_unsupported(self.backend()))
@@ -286,6 +308,29 @@ pub trait Store: Send + Sync + 'static {
     async fn password_hash(&self, user: &str) -> Result<Option<String>, StoreError> {
         let _ = user;
         Err(accounts_unsupported(self.backend()))
+    }
+
+    /// Up to `limit` account changes with `seq > after`, in seq order.
+    async fn account_changes(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<AccountChange>, StoreError> {
+        let _ = (after, limit);
+        Ok(Vec::new())
+    }
+
+    /// The highest account change seq handed out so far (0 when none): where a reader
+    /// that has no sessions to care about yet starts.
+    async fn account_change_cursor(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// Up to `limit` stored account names that are not canonical (written before names
+    /// were canonicalized: `Alice`, `Zoë`); the server refuses to start while any exist.
+    async fn legacy_user_names(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        let _ = limit;
+        Ok(Vec::new())
     }
 }
 

@@ -19,6 +19,10 @@
 //!   `messages`, because a retry must still be recognised after the first copy was
 //!   acknowledged and deleted (the dedupe window outlives the message).
 //! - `users`: `{_id: username, hash}`, the accounts (argon2 PHC strings).
+//! - `account_changes`: `{_id: seq, user, expire_at}`, the account change feed (a TTL
+//!   index drops entries after a day); `account_seq` `{_id: "changes", seq}` hands out
+//!   its seqs with `$inc`. A reader re-reads a window below its cursor, since a seq
+//!   allocated earlier may be inserted after a later one.
 //! - `blob_chunks` and `blob_files`: blob bytes, in GridFS's layout (255 KiB BSON binary
 //!   chunks `{_id: "<key>:<n>", key, n, data}`, then one `blob_files` entry `{_id: key,
 //!   size, chunks}` written last, so an unfinished blob is invisible), so no blob meets
@@ -50,7 +54,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 use bson::spec::BinarySubtype;
 use bson::Binary;
 
-use super::{BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError, StoredMessage};
+use super::{
+    AccountChange, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError,
+    StoredMessage,
+};
 use crate::config::StorageConfig;
 
 /// How long the driver looks for a usable server before an operation fails.
@@ -152,6 +159,8 @@ fn de_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
 pub struct MongoStore {
     db: Database,
     users: Collection<Document>,
+    account_changes: Collection<Document>,
+    account_seq: Collection<Document>,
     blob_chunks: Collection<Document>,
     blob_files: Collection<Document>,
     messages: Collection<MessageDoc>,
@@ -202,6 +211,8 @@ impl MongoStore {
             .map_err(|e| format!("unreachable: {e}"))?;
         let store = MongoStore {
             users: db.collection("users"),
+            account_changes: db.collection("account_changes"),
+            account_seq: db.collection("account_seq"),
             blob_chunks: db.collection("blob_chunks"),
             blob_files: db.collection("blob_files"),
             messages: db.collection("messages"),
@@ -269,7 +280,19 @@ impl MongoStore {
                     .build(),
             )
             .await?;
-        for name in ["counters", "users", "blob_files"] {
+        self.account_changes
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "expire_at": 1 })
+                    .options(
+                        IndexOptions::builder()
+                            .expire_after(Duration::from_secs(0))
+                            .build(),
+                    )
+                    .build(),
+            )
+            .await?;
+        for name in ["counters", "users", "blob_files", "account_seq"] {
             match self.db.create_collection(name).await {
                 Ok(()) => {}
                 Err(e) if error_code(&e) == Some(NAMESPACE_EXISTS) => {}
@@ -378,6 +401,29 @@ impl MongoStore {
             );
         }
         Ok(true)
+    }
+
+    /// Appends `user` to the account change feed.
+    async fn record_change(&self, user: &str) -> Result<(), StoreError> {
+        let counter = self
+            .account_seq
+            .find_one_and_update(doc! { "_id": "changes" }, doc! { "$inc": { "seq": 1_i64 } })
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(unavailable)?;
+        let seq = counter
+            .as_ref()
+            .and_then(|c| c.get("seq"))
+            .and_then(bson::Bson::as_i64_lossy)
+            .ok_or_else(|| StoreError::Backend("account change counter missing".into()))?;
+        let expire_at =
+            bson::DateTime::from_millis(crate::now_ms() + super::ACCOUNT_CHANGE_KEEP_MS);
+        self.account_changes
+            .insert_one(doc! { "_id": seq, "user": user, "expire_at": expire_at })
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     /// Gives back `n` reserved mailbox slots. Best effort: a failure only leaves the
@@ -575,13 +621,45 @@ impl Store for MongoStore {
         }
     }
 
+    /// Order: the account (no new logins), the change feed entry (live sessions end),
+    /// then the mailbox, its blobs and the client ids. A failure part-way is reported;
+    /// running `pigeon user del` again cannot repeat it (the account is gone), so the
+    /// mailbox removal is written to be the last and the cheapest step.
     async fn delete_user(&self, user: &str) -> Result<bool, StoreError> {
         let r = self
             .users
             .delete_one(doc! { "_id": user })
             .await
             .map_err(unavailable)?;
-        Ok(r.deleted_count > 0)
+        if r.deleted_count == 0 {
+            return Ok(false);
+        }
+        self.record_change(user).await?;
+        let blobs: Vec<MessageDoc> = self
+            .messages
+            .find(doc! { "recipient": user, "kind": 2 })
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let deleted = self
+            .messages
+            .delete_many(doc! { "recipient": user })
+            .await
+            .map_err(unavailable)?
+            .deleted_count;
+        self.release(user, deleted).await;
+        for b in blobs {
+            if let Some(meta) = Body::Blob(b.body).blob_meta() {
+                self.blob_remove(&meta.key).await;
+            }
+        }
+        self.client_ids
+            .delete_many(doc! { "sender": user })
+            .await
+            .map_err(unavailable)?;
+        Ok(true)
     }
 
     async fn set_password_hash(&self, user: &str, password_hash: &str) -> Result<bool, StoreError> {
@@ -593,7 +671,75 @@ impl Store for MongoStore {
             )
             .await
             .map_err(unavailable)?;
-        Ok(r.matched_count > 0)
+        if r.matched_count == 0 {
+            return Ok(false);
+        }
+        self.record_change(user).await?;
+        Ok(true)
+    }
+
+    async fn account_changes(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<AccountChange>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let docs: Vec<Document> = self
+            .account_changes
+            .find(doc! { "_id": { "$gt": to_i64(after) } })
+            .sort(doc! { "_id": 1 })
+            .limit(to_i64(limit as u64))
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some(AccountChange {
+                    seq: d.get("_id")?.as_i64_lossy()?.max(0) as u64,
+                    user: d.get_str("user").ok()?.to_string(),
+                })
+            })
+            .collect())
+    }
+
+    async fn account_change_cursor(&self) -> Result<u64, StoreError> {
+        let d = self
+            .account_seq
+            .find_one(doc! { "_id": "changes" })
+            .await
+            .map_err(unavailable)?;
+        Ok(d.as_ref()
+            .and_then(|d| d.get("seq"))
+            .and_then(bson::Bson::as_i64_lossy)
+            .unwrap_or(0)
+            .max(0) as u64)
+    }
+
+    /// Read in full (names only) and filtered here: once, at start-up.
+    async fn legacy_user_names(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut cursor = self
+            .users
+            .find(doc! {})
+            .projection(doc! { "_id": 1 })
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
+            if let Ok(name) = d.get_str("_id") {
+                if !crate::protocol::valid_username(name) {
+                    out.push(name.to_string());
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn password_hash(&self, user: &str) -> Result<Option<String>, StoreError> {

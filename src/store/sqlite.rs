@@ -14,7 +14,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::blob_files::BlobFiles;
-use super::{BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError, StoredMessage};
+use super::{
+    AccountChange, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError,
+    StoredMessage,
+};
 use crate::config::StorageConfig;
 
 /// Requests per transaction at most.
@@ -61,6 +64,11 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash TEXT NOT NULL,
     created_at    INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS account_changes (
+    seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    at   INTEGER NOT NULL
+);
 ";
 
 /// Version 0 (before `user_version` was set) kept messages `WITHOUT ROWID`: that table
@@ -116,6 +124,18 @@ enum Request {
     GetHash {
         user: String,
         reply: Reply<Option<String>>,
+    },
+    AccountChanges {
+        after: u64,
+        limit: usize,
+        reply: Reply<Vec<AccountChange>>,
+    },
+    ChangeCursor {
+        reply: Reply<u64>,
+    },
+    LegacyUsers {
+        limit: usize,
+        reply: Reply<Vec<String>>,
     },
 }
 
@@ -377,6 +397,28 @@ impl Store for SqliteStore {
         let user = user.to_string();
         self.call(|reply| Request::GetHash { user, reply }).await
     }
+
+    async fn account_changes(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<AccountChange>, StoreError> {
+        self.call(|reply| Request::AccountChanges {
+            after,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    async fn account_change_cursor(&self) -> Result<u64, StoreError> {
+        self.call(|reply| Request::ChangeCursor { reply }).await
+    }
+
+    async fn legacy_user_names(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.call(|reply| Request::LegacyUsers { limit, reply })
+            .await
+    }
 }
 
 /// Keys of the blobs the mailbox still refers to.
@@ -411,6 +453,8 @@ enum Answer {
     Unit(Result<(), StoreError>),
     Flag(Result<bool, StoreError>),
     Hash(Result<Option<String>, StoreError>),
+    Changes(Result<Vec<AccountChange>, StoreError>),
+    Names(Result<Vec<String>, StoreError>),
 }
 
 impl Worker {
@@ -511,6 +555,13 @@ impl Worker {
         ) {
             tracing::warn!(error = %e, "pruning old client ids failed");
         }
+        let cutoff = crate::now_ms() - super::ACCOUNT_CHANGE_KEEP_MS;
+        if let Err(e) = self
+            .conn
+            .execute("DELETE FROM account_changes WHERE at < ?1", params![cutoff])
+        {
+            tracing::warn!(error = %e, "pruning old account changes failed");
+        }
     }
 }
 
@@ -563,16 +614,29 @@ fn run_requests(
                     other => Answer::Unit(Ok(other?)),
                 }
             }
-            Request::DeleteUser { user, .. } => Answer::Flag(Ok(tx
-                .prepare_cached("DELETE FROM users WHERE name = ?1")
-                .and_then(|mut s| s.execute(params![user]))
+            Request::DeleteUser { user, .. } => {
+                Answer::Flag(Ok(delete_user(tx, user, &mut dead_blobs)?))
+            }
+            Request::SetHash { user, hash, .. } => {
+                let changed = tx
+                    .prepare_cached("UPDATE users SET password_hash = ?2 WHERE name = ?1")
+                    .and_then(|mut s| s.execute(params![user, hash]))
+                    .map_err(sql)?
+                    > 0;
+                if changed {
+                    record_change(tx, user)?;
+                }
+                Answer::Flag(Ok(changed))
+            }
+            Request::AccountChanges { after, limit, .. } => {
+                Answer::Changes(Ok(account_changes(tx, *after, *limit)?))
+            }
+            Request::ChangeCursor { .. } => Answer::Count(Ok(tx
+                .prepare_cached("SELECT coalesce(max(seq), 0) FROM account_changes")
+                .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
                 .map_err(sql)?
-                > 0)),
-            Request::SetHash { user, hash, .. } => Answer::Flag(Ok(tx
-                .prepare_cached("UPDATE users SET password_hash = ?2 WHERE name = ?1")
-                .and_then(|mut s| s.execute(params![user, hash]))
-                .map_err(sql)?
-                > 0)),
+                .max(0) as u64)),
+            Request::LegacyUsers { limit, .. } => Answer::Names(Ok(legacy_user_names(tx, *limit)?)),
             Request::GetHash { user, .. } => Answer::Hash(Ok(tx
                 .prepare_cached("SELECT password_hash FROM users WHERE name = ?1")
                 .and_then(|mut s| s.query_row(params![user], |r| r.get(0)).optional())
@@ -609,7 +673,14 @@ fn answer_request(req: Request, answer: Answer) {
             let _ = reply.send(a);
         }
         (Request::Ack { reply, .. }, Answer::Count(a))
-        | (Request::Pending { reply, .. }, Answer::Count(a)) => {
+        | (Request::Pending { reply, .. }, Answer::Count(a))
+        | (Request::ChangeCursor { reply }, Answer::Count(a)) => {
+            let _ = reply.send(a);
+        }
+        (Request::AccountChanges { reply, .. }, Answer::Changes(a)) => {
+            let _ = reply.send(a);
+        }
+        (Request::LegacyUsers { reply, .. }, Answer::Names(a)) => {
             let _ = reply.send(a);
         }
         (Request::CreateUser { reply, .. }, Answer::Unit(a)) => {
@@ -634,7 +705,15 @@ fn fail_request(req: Request, e: StoreError) {
         Request::Fetch { reply, .. } => {
             let _ = reply.send(Err(e));
         }
-        Request::Ack { reply, .. } | Request::Pending { reply, .. } => {
+        Request::Ack { reply, .. }
+        | Request::Pending { reply, .. }
+        | Request::ChangeCursor { reply } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::AccountChanges { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::LegacyUsers { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         Request::CreateUser { reply, .. } => {
@@ -661,6 +740,85 @@ fn create_user(tx: &rusqlite::Transaction<'_>, user: &str, hash: &str) -> Result
         return Err(StoreError::UserExists(user.to_string()));
     }
     Ok(())
+}
+
+/// Deletes the account `user` with its mailbox and its client ids (the blob keys of its
+/// messages go to `dead_blobs`), and records the change. False: there was no account.
+fn delete_user(
+    tx: &rusqlite::Transaction<'_>,
+    user: &str,
+    dead_blobs: &mut Vec<String>,
+) -> Result<bool, StoreError> {
+    let deleted = tx
+        .prepare_cached("DELETE FROM users WHERE name = ?1")
+        .and_then(|mut s| s.execute(params![user]))
+        .map_err(sql)?;
+    if deleted == 0 {
+        return Ok(false);
+    }
+    ack(tx, user, 0, i64::MAX as u64, dead_blobs)?;
+    // `ack` lowered `pending` by what it deleted; the row (and its last_seq) stays so a
+    // new account under this name never sees a seq again.
+    tx.prepare_cached("UPDATE mailbox SET pending = 0 WHERE recipient = ?1")
+        .and_then(|mut s| s.execute(params![user]))
+        .map_err(sql)?;
+    tx.prepare_cached("DELETE FROM client_id WHERE sender = ?1")
+        .and_then(|mut s| s.execute(params![user]))
+        .map_err(sql)?;
+    record_change(tx, user)?;
+    Ok(true)
+}
+
+/// Appends `user` to the account change feed.
+fn record_change(tx: &rusqlite::Transaction<'_>, user: &str) -> Result<(), StoreError> {
+    tx.prepare_cached("INSERT INTO account_changes (name, at) VALUES (?1, ?2)")
+        .and_then(|mut s| s.execute(params![user, crate::now_ms()]))
+        .map_err(sql)?;
+    Ok(())
+}
+
+fn account_changes(
+    tx: &rusqlite::Transaction<'_>,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<AccountChange>, StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT seq, name FROM account_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map(params![to_i64(after), to_i64(limit as u64)], |r| {
+            Ok(AccountChange {
+                seq: r.get::<_, i64>(0)?.max(0) as u64,
+                user: r.get(1)?,
+            })
+        })
+        .map_err(sql)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(sql)
+}
+
+/// Account names outside the canonical alphabet or longer than 32 characters.
+fn legacy_user_names(
+    tx: &rusqlite::Transaction<'_>,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT name FROM users WHERE name GLOB '*[^a-z0-9_.-]*' OR length(name) > ?1
+             ORDER BY name LIMIT ?2",
+        )
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map(
+            params![
+                crate::protocol::MAX_USERNAME_CHARS as i64,
+                to_i64(limit as u64)
+            ],
+            |r| r.get::<_, String>(0),
+        )
+        .map_err(sql)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(sql)
 }
 
 fn to_i64(v: u64) -> i64 {

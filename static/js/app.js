@@ -4,7 +4,7 @@
 // a server with accounts), remembered sign-in by token, sign out, "use here" after a kick,
 // and sending and receiving files.
 
-import { PigeonConnection, fetchToken, newMessageId, validUsername } from './protocol.js';
+import { PigeonConnection, canonicalUsername, fetchToken, newMessageId, validUsername } from './protocol.js';
 import { ChatStore } from './store.js';
 import { ChatView } from './ui.js';
 import { putFile, getFile, urlFor, loadUrl, forgetUrls, sha256Hex } from './files.js';
@@ -46,9 +46,10 @@ function authMessage(code, { tryAgainIn, message, name } = {}) {
   }
 }
 
-async function submitSignIn({ user, password }) {
-  if (!validUsername(user)) {
-    ui.signInError(user ? `“${user}” is not a valid name: use 1–32 letters, digits, _ . or -` : 'Enter your name.');
+async function submitSignIn({ user: typed, password }) {
+  const user = canonicalUsername(typed);
+  if (!user) {
+    ui.signInError(typed ? `“${typed}” is not a valid name: use 1–32 letters a–z, digits, _ . or -` : 'Enter your name.');
     return;
   }
   if (!password) {
@@ -217,9 +218,10 @@ ui.on.signIn = submitSignIn;
 ui.on.signOut = () => signOut();
 ui.on.open = open;
 ui.on.back = () => { ui.showConversation(null); render(); };
-ui.on.newChat = (name) => {
-  if (!validUsername(name)) {
-    ui.newChatError(name ? `“${name}” is not a valid name` : 'Type a name to start a conversation.');
+ui.on.newChat = (typed) => {
+  const name = canonicalUsername(typed);
+  if (!name) {
+    ui.newChatError(typed ? `“${typed}” is not a valid name: use 1–32 letters a–z, digits, _ . or -` : 'Type a name to start a conversation.');
     return;
   }
   ui.clearNewChat();
@@ -266,6 +268,7 @@ window.addEventListener('online', () => conn?.retryNow());
 
 const session = local.get(SESSION_KEY);
 if (session?.user && validUsername(session.user)) {
+  session.user = canonicalUsername(session.user); // saved by an older client as typed
   if (session.token && session.expiresAt && session.expiresAt * 1000 < Date.now()) {
     me = session.user;
     local.del(SESSION_KEY);

@@ -6,9 +6,15 @@
 // No DOM and no storage here: the app injects a `journal` (what was already received,
 // what is still unconfirmed) and listens to events.
 
-/** Same rule as the server: 1–32 letters (Unicode Alphabetic), digits, `_`, `.`, `-`. */
-export const USERNAME_RE = /^[\p{Alphabetic}\p{N}_.-]{1,32}$/u;
-export const validUsername = (name) => typeof name === 'string' && USERNAME_RE.test(name);
+/** Same rule as the server (docs/PROTOCOL.md, "User names"): NFKC, lowercase, then
+ * 1–32 of `a-z 0-9 _ . -`. `canonicalUsername` gives that form, or null. */
+export const USERNAME_RE = /^[a-z0-9_.-]{1,32}$/;
+export function canonicalUsername(name) {
+  if (typeof name !== 'string' || name.length === 0 || name.length > 128) return null;
+  const folded = name.normalize('NFKC').toLowerCase();
+  return USERNAME_RE.test(folded) ? folded : null;
+}
+export const validUsername = (name) => canonicalUsername(name) !== null;
 
 export const CLOSE_KICKED = 4000;
 export const CLOSE_INVALID_USER = 4001;

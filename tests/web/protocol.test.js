@@ -6,7 +6,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { PigeonConnection, validUsername, backoffDelay, CHUNK_BYTES } from '../../static/js/protocol.js';
+import { PigeonConnection, canonicalUsername, validUsername, backoffDelay, CHUNK_BYTES } from '../../static/js/protocol.js';
 
 class FakeSocket {
   static all = [];
@@ -38,8 +38,9 @@ function setup({ seen = new Set(), outbox = [], credentials = {}, framesPerSec =
 }
 
 test('usernames follow the server rule', () => {
-  for (const ok of ['alice', 'Zoë', 'a.b-c_d', '李雷', 'x'.repeat(32)]) assert.ok(validUsername(ok), ok);
-  for (const bad of ['', 'a b', '<img>', 'x'.repeat(33), 'a#b']) assert.ok(!validUsername(bad), bad);
+  for (const ok of ['alice', 'Alice', 'ａｌｉｃｅ', 'a.b-c_d', 'x'.repeat(32)]) assert.ok(validUsername(ok), ok);
+  for (const bad of ['', 'a b', '<img>', 'x'.repeat(33), 'a#b', 'Zoë', '李雷', '\u0430lice']) assert.ok(!validUsername(bad), bad);
+  assert.equal(canonicalUsername('ＡＬＩＣＥ'), 'alice');
 });
 
 test('backoff grows and is capped', () => {
