@@ -63,7 +63,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let tls = tls::acceptor(&config.tls)?;
-    let store = store::open(&config.storage, config.limits.mailbox_max).await?;
+    let store = store::open_with(&config.storage, store::StoreLimits::from_config(&config)).await?;
     let cluster = match config.cluster.enabled() {
         true => Some(Cluster::connect(&config.cluster).await?),
         false => None,

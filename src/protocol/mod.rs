@@ -71,6 +71,10 @@ pub enum ErrorCode {
     TakeoverLoop,
     RateLimited,
     LoginTimeout,
+    NoSuchUser,
+    QuotaExceeded,
+    StoreFull,
+    BlobTimeout,
 }
 
 impl ErrorCode {
@@ -101,6 +105,10 @@ impl ErrorCode {
             ErrorCode::TakeoverLoop => "takeover_loop",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::LoginTimeout => "login_timeout",
+            ErrorCode::NoSuchUser => "no_such_user",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::StoreFull => "store_full",
+            ErrorCode::BlobTimeout => "blob_timeout",
         }
     }
 }
