@@ -89,8 +89,8 @@ pub struct StorageConfig {
     /// of nodes such as "1". A sender hears "stored" only once it is satisfied.
     #[serde(deserialize_with = "string_or_integer")]
     pub mongodb_write_concern: String,
-    /// MongoDB only: stored messages expire this many seconds after acceptance
-    /// (a TTL index); 0 keeps them until acknowledged.
+    /// Stored messages (and their blobs) expire this many seconds after acceptance; 0
+    /// keeps them until acknowledged. MongoDB: a TTL index; SQLite: a background sweep.
     pub offline_ttl_secs: u64,
 }
 
@@ -207,6 +207,18 @@ pub struct LimitsConfig {
     /// that is refused with `takeover_loop` (two clients fighting over one account).
     pub takeover_max: u32,
     pub takeover_window_secs: u64,
+    /// Messages one sender may have waiting in mailboxes (sent, not yet acknowledged by
+    /// their recipients); beyond it sends are refused with `quota_exceeded`. 0: no cap.
+    pub sender_quota_messages: u64,
+    /// Bytes (text bodies plus blob sizes) one sender may have waiting in mailboxes;
+    /// beyond it sends and blob announces are refused with `quota_exceeded`. 0: no cap.
+    pub sender_quota_bytes: u64,
+    /// Bytes (text bodies plus blob sizes) all mailboxes together may hold; beyond it
+    /// every send is refused with `store_full`. 0: no cap.
+    pub store_max_bytes: u64,
+    /// A blob transfer that receives no chunk for this long is aborted with
+    /// `blob_timeout` (its spool file deleted); the session stays open.
+    pub blob_idle_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -243,6 +255,10 @@ impl Default for LimitsConfig {
             api_max_body_bytes: 16 * 1024,
             takeover_max: 20,
             takeover_window_secs: 60,
+            sender_quota_messages: 50_000,
+            sender_quota_bytes: 1024 * 1024 * 1024,
+            store_max_bytes: 0,
+            blob_idle_secs: 30,
         }
     }
 }
@@ -418,8 +434,10 @@ impl Config {
         if l.session_queue == 0 || l.flush_batch == 0 || l.mailbox_max == 0 {
             return bad("limits.session_queue, flush_batch and mailbox_max must be positive");
         }
-        if l.max_transfers == 0 || l.write_timeout_secs == 0 {
-            return bad("limits.max_transfers and write_timeout_secs must be positive");
+        if l.max_transfers == 0 || l.write_timeout_secs == 0 || l.blob_idle_secs == 0 {
+            return bad(
+                "limits.max_transfers, write_timeout_secs and blob_idle_secs must be positive",
+            );
         }
         if l.blob_chunk_bytes == 0 || l.blob_chunk_bytes + 4 > l.max_message_bytes {
             return bad("limits.blob_chunk_bytes must be positive and fit (with its 4-byte header) in max_message_bytes");

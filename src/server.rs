@@ -76,7 +76,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let tls = tls::acceptor(&config.tls)?;
-    let store = store::open(&config.storage, config.limits.mailbox_max).await?;
+    let store = store::open_with(&config.storage, store::StoreLimits::from_config(&config)).await?;
     let legacy = store
         .legacy_user_names(crate::accounts::LEGACY_LIST_MAX)
         .await?;

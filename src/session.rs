@@ -70,6 +70,14 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// flooding, and reading its flood would cost more than its reset.
 const CLOSE_LINGER_FRAMES: usize = 256;
 
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// How the connection said who it is, before any frame arrived.
 #[derive(Debug, Clone)]
 pub enum Greeting {
@@ -263,6 +271,7 @@ impl Reader {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let login_timeout = Duration::from_secs(self.app.config.limits.login_timeout_secs);
+        let blob_idle = Duration::from_secs(self.app.config.limits.blob_idle_secs);
         let login_deadline = tokio::time::sleep(login_timeout);
         tokio::pin!(login_deadline);
         loop {
@@ -301,6 +310,12 @@ impl Reader {
                     self.shared.stop(StopReason::Shutdown);
                     return;
                 }
+                _ = sleep_until(self.transfers.next_deadline(blob_idle)) => {
+                    if self.expire_transfers(blob_idle).await == Flow::Close {
+                        return;
+                    }
+                    continue;
+                }
                 frame = stream.next() => frame,
             };
             // Boxed: the frame handlers are large futures, and inline they would make
@@ -309,6 +324,25 @@ impl Reader {
                 return;
             }
         }
+    }
+
+    /// Aborts the blob transfers that received no chunk for `idle`: the sender is told
+    /// (`blob_timeout`), the live recipient gets `blob_abort`, the spool file goes.
+    async fn expire_transfers(&mut self, idle: Duration) -> Flow {
+        for id in self.transfers.abort_idle(idle).await {
+            let e = ProtocolError::new(
+                ErrorCode::BlobTimeout,
+                format!(
+                    "no chunk for {} s ([limits] blob_idle_secs): transfer aborted",
+                    idle.as_secs()
+                ),
+            )
+            .with_id(id);
+            if self.reply(Dialect::Pigeon, &Event::Error(&e)).await == Flow::Close {
+                return Flow::Close;
+            }
+        }
+        Flow::Continue
     }
 
     /// Handles one frame off the socket (`None`: the socket ended).
@@ -800,15 +834,11 @@ impl Reader {
                 Ok((seq, Fate::Stored, true))
             }
             Err(e) => {
-                let code = match e {
-                    StoreError::MailboxFull { .. } => ErrorCode::MailboxFull,
-                    StoreError::IdConflict { .. } => ErrorCode::IdConflict,
-                    _ => {
-                        inc(&self.app.metrics.store_errors);
-                        tracing::warn!(user = %msg.sender, error = %e, "enqueue failed");
-                        ErrorCode::StoreUnavailable
-                    }
-                };
+                let code = e.code();
+                if code == ErrorCode::StoreUnavailable {
+                    inc(&self.app.metrics.store_errors);
+                    tracing::warn!(user = %msg.sender, error = %e, "enqueue failed");
+                }
                 Err(ProtocolError::new(code, e.to_string())
                     .with_id(msg.client_id)
                     .with_to(Some(msg.recipient)))
@@ -834,9 +864,9 @@ impl Reader {
         if self.reply(dialect, &Event::Error(&e)).await == Flow::Close {
             return Flow::Close;
         }
-        // A store outage is not the client's fault: a client retrying through one must
-        // not be closed as a protocol offender.
-        if e.code == ErrorCode::StoreUnavailable {
+        // A store outage (or a full store) is not the client's fault: a client retrying
+        // through one must not be closed as a protocol offender.
+        if matches!(e.code, ErrorCode::StoreUnavailable | ErrorCode::StoreFull) {
             return Flow::Continue;
         }
         self.errors_in_row += 1;

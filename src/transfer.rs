@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::app::App;
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::router::{BlobChunk, Outgoing, SessionHandle};
-use crate::store::{BlobMeta, BlobWrite};
+use crate::store::{BlobMeta, BlobWrite, StoreLimits};
 
 /// A fresh blob key: unique in this data directory (time, process, counter).
 pub fn new_blob_key() -> String {
@@ -39,6 +40,8 @@ struct Transfer {
     hasher: Option<Sha256>,
     /// The recipient's session the bytes are relayed to, while it keeps up.
     relay: Option<SessionHandle>,
+    /// When the last chunk (or the announce) arrived: `blob_idle_secs` counts from here.
+    last_chunk: Instant,
 }
 
 /// A blob whose bytes are all stored.
@@ -106,6 +109,31 @@ impl Transfers {
                 format!("blob size must be 1..={} bytes", limits.max_blob_bytes),
             ));
         }
+        // Refused before a byte moves: a recipient without an account (password mode),
+        // a blob the sender's quota or the store cannot take. The enqueue at the end
+        // checks again, atomically.
+        if app.config.auth.password_mode() {
+            match app.store.user_exists(&to).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(fail(
+                        ErrorCode::NoSuchUser,
+                        format!("there is no account named {to}"),
+                    ))
+                }
+                Err(e) => return Err(fail(ErrorCode::StoreUnavailable, e.to_string())),
+            }
+        }
+        match app.store.usage(from).await {
+            Ok((usage, total)) => {
+                if let Err(e) =
+                    StoreLimits::from_config(&app.config).check(from, usage, total, meta.size)
+                {
+                    return Err(fail(e.code(), e.to_string()));
+                }
+            }
+            Err(e) => return Err(fail(ErrorCode::StoreUnavailable, e.to_string())),
+        }
         match app.store.pending(&to).await {
             Ok(n) if n >= limits.mailbox_max => {
                 return Err(fail(
@@ -150,6 +178,7 @@ impl Transfers {
                 writer,
                 hasher,
                 relay,
+                last_chunk: Instant::now(),
             },
         );
         Ok(stream)
@@ -169,6 +198,7 @@ impl Transfers {
             ));
         };
         let id = t.meta.id.clone();
+        t.last_chunk = Instant::now();
         if t.received + data.len() as u64 > t.meta.size {
             let e = ProtocolError::new(
                 ErrorCode::BlobOverflow,
@@ -271,6 +301,29 @@ impl Transfers {
         relay_abort(&t.relay, &t.key, reason).await;
         t.writer.discard().await;
         true
+    }
+
+    /// When the transfer idle longest reaches `idle`, if any is in flight.
+    pub fn next_deadline(&self, idle: Duration) -> Option<Instant> {
+        self.by_stream.values().map(|t| t.last_chunk + idle).min()
+    }
+
+    /// Aborts the transfers that received nothing for `idle` (reason `blob_timeout`);
+    /// returns their sender ids.
+    pub async fn abort_idle(&mut self, idle: Duration) -> Vec<Option<String>> {
+        let now = Instant::now();
+        let stale: Vec<(u32, Option<String>)> = self
+            .by_stream
+            .iter()
+            .filter(|(_, t)| now.duration_since(t.last_chunk) >= idle)
+            .map(|(s, t)| (*s, t.meta.id.clone()))
+            .collect();
+        let mut ids = Vec::with_capacity(stale.len());
+        for (stream, id) in stale {
+            self.abort(stream, "blob_timeout").await;
+            ids.push(id);
+        }
+        ids
     }
 
     /// Gives up every transfer (the sender went away).

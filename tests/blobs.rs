@@ -337,3 +337,64 @@ async fn legacy_binary_frames_go_to_the_last_recipient() {
     assert_eq!(bytes, vec![7; 10]);
     srv.stop().await;
 }
+
+/// A transfer that stalls (no chunk for `blob_idle_secs`) is aborted: the sender gets
+/// `blob_timeout` naming the key, the live recipient a `blob_abort`, the spool file is
+/// deleted, and the session goes on working.
+#[tokio::test]
+async fn stalled_transfer_times_out_and_frees_its_spool_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.limits.blob_idle_secs = 1;
+    let srv = TestServer::start(cfg).await;
+    let base = format!("ws://{}", srv.addr);
+    let (mut bob, _) = Client::pigeon(&base, "bob").await;
+    let (mut alice, _) = Client::pigeon(&base, "alice").await;
+    let data = pattern(30_000, 9);
+    let s = announce(&mut alice, "stall", "bob", &data, false).await;
+    send_chunks(&mut alice, s, &data[..10_000], 10_000).await;
+    alice.ping().await;
+    assert_eq!(bob.json().await["type"], "blob_start");
+    assert!(
+        blob_files(dir.path()).iter().any(|f| f.ends_with(".part")),
+        "the transfer spools to a .part file: {:?}",
+        blob_files(dir.path())
+    );
+    let started = std::time::Instant::now();
+    let e = alice.json().await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str(), e["id"].as_str()),
+        (Some("error"), Some("blob_timeout"), Some("stall")),
+        "{e}"
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("blob_idle_secs"),
+        "{e}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut relayed = 0;
+    let abort = loop {
+        match bob.frame().await {
+            Frame::Binary(b) => relayed += b.len() - 4,
+            Frame::Text(t) => break serde_json::from_str::<Value>(&t).unwrap(),
+        }
+    };
+    assert_eq!(relayed, 10_000);
+    assert_eq!(
+        (abort["type"].as_str(), abort["reason"].as_str()),
+        (Some("blob_abort"), Some("blob_timeout"))
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        blob_files(dir.path()).is_empty(),
+        "{:?}",
+        blob_files(dir.path())
+    );
+    // The stream is gone; the session still works.
+    send_chunks(&mut alice, s, &data[10_000..11_000], 1_000).await;
+    assert_eq!(alice.json().await["code"], "unknown_stream");
+    let sent = alice.send_msg("after", "bob", json!("still here")).await;
+    assert_eq!(sent["type"], "sent", "{sent}");
+    assert_eq!(bob.json().await["body"], "still here");
+    srv.stop().await;
+}

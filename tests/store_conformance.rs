@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pigeon::config::StorageConfig;
-use pigeon::store::{self, BlobMeta, Body, Enqueued, NewMessage, Store, StoreError};
+use pigeon::store::{self, BlobMeta, Body, Enqueued, NewMessage, Store, StoreError, StoreLimits};
 
 /// Where a test's store lives; `open` can be called again to reopen the same data.
 enum Target {
@@ -37,6 +37,18 @@ impl Target {
 
     async fn open(&self, mailbox_max: u64) -> Arc<dyn Store> {
         match store::open(&self.config(), mailbox_max).await {
+            Ok(s) => s,
+            Err(e) => panic!("opening the store failed: {e}"),
+        }
+    }
+
+    /// Opens with `limits` and `offline_ttl_secs = ttl_secs`.
+    async fn open_with(&self, limits: StoreLimits, ttl_secs: u64) -> Arc<dyn Store> {
+        let cfg = StorageConfig {
+            offline_ttl_secs: ttl_secs,
+            ..self.config()
+        };
+        match store::open_with(&cfg, limits).await {
             Ok(s) => s,
             Err(e) => panic!("opening the store failed: {e}"),
         }
@@ -737,6 +749,239 @@ async fn account_change_feed(t: &Target) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Quotas, the recipient check and expiry (`StoreLimits`, `offline_ttl_secs`).
+
+fn limits(f: impl FnOnce(&mut StoreLimits)) -> StoreLimits {
+    let mut l = StoreLimits::mailbox_only(1000);
+    f(&mut l);
+    l
+}
+
+fn quota_key(r: Result<Enqueued, StoreError>) -> &'static str {
+    match r {
+        Err(StoreError::QuotaExceeded { key, .. }) => key,
+        other => panic!("expected quota_exceeded, got {other:?}"),
+    }
+}
+
+/// Password mode: a recipient without an account is refused and nothing is stored.
+async fn recipients_need_an_account(t: &Target) {
+    let store = t
+        .open_with(limits(|l| l.recipients_need_account = true), 0)
+        .await;
+    store.create_user("bob", "$argon2id$x").await.unwrap();
+    match store
+        .enqueue(text("alice", "ghost-never-created", "hi", Some("g1")))
+        .await
+    {
+        Err(StoreError::NoSuchUser { user }) => assert_eq!(user, "ghost-never-created"),
+        other => panic!("expected no_such_user, got {other:?}"),
+    }
+    assert!(store
+        .fetch("ghost-never-created", 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.pending("ghost-never-created").await.unwrap(), 0);
+    enqueue_new(&store, text("alice", "bob", "hi", Some("g2"))).await;
+    assert!(store.user_exists("bob").await.unwrap());
+    assert!(!store.user_exists("ghost-never-created").await.unwrap());
+    // Several in one batch: each answered on its own.
+    let answers = store
+        .enqueue_many(vec![
+            text("alice", "bob", "a", None),
+            text("alice", "nobody", "b", None),
+            text("alice", "bob", "c", None),
+        ])
+        .await;
+    assert!(matches!(answers[0], Ok(Enqueued::New { .. })));
+    assert!(matches!(answers[1], Err(StoreError::NoSuchUser { .. })));
+    assert!(matches!(answers[2], Ok(Enqueued::New { .. })));
+}
+
+/// A sender's waiting messages and bytes are capped; acks give the share back; other
+/// senders are not affected; the error names the config key.
+async fn sender_quota_messages_and_bytes(t: &Target) {
+    let store = t
+        .open_with(
+            limits(|l| {
+                l.sender_messages = 3;
+                l.sender_bytes = 1000;
+            }),
+            0,
+        )
+        .await;
+    for i in 0..3 {
+        enqueue_new(&store, text("alice", "bob", &format!("m{i}"), None)).await;
+    }
+    let refused = store.enqueue(text("alice", "carol", "m3", None)).await;
+    let msg = refused.as_ref().map_err(|e| e.to_string()).unwrap_err();
+    assert!(msg.contains("sender_quota_messages"), "{msg}");
+    assert_eq!(quota_key(refused), "sender_quota_messages");
+    assert!(store.fetch("carol", 0, 10).await.unwrap().is_empty());
+    assert_eq!(store.usage("alice").await.unwrap().0.messages, 3);
+    // Someone else still sends.
+    enqueue_new(&store, text("dave", "bob", "d", None)).await;
+    // Bob reads two of alice's: she may send two more.
+    store.ack("bob", 2).await.unwrap();
+    enqueue_new(&store, text("alice", "carol", "again", None)).await;
+    enqueue_new(&store, text("alice", "carol", "again", None)).await;
+    assert_eq!(
+        quota_key(store.enqueue(text("alice", "carol", "x", None)).await),
+        "sender_quota_messages"
+    );
+    // Bytes: 600 then 500 would pass 1000.
+    enqueue_new(&store, text("erin", "bob", &"x".repeat(600), None)).await;
+    assert_eq!(
+        quota_key(
+            store
+                .enqueue(text("erin", "bob", &"y".repeat(500), None))
+                .await
+        ),
+        "sender_quota_bytes"
+    );
+    let (usage, _) = store.usage("erin").await.unwrap();
+    assert_eq!((usage.messages, usage.bytes), (1, 600));
+    // Blobs count with their size.
+    let meta = BlobMeta {
+        key: "k-quota".into(),
+        id: None,
+        name: "f".into(),
+        mime: "application/octet-stream".into(),
+        size: 5000,
+        sha256: None,
+    };
+    let blob = NewMessage {
+        sender: "frank".into(),
+        recipient: "bob".into(),
+        client_id: None,
+        body: meta.to_body(),
+        accepted_at: pigeon::now_ms(),
+    };
+    assert_eq!(quota_key(store.enqueue(blob).await), "sender_quota_bytes");
+}
+
+/// All mailboxes together are capped by `store_bytes`.
+async fn store_cap_refuses_everyone(t: &Target) {
+    let store = t.open_with(limits(|l| l.store_bytes = 1000), 0).await;
+    enqueue_new(&store, text("alice", "bob", &"a".repeat(900), None)).await;
+    match store
+        .enqueue(text("carol", "dave", &"c".repeat(200), None))
+        .await
+    {
+        Err(e @ StoreError::StoreFull { .. }) => {
+            assert!(e.to_string().contains("store_max_bytes"), "{e}")
+        }
+        other => panic!("expected store_full, got {other:?}"),
+    }
+    assert_eq!(store.usage("carol").await.unwrap().1, 900);
+    store.ack("bob", 1).await.unwrap();
+    enqueue_new(&store, text("carol", "dave", &"c".repeat(200), None)).await;
+}
+
+/// What is waiting is still counted after the store is reopened.
+async fn quota_survives_reopen(t: &Target) {
+    let l = limits(|l| l.sender_messages = 2);
+    {
+        let store = t.open_with(l, 0).await;
+        enqueue_new(&store, text("alice", "bob", "1", None)).await;
+        enqueue_new(&store, text("alice", "bob", "2", None)).await;
+    }
+    let store = t.open_with(l, 0).await;
+    assert_eq!(
+        quota_key(store.enqueue(text("alice", "bob", "3", None)).await),
+        "sender_quota_messages"
+    );
+    store.ack("bob", 1).await.unwrap();
+    enqueue_new(&store, text("alice", "bob", "3", None)).await;
+}
+
+/// Concurrent sends of one sender never overshoot the quota.
+async fn quota_holds_under_concurrency(t: &Target) {
+    let store = t.open_with(limits(|l| l.sender_messages = 10), 0).await;
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .enqueue(text("alice", &format!("r{}", i % 4), "m", None))
+                    .await
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(Enqueued::New { .. }) => stored += 1,
+            Err(StoreError::QuotaExceeded { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(stored, 10);
+    let mut held = 0;
+    for r in 0..4 {
+        held += store.pending(&format!("r{r}")).await.unwrap();
+    }
+    assert_eq!(held, 10);
+}
+
+/// With `offline_ttl_secs`, old messages and their blobs are deleted in the background,
+/// and give their quota back.
+async fn expired_messages_and_blobs_are_swept(t: &Target) {
+    // A TTL of 30 s: the sweep runs every 3 s; the old messages are a minute old.
+    let store = t.open_with(limits(|l| l.sender_messages = 3), 30).await;
+    let old = pigeon::now_ms() - 60_000;
+    let key = pigeon::transfer::new_blob_key();
+    let mut w = store.blob_writer(&key).await.unwrap();
+    w.write(b"old bytes").await.unwrap();
+    w.finish().await.unwrap();
+    let meta = BlobMeta {
+        key: key.clone(),
+        id: None,
+        name: "old".into(),
+        mime: "text/plain".into(),
+        size: 9,
+        sha256: None,
+    };
+    let mut m1 = text("alice", "bob", "old text", None);
+    m1.accepted_at = old;
+    let m2 = NewMessage {
+        sender: "alice".into(),
+        recipient: "bob".into(),
+        client_id: None,
+        body: meta.to_body(),
+        accepted_at: old,
+    };
+    enqueue_new(&store, m1).await;
+    enqueue_new(&store, m2).await;
+    let fresh = enqueue_new(&store, text("alice", "bob", "fresh", None)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if seqs(&store, "bob").await == [fresh] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired messages still stored: {:?}",
+            seqs(&store, "bob").await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(store.pending("bob").await.unwrap(), 1);
+    assert!(
+        read_all(&store, &key).await.is_err(),
+        "an expired blob must be deleted"
+    );
+    // Alice's quota of 3 has room again for 2.
+    enqueue_new(&store, text("alice", "bob", "a", None)).await;
+    enqueue_new(&store, text("alice", "bob", "b", None)).await;
+    assert_eq!(
+        quota_key(store.enqueue(text("alice", "bob", "c", None)).await),
+        "sender_quota_messages"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
 // One test per (backend, check).
 
 macro_rules! conformance {
@@ -783,6 +1028,12 @@ conformance!(
     accounts,
     deleting_a_user_deletes_their_mail,
     account_change_feed,
+    recipients_need_an_account,
+    sender_quota_messages_and_bytes,
+    store_cap_refuses_everyone,
+    quota_survives_reopen,
+    quota_holds_under_concurrency,
+    expired_messages_and_blobs_are_swept,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -961,8 +1212,10 @@ mod mongodb_only {
         t.cleanup().await;
     }
 
-    /// Collections and indexes exist (found by key, not by name); with a TTL configured
-    /// messages carry `expire_at`, without one they do not.
+    /// Collections and indexes exist (found by key, not by name); messages carry the
+    /// `bytes` they count against quotas, and no `expire_at` (the expiry sweep, not the
+    /// TTL index, deletes them now, so it can give their quota back; the TTL index stays
+    /// for messages stored by older versions).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn schema_and_ttl() {
         let Some(t) = mongo_target("schema_and_ttl") else {
@@ -980,7 +1233,7 @@ mod mongodb_only {
 
         let db = raw_db(&t).await;
         let names = db.list_collection_names().await.unwrap();
-        for c in ["messages", "counters", "client_ids", "users"] {
+        for c in ["messages", "counters", "client_ids", "users", "usage"] {
             assert!(
                 names.iter().any(|n| n == c),
                 "no {c} collection in {names:?}"
@@ -1014,12 +1267,12 @@ mod mongodb_only {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(
-            expiring
-                .get_datetime("expire_at")
-                .unwrap()
-                .timestamp_millis(),
-            accepted_at + 3_600_000
+        assert!(!expiring.contains_key("expire_at"), "{expiring}");
+        assert_eq!(expiring.get_i64("accepted_at").unwrap(), accepted_at);
+        assert_eq!(expiring.get_i64("bytes").unwrap(), "expiring".len() as i64);
+        assert!(
+            by_keys(doc! { "accepted_at": 1 }).is_some(),
+            "no expiry index"
         );
         let kept = messages
             .find_one(doc! { "recipient": "bob", "body": "kept" })
@@ -1122,6 +1375,10 @@ mod sqlite_only {
             ]
         );
         assert_eq!(store.pending("bob").await.unwrap(), 3);
+        // Version 3 counted what alice has waiting from the messages already there.
+        let (alice, total) = store.usage("alice").await.unwrap();
+        assert_eq!((alice.messages, alice.bytes), (3, 3 + 4096 + 5));
+        assert_eq!(total, 3 + 4096 + 5);
         assert_eq!(
             enqueue_new(&store, text("alice", "bob", "four", None)).await,
             4
@@ -1137,7 +1394,7 @@ mod sqlite_only {
         assert_eq!(seqs(&store, "bob").await[..2], [3, 4]);
         drop(store);
         let (version, sql) = schema_of(dir.path());
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
         assert!(!sql.to_uppercase().contains("WITHOUT ROWID"), "{sql}");
         // Opening again leaves it alone.
         let store = t.open(100).await;

@@ -142,6 +142,10 @@ pub enum ErrorCode {
     RateLimited,
     LoginTimeout,
     TooBusy,
+    NoSuchUser,
+    QuotaExceeded,
+    StoreFull,
+    BlobTimeout,
 }
 
 impl ErrorCode {
@@ -173,6 +177,10 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::LoginTimeout => "login_timeout",
             ErrorCode::TooBusy => "too_busy",
+            ErrorCode::NoSuchUser => "no_such_user",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::StoreFull => "store_full",
+            ErrorCode::BlobTimeout => "blob_timeout",
         }
     }
 }

@@ -15,6 +15,15 @@
 //!   `mailbox_max` unacknowledged messages.
 //! - `fetch` returns messages in increasing seq order; `ack` deletes every message of the
 //!   recipient with `seq <= upto`.
+//! - Quotas (`StoreLimits`): `enqueue` refuses, storing nothing, with
+//!   `StoreError::NoSuchUser` when recipients need an account and the recipient has none,
+//!   `StoreError::QuotaExceeded` when the sender's waiting messages or bytes
+//!   (`NewMessage::stored_bytes`) would pass its quota, and `StoreError::StoreFull` when
+//!   all mailboxes together would pass `store_bytes`. Acknowledged and expired messages
+//!   give their share back. The check and the reservation are one atomic step in the
+//!   store, so concurrent senders (and processes sharing the store) cannot overshoot.
+//! - With `offline_ttl_secs > 0`, messages older than that are deleted (with their
+//!   blobs) by the backend in the background.
 //!
 //! Accounts (`[auth] mode = "password"`) live in the store too: a user name (canonical,
 //! `protocol::canonical_username`) and its argon2 PHC hash string, never a password. The
@@ -36,7 +45,89 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::StorageConfig;
+use crate::config::{Config, StorageConfig};
+
+/// What the store itself enforces on `enqueue` (0: no cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Unacknowledged messages one recipient may hold (`[limits] mailbox_max`).
+    pub mailbox_max: u64,
+    /// Messages one sender may have waiting (`[limits] sender_quota_messages`).
+    pub sender_messages: u64,
+    /// Bytes one sender may have waiting (`[limits] sender_quota_bytes`).
+    pub sender_bytes: u64,
+    /// Bytes all mailboxes may hold together (`[limits] store_max_bytes`).
+    pub store_bytes: u64,
+    /// Password mode: a recipient without an account gets `NoSuchUser`.
+    pub recipients_need_account: bool,
+}
+
+impl StoreLimits {
+    /// Only the mailbox cap (tools and tests that open the store directly).
+    pub fn mailbox_only(mailbox_max: u64) -> StoreLimits {
+        StoreLimits {
+            mailbox_max,
+            sender_messages: 0,
+            sender_bytes: 0,
+            store_bytes: 0,
+            recipients_need_account: false,
+        }
+    }
+
+    /// The limits a server runs with.
+    pub fn from_config(c: &Config) -> StoreLimits {
+        StoreLimits {
+            mailbox_max: c.limits.mailbox_max,
+            sender_messages: c.limits.sender_quota_messages,
+            sender_bytes: c.limits.sender_quota_bytes,
+            store_bytes: c.limits.store_max_bytes,
+            recipients_need_account: c.auth.password_mode(),
+        }
+    }
+
+    /// Whether usage must be accounted at all.
+    pub fn quotas(&self) -> bool {
+        self.sender_messages > 0 || self.sender_bytes > 0 || self.store_bytes > 0
+    }
+
+    /// Why one more message of `bytes` from a sender who has `usage` waiting, into a
+    /// store holding `total` bytes, is refused, if it is.
+    pub fn check(
+        &self,
+        sender: &str,
+        usage: Usage,
+        total: u64,
+        bytes: u64,
+    ) -> Result<(), StoreError> {
+        if self.sender_messages > 0 && usage.messages.saturating_add(1) > self.sender_messages {
+            return Err(StoreError::QuotaExceeded {
+                sender: sender.to_string(),
+                key: "sender_quota_messages",
+                limit: self.sender_messages,
+            });
+        }
+        if self.sender_bytes > 0 && usage.bytes.saturating_add(bytes) > self.sender_bytes {
+            return Err(StoreError::QuotaExceeded {
+                sender: sender.to_string(),
+                key: "sender_quota_bytes",
+                limit: self.sender_bytes,
+            });
+        }
+        if self.store_bytes > 0 && total.saturating_add(bytes) > self.store_bytes {
+            return Err(StoreError::StoreFull {
+                limit: self.store_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What one sender has waiting in mailboxes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub messages: u64,
+    pub bytes: u64,
+}
 
 /// What a message carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +164,12 @@ impl Body {
             2 => Body::Blob(text),
             _ => Body::Text(text),
         }
+    }
+
+    /// What this body counts against quotas: its stored text, plus the blob's size.
+    pub fn stored_bytes(&self) -> u64 {
+        let blob = self.blob_meta().map_or(0, |m| m.size);
+        (self.as_str().len() as u64).saturating_add(blob)
     }
 
     /// The blob's description, when this is a blob.
@@ -218,6 +315,33 @@ pub enum StoreError {
     Backend(String),
     #[error("user {0} already exists")]
     UserExists(String),
+    #[error("there is no account named {user}")]
+    NoSuchUser { user: String },
+    #[error(
+        "{sender} has reached [limits] {key} = {limit}: wait until recipients read what is waiting"
+    )]
+    QuotaExceeded {
+        sender: String,
+        key: &'static str,
+        limit: u64,
+    },
+    #[error("the store is full: [limits] store_max_bytes = {limit} reached")]
+    StoreFull { limit: u64 },
+}
+
+impl StoreError {
+    /// The wire code a sender is refused with.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode;
+        match self {
+            StoreError::MailboxFull { .. } => ErrorCode::MailboxFull,
+            StoreError::IdConflict { .. } => ErrorCode::IdConflict,
+            StoreError::NoSuchUser { .. } => ErrorCode::NoSuchUser,
+            StoreError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
+            StoreError::StoreFull { .. } => ErrorCode::StoreFull,
+            _ => ErrorCode::StoreUnavailable,
+        }
+    }
 }
 
 /// The offline mailbox. Implementations are cheap to share (`Arc<dyn Store>`).
@@ -304,6 +428,18 @@ pub trait Store: Send + Sync + 'static {
         Err(accounts_unsupported(self.backend()))
     }
 
+    /// Whether an account named `user` exists (password mode's recipient check).
+    async fn user_exists(&self, user: &str) -> Result<bool, StoreError> {
+        Ok(self.password_hash(user).await?.is_some())
+    }
+
+    /// What `sender` has waiting in mailboxes and the bytes all mailboxes hold, as far
+    /// as quotas are accounted (zeros when they are not).
+    async fn usage(&self, sender: &str) -> Result<(Usage, u64), StoreError> {
+        let _ = sender;
+        Ok((Usage::default(), 0))
+    }
+
     /// The account's password hash (a PHC string), or `None` when there is no account.
     async fn password_hash(&self, user: &str) -> Result<Option<String>, StoreError> {
         let _ = user;
@@ -341,11 +477,19 @@ pub fn accounts_unsupported(backend: &str) -> StoreError {
     ))
 }
 
-/// Opens the backend the configuration names.
+/// Opens the backend the configuration names, with only a mailbox cap.
 pub async fn open(cfg: &StorageConfig, mailbox_max: u64) -> Result<Arc<dyn Store>, StoreError> {
+    open_with(cfg, StoreLimits::mailbox_only(mailbox_max)).await
+}
+
+/// Opens the backend the configuration names, enforcing `limits`.
+pub async fn open_with(
+    cfg: &StorageConfig,
+    limits: StoreLimits,
+) -> Result<Arc<dyn Store>, StoreError> {
     match cfg.backend.as_str() {
-        "sqlite" => Ok(Arc::new(sqlite::SqliteStore::open(cfg, mailbox_max)?)),
-        "mongodb" => Ok(Arc::new(mongo::MongoStore::open(cfg, mailbox_max).await?)),
+        "sqlite" => Ok(Arc::new(sqlite::SqliteStore::open_with(cfg, limits)?)),
+        "mongodb" => Ok(Arc::new(mongo::MongoStore::open_with(cfg, limits).await?)),
         other => Err(StoreError::Backend(format!(
             "unknown storage backend {other:?} (expected \"sqlite\" or \"mongodb\")"
         ))),

@@ -3,10 +3,10 @@
 //!
 //! Collections (created idempotently at start-up; index names are never relied on):
 //! - `messages`: one document per stored message. Unique index `{recipient: 1, seq: 1}`
-//!   (fetch and ack are range scans on it). With `offline_ttl_secs > 0` each message
-//!   carries `expire_at` and a TTL index (`expireAfterSeconds: 0`) removes it then;
-//!   messages without the field never expire, so changing the setting needs no index
-//!   change.
+//!   (fetch and ack are range scans on it); `{sender: 1}` for quota recounts and
+//!   `{accepted_at: 1}` for the expiry sweep. Messages stored by versions before the
+//!   sweep carry `expire_at` and a TTL index (`expireAfterSeconds: 0`) still removes
+//!   them; new messages carry `bytes` (what they count against quotas) instead.
 //! - `counters`: `{_id: recipient, seq, pending}`. One `find_one_and_update` with `$inc`
 //!   and upsert allocates the recipient's next seq *and* reserves a mailbox slot
 //!   atomically on the server, so sequences stay unique across processes. The filter
@@ -23,6 +23,15 @@
 //!   index drops entries after a day); `account_seq` `{_id: "changes", seq}` hands out
 //!   its seqs with `$inc`. A reader re-reads a window below its cursor, since a seq
 //!   allocated earlier may be inserted after a later one.
+//! - `usage`: `{_id: sender, messages, bytes, last_at}`, what each sender has waiting
+//!   (the quotas), and with `store_max_bytes` set `{_id: ""}`, the store's total. A
+//!   conditional `$inc` with upsert reserves before the insert (like `counters`), so
+//!   concurrent senders and processes cannot overshoot; acks and the expiry sweep give it
+//!   back. A refused reservation on a row untouched for `REPAIR_AFTER_MS` recounts it
+//!   from `messages` first (a crash between a delete and its release leaves it high).
+//! - Expiry (`offline_ttl_secs`): a background task deletes messages older than the TTL
+//!   (by `accepted_at`), their blobs, and gives back their mailbox slots and quota.
+//!   Messages stored before this carry `expire_at` and the TTL index still removes them.
 //! - `blob_chunks` and `blob_files`: blob bytes, in GridFS's layout (255 KiB BSON binary
 //!   chunks `{_id: "<key>:<n>", key, n, data}`, then one `blob_files` entry `{_id: key,
 //!   size, chunks}` written last, so an unfinished blob is invisible), so no blob meets
@@ -56,7 +65,7 @@ use bson::Binary;
 
 use super::{
     AccountChange, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError,
-    StoredMessage,
+    StoreLimits, StoredMessage, Usage,
 };
 use crate::config::StorageConfig;
 
@@ -94,6 +103,10 @@ struct MessageDoc {
     accepted_at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expire_at: Option<bson::DateTime>,
+    /// What the message counts against quotas (`Body::stored_bytes`); 0 in messages from
+    /// before quotas.
+    #[serde(default, deserialize_with = "de_i64")]
+    bytes: i64,
 }
 
 /// A recipient's row in `counters`.
@@ -168,7 +181,17 @@ pub struct MongoStore {
     client_ids: Collection<ClientIdDoc>,
     mailbox_max: u64,
     dedupe_window_ms: i64,
-    offline_ttl_ms: i64,
+    usage: UsageBook,
+    /// The expiry task, stopped with the store.
+    sweeper: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for MongoStore {
+    fn drop(&mut self) {
+        if let Some(s) = &self.sweeper {
+            s.abort();
+        }
+    }
 }
 
 impl MongoStore {
@@ -176,8 +199,15 @@ impl MongoStore {
     /// Fails with `StoreError::Unavailable` naming the URI (credentials hidden) when the
     /// server cannot be reached within a few seconds.
     pub async fn open(cfg: &StorageConfig, mailbox_max: u64) -> Result<MongoStore, StoreError> {
+        Self::open_with(cfg, StoreLimits::mailbox_only(mailbox_max)).await
+    }
+
+    pub async fn open_with(
+        cfg: &StorageConfig,
+        limits: StoreLimits,
+    ) -> Result<MongoStore, StoreError> {
         let shown = redact_uri(&cfg.mongodb_uri);
-        match tokio::time::timeout(OPEN_TIMEOUT, Self::open_inner(cfg, mailbox_max)).await {
+        match tokio::time::timeout(OPEN_TIMEOUT, Self::open_inner(cfg, limits)).await {
             Ok(Ok(store)) => Ok(store),
             Ok(Err(e)) => Err(StoreError::Unavailable(format!(
                 "MongoDB at {shown} (database {:?}): {e}",
@@ -190,7 +220,8 @@ impl MongoStore {
         }
     }
 
-    async fn open_inner(cfg: &StorageConfig, mailbox_max: u64) -> Result<MongoStore, String> {
+    async fn open_inner(cfg: &StorageConfig, limits: StoreLimits) -> Result<MongoStore, String> {
+        let mailbox_max = limits.mailbox_max;
         let mut options = ClientOptions::parse(&cfg.mongodb_uri)
             .await
             .map_err(|e| format!("invalid URI: {e}"))?;
@@ -209,7 +240,13 @@ impl MongoStore {
         db.run_command(doc! { "ping": 1 })
             .await
             .map_err(|e| format!("unreachable: {e}"))?;
-        let store = MongoStore {
+        let mut store = MongoStore {
+            usage: UsageBook {
+                coll: db.collection("usage"),
+                messages: db.collection("messages"),
+                limits,
+            },
+            sweeper: None,
             users: db.collection("users"),
             account_changes: db.collection("account_changes"),
             account_seq: db.collection("account_seq"),
@@ -221,7 +258,6 @@ impl MongoStore {
             db,
             mailbox_max,
             dedupe_window_ms: ms(cfg.dedupe_window_secs),
-            offline_ttl_ms: ms(cfg.offline_ttl_secs),
         };
         store
             .create_schema()
@@ -233,6 +269,17 @@ impl MongoStore {
             chunks: store.blob_chunks.clone(),
             files: store.blob_files.clone(),
         };
+        let ttl_ms = ms(cfg.offline_ttl_secs);
+        if ttl_ms > 0 {
+            let expiry = Expiry {
+                messages: store.messages.clone(),
+                counters: store.counters.clone(),
+                usage: store.usage.clone(),
+                blobs: (store.blob_chunks.clone(), store.blob_files.clone()),
+                ttl_ms,
+            };
+            store.sweeper = Some(tokio::spawn(expiry.run()).abort_handle());
+        }
         tokio::spawn(async move {
             match sweep.run(crate::now_ms()).await {
                 Ok(0) => {}
@@ -292,7 +339,17 @@ impl MongoStore {
                     .build(),
             )
             .await?;
-        for name in ["counters", "users", "blob_files", "account_seq"] {
+        self.messages
+            .create_index(IndexModel::builder().keys(doc! { "sender": 1 }).build())
+            .await?;
+        self.messages
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "accepted_at": 1 })
+                    .build(),
+            )
+            .await?;
+        for name in ["counters", "users", "blob_files", "account_seq", "usage"] {
             match self.db.create_collection(name).await {
                 Ok(()) => {}
                 Err(e) if error_code(&e) == Some(NAMESPACE_EXISTS) => {}
@@ -463,7 +520,30 @@ impl Store for MongoStore {
                 });
             }
         }
-        let Some(seq) = self.allocate(&msg.recipient).await? else {
+        if self.usage.limits.recipients_need_account
+            && self
+                .users
+                .find_one(doc! { "_id": &msg.recipient })
+                .projection(doc! { "_id": 1 })
+                .await
+                .map_err(unavailable)?
+                .is_none()
+        {
+            return Err(StoreError::NoSuchUser {
+                user: msg.recipient,
+            });
+        }
+        let bytes = to_i64(msg.body.stored_bytes());
+        self.usage.reserve(&msg.sender, bytes).await?;
+        let allocated = match self.allocate(&msg.recipient).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.usage.release(&[(msg.sender.clone(), 1, bytes)]).await;
+                return Err(e);
+            }
+        };
+        let Some(seq) = allocated else {
+            self.usage.release(&[(msg.sender.clone(), 1, bytes)]).await;
             return Err(StoreError::MailboxFull {
                 recipient: msg.recipient,
                 limit: self.mailbox_max,
@@ -477,12 +557,13 @@ impl Store for MongoStore {
             kind: msg.body.kind(),
             body: msg.body.as_str().to_string(),
             accepted_at: msg.accepted_at,
-            expire_at: (self.offline_ttl_ms > 0)
-                .then(|| bson::DateTime::from_millis(msg.accepted_at + self.offline_ttl_ms)),
+            expire_at: None,
+            bytes,
         };
         if let Err(e) = self.messages.insert_one(&doc).await {
             // The seq stays burned (a gap readers tolerate); the slot is given back.
             self.release(&msg.recipient, 1).await;
+            self.usage.release(&[(msg.sender.clone(), 1, bytes)]).await;
             return Err(unavailable(e));
         }
         let fingerprint = msg.fingerprint();
@@ -510,6 +591,7 @@ impl Store for MongoStore {
                     .await
                     .map_err(unavailable)?;
                 self.release(&msg.recipient, 1).await;
+                self.usage.release(&[(msg.sender.clone(), 1, bytes)]).await;
                 match self.client_ids.find_one(doc! { "_id": &key }).await {
                     Ok(Some(first)) => {
                         super::check_retry(&msg, first.fingerprint)?;
@@ -582,6 +664,11 @@ impl Store for MongoStore {
             .try_collect()
             .await
             .map_err(unavailable)?;
+        let senders = self
+            .usage
+            .per_sender(filter.clone())
+            .await
+            .map_err(unavailable)?;
         let deleted = self
             .messages
             .delete_many(filter)
@@ -589,6 +676,11 @@ impl Store for MongoStore {
             .map_err(unavailable)?
             .deleted_count;
         self.release(recipient, deleted).await;
+        // Only when this ack deleted exactly what it counted: a concurrent ack of the
+        // same seqs must not give the quota back twice (a row left high is recounted).
+        if senders.iter().map(|s| s.1).sum::<i64>() == to_i64(deleted) {
+            self.usage.release(&senders).await;
+        }
         for b in blobs {
             if let Some(meta) = Body::Blob(b.body).blob_meta() {
                 self.blob_remove(&meta.key).await;
@@ -643,6 +735,11 @@ impl Store for MongoStore {
             .try_collect()
             .await
             .map_err(unavailable)?;
+        let senders = self
+            .usage
+            .per_sender(doc! { "recipient": user })
+            .await
+            .map_err(unavailable)?;
         let deleted = self
             .messages
             .delete_many(doc! { "recipient": user })
@@ -650,6 +747,10 @@ impl Store for MongoStore {
             .map_err(unavailable)?
             .deleted_count;
         self.release(user, deleted).await;
+        // As in `ack_ranges`: give the senders' quota back only when nothing raced us.
+        if senders.iter().map(|s| s.1).sum::<i64>() == to_i64(deleted) {
+            self.usage.release(&senders).await;
+        }
         for b in blobs {
             if let Some(meta) = Body::Blob(b.body).blob_meta() {
                 self.blob_remove(&meta.key).await;
@@ -751,6 +852,12 @@ impl Store for MongoStore {
         Ok(d.and_then(|d| d.get_str("hash").ok().map(str::to_string)))
     }
 
+    async fn usage(&self, sender: &str) -> Result<(Usage, u64), StoreError> {
+        let mine = self.usage.read(sender).await.map_err(unavailable)?;
+        let total = self.usage.read("").await.map_err(unavailable)?;
+        Ok((mine, total.bytes))
+    }
+
     async fn blob_writer(&self, key: &str) -> Result<Box<dyn BlobWrite>, StoreError> {
         Ok(Box::new(ChunkWriter {
             key: key.to_string(),
@@ -792,6 +899,257 @@ impl Store for MongoStore {
         if let Err(e) = r.await {
             tracing::warn!(%key, error = %e, "cannot delete blob");
         }
+    }
+}
+
+/// The `usage` collection: reservations and releases of quota (see the module doc).
+#[derive(Clone)]
+struct UsageBook {
+    coll: Collection<Document>,
+    messages: Collection<MessageDoc>,
+    limits: StoreLimits,
+}
+
+impl UsageBook {
+    /// Whether the store-wide total is kept (only with a cap: it is one hot document).
+    fn total(&self) -> bool {
+        self.limits.store_bytes > 0
+    }
+
+    async fn read(&self, id: &str) -> Result<Usage, mongodb::error::Error> {
+        let d = self.coll.find_one(doc! { "_id": id }).await?;
+        let get = |k: &str| {
+            d.as_ref()
+                .and_then(|d| d.get(k))
+                .and_then(bson::Bson::as_i64_lossy)
+                .unwrap_or(0)
+                .max(0) as u64
+        };
+        Ok(Usage {
+            messages: get("messages"),
+            bytes: get("bytes"),
+        })
+    }
+
+    /// Reserves one message of `bytes` for `sender` (and the total), or refuses.
+    async fn reserve(&self, sender: &str, bytes: i64) -> Result<(), StoreError> {
+        let l = self.limits;
+        // A single message beyond a cap: no row can take it.
+        l.check(sender, Usage::default(), 0, bytes.max(0) as u64)?;
+        let mut filter = doc! { "_id": sender };
+        if l.sender_messages > 0 {
+            filter.insert("messages", doc! { "$lt": to_i64(l.sender_messages) });
+        }
+        if l.sender_bytes > 0 {
+            filter.insert("bytes", doc! { "$lte": to_i64(l.sender_bytes) - bytes });
+        }
+        self.take(sender, filter, bytes).await?;
+        if self.total() {
+            let filter = doc! { "_id": "", "bytes": { "$lte": to_i64(l.store_bytes) - bytes } };
+            if let Err(e) = self.take("", filter, bytes).await {
+                self.add(sender, -1, -bytes).await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// One conditional `$inc` on row `id`; on refusal, the reason (after a repair when
+    /// the row is stale).
+    async fn take(&self, id: &str, filter: Document, bytes: i64) -> Result<(), StoreError> {
+        for _ in 0..3 {
+            let r = self
+                .coll
+                .update_one(
+                    filter.clone(),
+                    doc! {
+                        "$inc": { "messages": 1_i64, "bytes": bytes },
+                        "$set": { "last_at": crate::now_ms() },
+                    },
+                )
+                .upsert(true)
+                .await;
+            match r {
+                Ok(r) if r.matched_count > 0 || r.upserted_id.is_some() => return Ok(()),
+                Ok(_) => {}
+                Err(e) if is_duplicate_key(&e) => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+            let row = self
+                .coll
+                .find_one(doc! { "_id": id })
+                .await
+                .map_err(unavailable)?;
+            let Some(row) = row else { continue }; // two first reservations raced
+            let last_at = row
+                .get("last_at")
+                .and_then(bson::Bson::as_i64_lossy)
+                .unwrap_or(0);
+            if crate::now_ms().saturating_sub(last_at) >= REPAIR_AFTER_MS
+                && self.repair(id, &row).await.map_err(unavailable)?
+            {
+                continue;
+            }
+            let now = self.read(id).await.map_err(unavailable)?;
+            return Err(match id {
+                "" => StoreError::StoreFull {
+                    limit: self.limits.store_bytes,
+                },
+                _ => self
+                    .limits
+                    .check(id, now, 0, bytes.max(0) as u64)
+                    .err()
+                    .unwrap_or(StoreError::QuotaExceeded {
+                        sender: id.to_string(),
+                        key: "sender_quota_messages",
+                        limit: self.limits.sender_messages,
+                    }),
+            });
+        }
+        Err(StoreError::Unavailable(
+            "usage row kept changing; retry".into(),
+        ))
+    }
+
+    /// Recounts a stale row from `messages`; true when it changed.
+    async fn repair(&self, id: &str, row: &Document) -> Result<bool, mongodb::error::Error> {
+        let filter = match id {
+            "" => doc! {},
+            _ => doc! { "sender": id },
+        };
+        let counted = self.per_sender(filter).await?;
+        let (messages, bytes) = counted
+            .iter()
+            .fold((0, 0), |(m, b), (_, cm, cb)| (m + cm, b + cb));
+        let was = |k: &str| row.get(k).cloned().unwrap_or(bson::Bson::Null);
+        let fixed = self
+            .coll
+            .update_one(
+                doc! { "_id": id, "messages": was("messages"), "bytes": was("bytes") },
+                doc! { "$set": { "messages": messages, "bytes": bytes, "last_at": crate::now_ms() } },
+            )
+            .await?;
+        Ok(fixed.modified_count > 0)
+    }
+
+    /// Per sender, the messages and bytes `filter` selects.
+    async fn per_sender(
+        &self,
+        filter: Document,
+    ) -> Result<Vec<(String, i64, i64)>, mongodb::error::Error> {
+        let mut cursor = self
+            .messages
+            .clone_with_type::<Document>()
+            .find(filter)
+            .projection(doc! { "sender": 1, "bytes": 1 })
+            .await?;
+        let mut by: HashMap<String, (i64, i64)> = HashMap::new();
+        while let Some(d) = cursor.try_next().await? {
+            let sender = d.get_str("sender").unwrap_or_default().to_string();
+            let bytes = d
+                .get("bytes")
+                .and_then(bson::Bson::as_i64_lossy)
+                .unwrap_or(0);
+            let e = by.entry(sender).or_default();
+            e.0 += 1;
+            e.1 += bytes;
+        }
+        Ok(by.into_iter().map(|(s, (m, b))| (s, m, b)).collect())
+    }
+
+    async fn add(&self, id: &str, messages: i64, bytes: i64) {
+        if let Err(e) = self
+            .coll
+            .update_one(
+                doc! { "_id": id },
+                doc! { "$inc": { "messages": messages, "bytes": bytes } },
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "releasing quota failed");
+        }
+    }
+
+    /// Gives back what `freed` (sender, messages, bytes) held. Best effort: a failure
+    /// leaves a row high, which `repair` corrects.
+    async fn release(&self, freed: &[(String, i64, i64)]) {
+        let (mut messages, mut bytes) = (0, 0);
+        for (sender, m, b) in freed {
+            self.add(sender, -m, -b).await;
+            messages += m;
+            bytes += b;
+        }
+        if self.total() && messages > 0 {
+            self.add("", -messages, -bytes).await;
+        }
+    }
+}
+
+/// The expiry task: deletes messages older than the TTL with their blobs, and gives
+/// back their mailbox slots and quota.
+struct Expiry {
+    messages: Collection<MessageDoc>,
+    counters: Collection<Document>,
+    usage: UsageBook,
+    blobs: (Collection<Document>, Collection<Document>),
+    ttl_ms: i64,
+}
+
+impl Expiry {
+    async fn run(self) {
+        let every = Duration::from_millis((self.ttl_ms / 10).clamp(1_000, 60_000) as u64);
+        loop {
+            match self.sweep().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(messages = n, "deleted expired messages"),
+                Err(e) => tracing::warn!(error = %e, "deleting expired messages failed"),
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    async fn sweep(&self) -> Result<u64, mongodb::error::Error> {
+        let filter = doc! { "accepted_at": { "$lt": crate::now_ms() - self.ttl_ms } };
+        let mut cursor = self
+            .messages
+            .clone_with_type::<Document>()
+            .find(filter.clone())
+            .projection(doc! { "recipient": 1, "seq": 1, "sender": 1, "bytes": 1, "kind": 1 })
+            .await?;
+        let mut found = Vec::new();
+        while let Some(d) = cursor.try_next().await? {
+            found.push(d);
+        }
+        let mut total = 0;
+        for d in found {
+            let (Ok(recipient), Some(seq)) = (
+                d.get_str("recipient"),
+                d.get("seq").and_then(bson::Bson::as_i64_lossy),
+            ) else {
+                continue;
+            };
+            // One by one: what another node's ack deleted meanwhile is not given back twice.
+            let Some(m) = self
+                .messages
+                .find_one_and_delete(doc! { "recipient": recipient, "seq": seq })
+                .await?
+            else {
+                continue;
+            };
+            total += 1;
+            self.counters
+                .update_one(
+                    doc! { "_id": recipient },
+                    doc! { "$inc": { "pending": -1_i64 } },
+                )
+                .await?;
+            self.usage.release(&[(m.sender.clone(), 1, m.bytes)]).await;
+            if let Some(meta) = Body::from_parts(m.kind, m.body).blob_meta() {
+                self.blobs.1.delete_one(doc! { "_id": &meta.key }).await?;
+                self.blobs.0.delete_many(doc! { "key": &meta.key }).await?;
+            }
+        }
+        Ok(total)
     }
 }
 

@@ -5,6 +5,14 @@
 //! share one commit. If any statement of a batch fails, the batch is rolled back and
 //! replayed one request per transaction, so one failure never fails its neighbours and
 //! no caller is told "stored" for a write that did not commit.
+//!
+//! Quotas: each message row carries the `bytes` it counts against quotas, and the
+//! `usage` table keeps per sender the messages and bytes waiting (the row with the empty
+//! name, which no user can have, holds the store's total). `enqueue` checks and updates
+//! them in its write transaction; acks and the expiry sweep give their share back in
+//! theirs, so the counts are exact across restarts and processes sharing the file.
+//! With `offline_ttl_secs > 0` a timer thread asks the store thread to sweep expired
+//! messages (and their blob files) every `sweep_every(ttl)`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -16,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::blob_files::BlobFiles;
 use super::{
     AccountChange, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError,
-    StoredMessage,
+    StoreLimits, StoredMessage, Usage,
 };
 use crate::config::StorageConfig;
 
@@ -28,7 +36,9 @@ const QUEUE: usize = 8192;
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// The schema `SCHEMA` creates, kept in SQLite's `user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
+/// The `usage` row that holds the store's total (no user name is empty).
+const TOTAL: &str = "";
 
 /// Messages live in a rowid table (bodies are appended, and only the small
 /// `message_order` index entries are placed by key): with `WITHOUT ROWID`, every key
@@ -47,7 +57,8 @@ CREATE TABLE IF NOT EXISTS message (
     client_id   TEXT,
     kind        INTEGER NOT NULL,
     body        TEXT NOT NULL,
-    accepted_at INTEGER NOT NULL
+    accepted_at INTEGER NOT NULL,
+    bytes       INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS message_order ON message (recipient, seq);
 CREATE TABLE IF NOT EXISTS client_id (
@@ -59,6 +70,11 @@ CREATE TABLE IF NOT EXISTS client_id (
     PRIMARY KEY (sender, client_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS client_id_age ON client_id (accepted_at);
+CREATE TABLE IF NOT EXISTS usage (
+    sender   TEXT PRIMARY KEY,
+    messages INTEGER NOT NULL,
+    bytes    INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS users (
     name          TEXT PRIMARY KEY,
     password_hash TEXT NOT NULL,
@@ -85,6 +101,25 @@ DROP TABLE message_v0;
 /// Version 2 remembers each client id's message fingerprint (`id_conflict`); entries from
 /// before have none and count as retries.
 const MIGRATE_1_TO_2: &str = "ALTER TABLE client_id ADD COLUMN fingerprint INTEGER;";
+
+/// Version 3 counts each message's bytes (text plus blob size) and keeps per-sender
+/// usage; both are computed from the messages already stored.
+const MIGRATE_2_TO_3_BEFORE: &str =
+    "ALTER TABLE message ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;";
+const MIGRATE_2_TO_3_AFTER: &str = "
+UPDATE message SET bytes = length(CAST(body AS BLOB))
+    + CASE WHEN kind = 2 THEN coalesce(json_extract(body, '$.size'), 0) ELSE 0 END;
+DELETE FROM usage;
+INSERT INTO usage (sender, messages, bytes)
+    SELECT sender, count(*), sum(bytes) FROM message GROUP BY sender;
+INSERT INTO usage (sender, messages, bytes)
+    SELECT '', count(*), coalesce(sum(bytes), 0) FROM message;
+";
+
+/// How often expired messages are looked for: a tenth of the TTL, within 1 s..60 s.
+fn sweep_every(ttl_ms: i64) -> Duration {
+    Duration::from_millis((ttl_ms / 10).clamp(1_000, 60_000) as u64)
+}
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -137,6 +172,12 @@ enum Request {
         limit: usize,
         reply: Reply<Vec<String>>,
     },
+    Usage {
+        sender: String,
+        reply: Reply<(Usage, u64)>,
+    },
+    /// Delete expired messages (from the timer thread; nobody waits for an answer).
+    Sweep,
 }
 
 /// Handle to the store thread. Dropping the last handle stops the thread.
@@ -147,6 +188,10 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(cfg: &StorageConfig, mailbox_max: u64) -> Result<SqliteStore, StoreError> {
+        Self::open_with(cfg, StoreLimits::mailbox_only(mailbox_max))
+    }
+
+    pub fn open_with(cfg: &StorageConfig, limits: StoreLimits) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", cfg.data_dir.display()))
         })?;
@@ -154,6 +199,14 @@ impl SqliteStore {
         let busy_timeout = Duration::from_millis(cfg.sqlite_busy_timeout_ms);
         let mut conn = open_connection(&path, &cfg.sqlite_synchronous, busy_timeout)?;
         prepare_schema(&mut conn, &path)?;
+        let offline_ttl_ms = (cfg.offline_ttl_secs as i64).saturating_mul(1000);
+        if offline_ttl_ms > 0 {
+            // The sweep's range scan; only paid for while a TTL is set.
+            conn.execute_batch("CREATE INDEX IF NOT EXISTS message_age ON message (accepted_at)")
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("cannot index {}: {e}", path.display()))
+                })?;
+        }
         let blobs = BlobFiles::open(&cfg.data_dir, cfg.sqlite_synchronous == "full")?;
         let swept = blobs.sweep(&referenced_blobs(&conn)?);
         if swept > 0 {
@@ -166,8 +219,9 @@ impl SqliteStore {
         let worker = Worker {
             conn,
             blobs: blobs.clone(),
-            mailbox_max,
+            limits,
             dedupe_window_ms: (cfg.dedupe_window_secs as i64).saturating_mul(1000),
+            offline_ttl_ms,
             last_prune: Instant::now() - PRUNE_EVERY,
         };
         // Checkpoints (copying the WAL into the database, with an fsync) run on a thread
@@ -186,6 +240,21 @@ impl SqliteStore {
                 drop(alive); // stops the checkpointer
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start store thread: {e}")))?;
+        if offline_ttl_ms > 0 {
+            // A weak handle: the timer never keeps the store alive.
+            let weak = tx.downgrade();
+            let every = sweep_every(offline_ttl_ms);
+            std::thread::Builder::new()
+                .name("pigeon-expiry".into())
+                .spawn(move || loop {
+                    std::thread::sleep(every);
+                    let Some(tx) = weak.upgrade() else { return };
+                    if tx.blocking_send(Request::Sweep).is_err() {
+                        return;
+                    }
+                })
+                .map_err(|e| StoreError::Unavailable(format!("cannot start expiry thread: {e}")))?;
+        }
         Ok(SqliteStore { tx, blobs })
     }
 
@@ -270,9 +339,33 @@ fn prepare_schema(conn: &mut Connection, path: &std::path::Path) -> Result<(), S
         tracing::info!(path = %path.display(), "adding message fingerprints (schema version 2)");
         tx.execute_batch(MIGRATE_1_TO_2).map_err(failed)?;
     }
+    let message_without_bytes = !moving_messages
+        && tx
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'message'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(failed)?
+            > 0
+        && tx
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('message') WHERE name = 'bytes'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(failed)?
+            == 0;
+    if message_without_bytes {
+        tx.execute_batch(MIGRATE_2_TO_3_BEFORE).map_err(failed)?;
+    }
     tx.execute_batch(SCHEMA).map_err(failed)?;
     if moving_messages {
         tx.execute_batch(MIGRATE_0_TO_1_AFTER).map_err(failed)?;
+    }
+    if version < 3 {
+        tracing::info!(path = %path.display(), "counting stored bytes per sender (schema version 3)");
+        tx.execute_batch(MIGRATE_2_TO_3_AFTER).map_err(failed)?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(failed)?;
@@ -419,6 +512,11 @@ impl Store for SqliteStore {
         self.call(|reply| Request::LegacyUsers { limit, reply })
             .await
     }
+
+    async fn usage(&self, sender: &str) -> Result<(Usage, u64), StoreError> {
+        let sender = sender.to_string();
+        self.call(|reply| Request::Usage { sender, reply }).await
+    }
 }
 
 /// Keys of the blobs the mailbox still refers to.
@@ -440,8 +538,9 @@ fn referenced_blobs(conn: &Connection) -> Result<std::collections::HashSet<Strin
 struct Worker {
     conn: Connection,
     blobs: BlobFiles,
-    mailbox_max: u64,
+    limits: StoreLimits,
     dedupe_window_ms: i64,
+    offline_ttl_ms: i64,
     last_prune: Instant,
 }
 
@@ -455,6 +554,7 @@ enum Answer {
     Hash(Result<Option<String>, StoreError>),
     Changes(Result<Vec<AccountChange>, StoreError>),
     Names(Result<Vec<String>, StoreError>),
+    Usage(Result<(Usage, u64), StoreError>),
 }
 
 impl Worker {
@@ -468,7 +568,15 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            self.run_batch(&mut batch);
+            let before = batch.len();
+            batch.retain(|r| !matches!(r, Request::Sweep));
+            let sweep = batch.len() < before;
+            if !batch.is_empty() {
+                self.run_batch(&mut batch);
+            }
+            if sweep {
+                self.sweep_expired();
+            }
             self.prune_if_due();
         }
     }
@@ -533,14 +641,69 @@ impl Worker {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| TxError::Begin(sql(e)))?;
-        let (answers, dead_blobs) =
-            run_requests(&tx, batch, self.mailbox_max, self.dedupe_window_ms)
-                .map_err(TxError::Statement)?;
+        let (answers, dead_blobs) = run_requests(&tx, batch, &self.limits, self.dedupe_window_ms)
+            .map_err(TxError::Statement)?;
         tx.commit().map_err(|e| TxError::Statement(sql(e)))?;
         for key in dead_blobs {
             self.blobs.remove(&key);
         }
         Ok(answers)
+    }
+
+    /// Deletes the messages older than the TTL, gives their mailbox slots and quota back,
+    /// and removes their blob files once that committed.
+    fn sweep_expired(&mut self) {
+        let cutoff = crate::now_ms().saturating_sub(self.offline_ttl_ms);
+        let swept = (|| -> Result<(usize, Vec<String>), StoreError> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(sql)?;
+            let per_recipient: Vec<(String, i64)> = tx
+                .prepare_cached(
+                    "SELECT recipient, count(*) FROM message WHERE accepted_at < ?1
+                     GROUP BY recipient",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect()
+                })
+                .map_err(sql)?;
+            if per_recipient.is_empty() {
+                return Ok((0, Vec::new()));
+            }
+            let freed = freed_usage(&tx, "accepted_at < ?1", params![cutoff])?;
+            let bodies: Vec<String> = tx
+                .prepare_cached("SELECT body FROM message WHERE accepted_at < ?1 AND kind = 2")
+                .and_then(|mut s| s.query_map(params![cutoff], |r| r.get(0))?.collect())
+                .map_err(sql)?;
+            let deleted = tx
+                .prepare_cached("DELETE FROM message WHERE accepted_at < ?1")
+                .and_then(|mut s| s.execute(params![cutoff]))
+                .map_err(sql)?;
+            for (recipient, n) in &per_recipient {
+                tx.prepare_cached("UPDATE mailbox SET pending = pending - ?2 WHERE recipient = ?1")
+                    .and_then(|mut s| s.execute(params![recipient, n]))
+                    .map_err(sql)?;
+            }
+            release_usage(&tx, &freed)?;
+            tx.commit().map_err(sql)?;
+            let keys = bodies
+                .into_iter()
+                .filter_map(|b| Body::Blob(b).blob_meta().map(|m| m.key))
+                .collect();
+            Ok((deleted, keys))
+        })();
+        match swept {
+            Ok((0, _)) => {}
+            Ok((n, keys)) => {
+                for key in &keys {
+                    self.blobs.remove(key);
+                }
+                tracing::info!(messages = n, blobs = keys.len(), "deleted expired messages");
+            }
+            Err(e) => tracing::warn!(error = %e, "deleting expired messages failed"),
+        }
     }
 
     fn prune_if_due(&mut self) {
@@ -570,7 +733,7 @@ impl Worker {
 fn run_requests(
     tx: &rusqlite::Transaction<'_>,
     batch: &[Request],
-    mailbox_max: u64,
+    limits: &StoreLimits,
     dedupe_window_ms: i64,
 ) -> Result<(Vec<Answer>, Vec<String>), StoreError> {
     let mut answers = Vec::with_capacity(batch.len());
@@ -580,11 +743,14 @@ fn run_requests(
             Request::Enqueue(msgs, _) => {
                 let mut each = Vec::with_capacity(msgs.len());
                 for msg in msgs {
-                    match enqueue(tx, msg, mailbox_max, dedupe_window_ms) {
-                        // A full mailbox or a reused id is an answer, not a failed
-                        // transaction.
+                    match enqueue(tx, msg, limits, dedupe_window_ms) {
+                        // A refusal is an answer, not a failed transaction.
                         Err(
-                            e @ (StoreError::MailboxFull { .. } | StoreError::IdConflict { .. }),
+                            e @ (StoreError::MailboxFull { .. }
+                            | StoreError::IdConflict { .. }
+                            | StoreError::NoSuchUser { .. }
+                            | StoreError::QuotaExceeded { .. }
+                            | StoreError::StoreFull { .. }),
                         ) => each.push(Err(e)),
                         other => each.push(Ok(other?)),
                     }
@@ -641,6 +807,12 @@ fn run_requests(
                 .prepare_cached("SELECT password_hash FROM users WHERE name = ?1")
                 .and_then(|mut s| s.query_row(params![user], |r| r.get(0)).optional())
                 .map_err(sql)?)),
+            Request::Usage { sender, .. } => {
+                let (mine, total) = (usage_of(tx, sender)?, usage_of(tx, TOTAL)?);
+                Answer::Usage(Ok((mine, total.bytes)))
+            }
+            // Taken out of every batch before it runs (`Worker::run`).
+            Request::Sweep => Answer::Unit(Ok(())),
         };
         answers.push(answer);
     }
@@ -693,6 +865,10 @@ fn answer_request(req: Request, answer: Answer) {
         (Request::GetHash { reply, .. }, Answer::Hash(a)) => {
             let _ = reply.send(a);
         }
+        (Request::Usage { reply, .. }, Answer::Usage(a)) => {
+            let _ = reply.send(a);
+        }
+        (Request::Sweep, _) => {}
         (req, _) => fail_request(req, StoreError::Backend("mismatched answer".into())),
     }
 }
@@ -725,6 +901,10 @@ fn fail_request(req: Request, e: StoreError) {
         Request::GetHash { reply, .. } => {
             let _ = reply.send(Err(e));
         }
+        Request::Usage { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Sweep => {}
     }
 }
 
@@ -825,12 +1005,79 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// What `sender` has waiting (`TOTAL`: the whole store).
+fn usage_of(tx: &rusqlite::Transaction<'_>, sender: &str) -> Result<Usage, StoreError> {
+    let row: Option<(i64, i64)> = tx
+        .prepare_cached("SELECT messages, bytes FROM usage WHERE sender = ?1")
+        .and_then(|mut s| {
+            s.query_row(params![sender], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(sql)?;
+    let (messages, bytes) = row.unwrap_or((0, 0));
+    Ok(Usage {
+        messages: messages.max(0) as u64,
+        bytes: bytes.max(0) as u64,
+    })
+}
+
+/// Adds `messages` and `bytes` (negative: gives back) to `sender`'s usage.
+fn add_usage(
+    tx: &rusqlite::Transaction<'_>,
+    sender: &str,
+    messages: i64,
+    bytes: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO usage (sender, messages, bytes) VALUES (?1, ?2, ?3)
+         ON CONFLICT (sender) DO UPDATE SET messages = messages + ?2, bytes = bytes + ?3",
+    )
+    .and_then(|mut s| s.execute(params![sender, messages, bytes]))
+    .map_err(sql)?;
+    Ok(())
+}
+
+/// Per sender, the messages and bytes of the rows `condition` selects (before they are
+/// deleted).
+fn freed_usage(
+    tx: &rusqlite::Transaction<'_>,
+    condition: &str,
+    args: impl rusqlite::Params,
+) -> Result<Vec<(String, i64, i64)>, StoreError> {
+    tx.prepare_cached(&format!(
+        "SELECT sender, count(*), sum(bytes) FROM message WHERE {condition} GROUP BY sender"
+    ))
+    .and_then(|mut s| {
+        s.query_map(args, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect()
+    })
+    .map_err(sql)
+}
+
+/// Gives `freed` back to its senders and to the store's total.
+fn release_usage(
+    tx: &rusqlite::Transaction<'_>,
+    freed: &[(String, i64, i64)],
+) -> Result<(), StoreError> {
+    let (mut messages, mut bytes) = (0, 0);
+    for (sender, m, b) in freed {
+        add_usage(tx, sender, -m, -b)?;
+        messages += m;
+        bytes += b;
+    }
+    if messages > 0 {
+        add_usage(tx, TOTAL, -messages, -bytes)?;
+    }
+    Ok(())
+}
+
 fn enqueue(
     tx: &rusqlite::Transaction<'_>,
     msg: &NewMessage,
-    mailbox_max: u64,
+    limits: &StoreLimits,
     dedupe_window_ms: i64,
 ) -> Result<Enqueued, StoreError> {
+    let mailbox_max = limits.mailbox_max;
     if let Some(id) = &msg.client_id {
         let seen: Option<(i64, Option<i64>)> = tx
             .prepare_cached(
@@ -858,12 +1105,31 @@ fn enqueue(
         })
         .map_err(sql)?;
     let (last_seq, held) = mailbox.unwrap_or((0, 0));
+    if limits.recipients_need_account {
+        // Every time, not only for a new mailbox: an account deleted since still has one.
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM users WHERE name = ?1")
+            .and_then(|mut s| s.exists(params![msg.recipient]))
+            .map_err(sql)?;
+        if !exists {
+            return Err(StoreError::NoSuchUser {
+                user: msg.recipient.clone(),
+            });
+        }
+    }
     if held as u64 >= mailbox_max {
         return Err(StoreError::MailboxFull {
             recipient: msg.recipient.clone(),
             limit: mailbox_max,
         });
     }
+    let bytes = msg.body.stored_bytes();
+    if limits.quotas() {
+        let (mine, total) = (usage_of(tx, &msg.sender)?, usage_of(tx, TOTAL)?);
+        limits.check(&msg.sender, mine, total.bytes, bytes)?;
+    }
+    add_usage(tx, &msg.sender, 1, to_i64(bytes))?;
+    add_usage(tx, TOTAL, 1, to_i64(bytes))?;
     // Inside the write transaction nobody else can move last_seq between the read above
     // and this write. (A plain UPDATE/INSERT: `RETURNING` costs a temporary table a row.)
     let seq = last_seq + 1;
@@ -876,8 +1142,8 @@ fn enqueue(
         .and_then(|mut s| s.execute(params![msg.recipient, seq]))
         .map_err(sql)?;
     tx.prepare_cached(
-        "INSERT INTO message (recipient, seq, sender, client_id, kind, body, accepted_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO message (recipient, seq, sender, client_id, kind, body, accepted_at, bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -887,7 +1153,8 @@ fn enqueue(
             msg.client_id,
             msg.body.kind(),
             msg.body.as_str(),
-            msg.accepted_at
+            msg.accepted_at,
+            to_i64(bytes)
         ])
     })
     .map_err(sql)?;
@@ -964,10 +1231,16 @@ fn ack(
             .into_iter()
             .filter_map(|b| Body::Blob(b).blob_meta().map(|m| m.key)),
     );
+    let freed = freed_usage(
+        tx,
+        "recipient = ?1 AND seq BETWEEN ?2 AND ?3",
+        params![recipient, to_i64(lo), to_i64(hi)],
+    )?;
     let deleted = tx
         .prepare_cached("DELETE FROM message WHERE recipient = ?1 AND seq BETWEEN ?2 AND ?3")
         .and_then(|mut s| s.execute(params![recipient, to_i64(lo), to_i64(hi)]))
         .map_err(sql)?;
+    release_usage(tx, &freed)?;
     if deleted > 0 {
         tx.prepare_cached("UPDATE mailbox SET pending = pending - ?2 WHERE recipient = ?1")
             .and_then(|mut s| s.execute(params![recipient, deleted as i64]))
