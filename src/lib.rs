@@ -7,7 +7,8 @@
 //! `transfer` (incoming blobs), `cluster` (nodes through Redis), and `echo` (a test-only
 //! WebSocket echo for conformance tests). Security: `auth` (passwords, tokens), `token`,
 //! `api` (`/api/login`, `/api/register`), `accounts` (`pigeon user ...`), `limits` (rate,
-//! throttles, caps) and `tls`.
+//! throttles, caps) and `tls`. `wire` counts a connection's bytes and asks the kernel
+//! how many the client's TCP acknowledged.
 
 pub mod accounts;
 pub mod api;
@@ -29,6 +30,7 @@ pub mod store;
 pub mod tls;
 pub mod token;
 pub mod transfer;
+pub mod wire;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {
