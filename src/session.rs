@@ -65,6 +65,9 @@ const ACK_POLL_MAX: Duration = Duration::from_millis(100);
 /// ...or after each write batch while this many wait, whichever comes first (and when the
 /// session ends). One `SIOCOUTQ` call per check, never one per message.
 const ACK_BATCH: u64 = 64;
+/// How long a legacy session's end waits for the client's TCP to acknowledge the last
+/// messages written (see `settle`), before a session taking over may start.
+const ACK_SETTLE: Duration = Duration::from_millis(250);
 /// After the server's close frame, how long the socket is still read (and the bytes
 /// dropped) while waiting for the client's close frame. Closing a socket with unread
 /// bytes makes the kernel send a reset, and a reset discards what the client had not
@@ -196,7 +199,7 @@ pub async fn run<S>(
     let abort = writer.abort_handle();
     let waited = tokio::time::timeout(grace, writer);
     tokio::pin!(waited);
-    let tcp_acks = loop {
+    let mut tcp_acks = loop {
         tokio::select! {
             done = &mut waited => match done {
                 Ok(Ok(acks)) => break Some(acks),
@@ -210,6 +213,16 @@ pub async fn run<S>(
             frame = stream.next(), if !drain.done => drain.saw(frame),
         }
     };
+    // Before the session counts as done (a session taking over starts then, with what is
+    // still in the mailbox), give the client's TCP a moment to acknowledge what was
+    // written last, or the next session would send it again.
+    if let (Some(acks), Some(user)) = (tcp_acks.as_mut(), &reader.user) {
+        let mut until = Instant::now() + ACK_SETTLE;
+        if let Some(end) = shutdown_end {
+            until = until.min(end);
+        }
+        settle(acks, &app, &shared, user, &mut stream, &mut drain, until).await;
+    }
     if let Some(user) = &reader.user {
         app.router.unregister(user, reader.generation);
         if let Some(c) = &app.cluster {
@@ -235,6 +248,37 @@ pub async fn run<S>(
 /// goodbye and linger: within `server.shutdown_grace_secs`, leaving room to exit.
 fn shutdown_linger(app: &App) -> Duration {
     Duration::from_secs(app.config.server.shutdown_grace_secs).mul_f64(0.8)
+}
+
+/// Records what the client's TCP acknowledged of the legacy messages written last,
+/// asking the kernel again (1 ms, doubling to 20 ms) until nothing waits or `until`;
+/// reads and drops the client's frames meanwhile.
+async fn settle<S>(
+    acks: &mut TcpAcks,
+    app: &App,
+    shared: &SessionShared,
+    user: &str,
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    drain: &mut Drain,
+    until: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let ranges = acks.take_confirmed();
+        if !ranges.is_empty() && !record_tcp_acks(app, shared, user, &ranges).await {
+            acks.restore(&ranges);
+            return;
+        }
+        if acks.in_flight.is_empty() || Instant::now() >= until {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => pause = (pause * 2).min(Duration::from_millis(20)),
+            frame = stream.next(), if !drain.done => drain.saw(frame),
+        }
+    }
 }
 
 /// The client's frames read after the session stopped listening to them.

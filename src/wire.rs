@@ -55,11 +55,11 @@ fn unacked_bytes(fd: RawFd) -> Option<u64> {
     Some(n as u64)
 }
 
-/// Elsewhere the kernel is not asked: nothing is ever counted as acknowledged, so the
-/// legacy dialects' messages stay in the mailbox until a later session (repeats, no loss).
+/// Elsewhere the kernel is not asked: everything handed to it counts as acknowledged
+/// (a flushed legacy message counts as received, as before `SIOCOUTQ` was used).
 #[cfg(not(target_os = "linux"))]
 fn unacked_bytes(_fd: RawFd) -> Option<u64> {
-    None
+    Some(0)
 }
 
 /// A stream that counts the bytes it writes into `Wire`.

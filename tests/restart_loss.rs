@@ -7,6 +7,10 @@
 //! both connections; repeats are counted and printed (allowed: a message her TCP had not
 //! acknowledged when the first session ended is still in the mailbox).
 //!
+//! A take-over variant (no restart) has a second login of rita take over while the first
+//! client is still reading slowly; that client sends its frame after the server's close
+//! linger is over, so it meets a closed socket.
+//!
 //! The hash and seed-JSON dialects cannot acknowledge: a message counts as received once
 //! the client's TCP acknowledged its bytes (docs/PROTOCOL.md, "Delivery model").
 mod common;
@@ -36,6 +40,9 @@ enum Dialect {
 enum Stop {
     Term,
     Kill9,
+    /// No restart: a second login of rita takes over; the first client sends its frame
+    /// after the server's linger (2 s) is over, when its socket is closed.
+    Takeover,
 }
 
 fn body(i: usize) -> String {
@@ -198,14 +205,11 @@ async fn first_connection(
     }
 }
 
-/// The second connection, after the restart: reads everything there is.
-async fn second_connection(
-    base: &str,
-    dialect: Dialect,
-    seen: &mut Seen,
-    distinct: &mut HashSet<String>,
-) {
-    let mut c = connect(base, dialect).await;
+/// The second connection (after the restart, or taking over): reads everything there is
+/// until nothing came for 2 s (Pigeon JSON: until `synced`).
+async fn second_connection(base: String, dialect: Dialect) -> Seen {
+    let mut seen = Seen::default();
+    let mut c = connect(&base, dialect).await;
     loop {
         let next = tokio::time::timeout(Duration::from_secs(2), c.next_or_close()).await;
         let t = match next {
@@ -217,16 +221,10 @@ async fn second_connection(
         if dialect == Dialect::Pigeon && t.contains(r#""type":"synced""#) {
             break;
         }
-        let before = seen.bodies.len();
         seen.take(dialect, &mut c, &t).await;
-        if seen.bodies.len() > before {
-            distinct.insert(seen.bodies[before].clone());
-            if distinct.len() == MESSAGES {
-                break;
-            }
-        }
     }
     c.close().await;
+    seen
 }
 
 /// Runs the scenario; returns (lost, repeats, close code of the first connection).
@@ -251,7 +249,13 @@ async fn scenario(dialect: Dialect, stop: Stop) -> (usize, usize, u16) {
         .await
         .expect("rita did not get 1,000 messages in time")
         .unwrap();
+    let mut second = None;
     let srv = match stop {
+        Stop::Takeover => {
+            second = Some(tokio::spawn(second_connection(base.clone(), dialect)));
+            let _ = stopped_tx.send(Instant::now() + Duration::from_millis(2_500));
+            srv
+        }
         Stop::Term => {
             let pid = srv.pid().to_string();
             std::process::Command::new("kill")
@@ -278,19 +282,24 @@ async fn scenario(dialect: Dialect, stop: Stop) -> (usize, usize, u16) {
         .await
         .expect("the first connection did not end")
         .unwrap();
-    drop(srv);
     let first_count = seen.bodies.len();
-
-    let _srv = ServerProcess::spawn(dir.path(), port, &ENV).await;
-    let mut distinct: HashSet<String> = seen.bodies.iter().cloned().collect();
-    second_connection(&base, dialect, &mut seen, &mut distinct).await;
+    let later = match second {
+        Some(taking_over) => taking_over.await.unwrap(),
+        None => {
+            drop(srv);
+            let _srv = ServerProcess::spawn(dir.path(), port, &ENV).await;
+            second_connection(base.clone(), dialect).await
+        }
+    };
+    seen.bodies.extend(later.bodies);
+    let distinct: HashSet<String> = seen.bodies.iter().cloned().collect();
     let lost: Vec<usize> = (0..MESSAGES)
         .filter(|i| !distinct.contains(&body(*i)))
         .collect();
     let repeats = seen.bodies.len() - distinct.len();
     eprintln!(
         "{dialect:?} {stop:?}: filled in {filled:?}; first connection {first_count} messages, \
-         close {close}; after the restart {} more; lost {}, repeats {repeats}; {:?} in all",
+         close {close}; then {} more; lost {}, repeats {repeats}; {:?} in all",
         seen.bodies.len() - first_count,
         lost.len(),
         started.elapsed()
@@ -341,4 +350,87 @@ async fn seed_json_client_loses_nothing_on_kill9() {
 async fn pigeon_client_loses_nothing_on_kill9() {
     let (lost, _, _) = scenario(Dialect::Pigeon, Stop::Kill9).await;
     assert_eq!(lost, 0, "messages lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_client_loses_nothing_on_takeover() {
+    let (lost, _, _) = scenario(Dialect::Hash, Stop::Takeover).await;
+    assert_eq!(lost, 0, "messages lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_json_client_loses_nothing_on_takeover() {
+    let (lost, _, _) = scenario(Dialect::Seed, Stop::Takeover).await;
+    assert_eq!(lost, 0, "messages lost");
+}
+
+/// Over TLS the bytes TCP acknowledges are TLS records: the count sits beneath TLS, so a
+/// seed-JSON client that read its messages and closed has them recorded as received (its
+/// next login gets nothing), just as on a plain socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_legacy_messages_read_are_recorded() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let mut cfg = common::test_config(&dir.path().join("data"));
+    cfg.tls.cert = cert_path.to_string_lossy().into_owned();
+    cfg.tls.key = key_path.to_string_lossy().into_owned();
+    let srv = common::TestServer::start(cfg).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let connect = |path: &'static str| {
+        let connector = connector.clone();
+        let addr = srv.addr;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = connector.connect(name, tcp).await.unwrap();
+            let url = format!("wss://localhost:{}{path}", addr.port());
+            tokio_tungstenite::client_async(url, tls).await.unwrap().0
+        }
+    };
+    let text = |m: Option<Result<Message, _>>| match m {
+        Some(Ok(Message::Text(t))) => Some(t.to_string()),
+        _ => None,
+    };
+    let n = 300;
+    let mut sam = connect("/ws?user=sam").await;
+    for i in 0..n {
+        let f = json!({"type":"send","id":format!("s{i}"),"to":"tess","body":body(i)});
+        sam.send(Message::text(f.to_string())).await.unwrap();
+        loop {
+            let t = text(tokio::time::timeout(TIMEOUT, sam.next()).await.unwrap()).unwrap();
+            if t.contains(r#""type":"sent""#) {
+                break;
+            }
+        }
+    }
+    let mut tess = connect("/ws/tess").await;
+    let mut got = 0;
+    while got < n {
+        let t = text(tokio::time::timeout(TIMEOUT, tess.next()).await.unwrap()).unwrap();
+        if t.contains(r#""from_user":"sam""#) {
+            got += 1;
+        }
+    }
+    tess.close(None).await.unwrap();
+    while tess.next().await.is_some() {}
+    let mut again = connect("/ws/tess").await;
+    let more = tokio::time::timeout(Duration::from_millis(700), again.next()).await;
+    assert!(
+        more.is_err(),
+        "a message read over TLS came again: {more:?}"
+    );
+    srv.stop().await;
 }
