@@ -30,6 +30,7 @@ use crate::app::App;
 use crate::escape::{Escaped, EscapedOpt};
 use crate::protocol::{canonical_username, Dialect, ErrorCode, ProtocolError};
 use crate::session::{self, Greeting, CLOSE_AUTH};
+use crate::wire::Wire;
 
 /// What the HTTP handlers need besides the shared `App`.
 pub struct Ctx {
@@ -182,7 +183,7 @@ async fn upgrade_echo(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
     let limits = &ctx.app.config.limits;
     let queue = limits.session_queue;
     let write_timeout = Duration::from_secs(limits.write_timeout_secs);
-    handshake(ctx, req, move |ws, ctx, _peer| {
+    handshake(ctx, req, move |ws, ctx, _peer, _wire| {
         crate::echo::run(ws, queue, write_timeout, ctx.shutdown.clone())
     })
 }
@@ -202,8 +203,16 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
 
 /// Completes the RFC 6455 handshake and hands the socket to a session task.
 fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, req: Request) -> Response {
-    handshake(ctx, req, move |ws, ctx, peer| async move {
-        session::run(ws, ctx.app.clone(), greeting, peer, ctx.shutdown.clone()).await
+    handshake(ctx, req, move |ws, ctx, peer, wire| async move {
+        session::run(
+            ws,
+            ctx.app.clone(),
+            greeting,
+            peer,
+            wire,
+            ctx.shutdown.clone(),
+        )
+        .await
     })
 }
 
@@ -212,9 +221,11 @@ type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Checks the upgrade request, answers 101 and runs `serve` on the upgraded socket (with
 /// the server's tungstenite settings) in a tracked task that holds the connection permit.
+/// `serve` also gets the client's address and the connection's byte count (`Wire`, put
+/// into the request by `server::connection`).
 fn handshake<F, Fut>(ctx: Arc<Ctx>, mut req: Request, serve: F) -> Response
 where
-    F: FnOnce(Ws, Arc<Ctx>, Option<IpAddr>) -> Fut + Send + 'static,
+    F: FnOnce(Ws, Arc<Ctx>, Option<IpAddr>, Option<Arc<Wire>>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let headers = req.headers();
@@ -265,6 +276,7 @@ where
     }
     let guard = req.extensions().get::<ConnGuard>().cloned();
     let peer = peer_ip(&req);
+    let wire = req.extensions().get::<Arc<Wire>>().cloned();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_ctx = ctx.clone();
     ctx.tracker.spawn(async move {
@@ -281,7 +293,7 @@ where
             Some(task_ctx.ws_config),
         )
         .await;
-        serve(ws, task_ctx, peer).await;
+        serve(ws, task_ctx, peer, wire).await;
         drop(guard);
     });
     let mut res = Response::new(Body::empty());

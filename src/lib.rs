@@ -8,7 +8,8 @@
 //! WebSocket echo for conformance tests). Security: `auth` (passwords, tokens), `token`,
 //! `api` (`/api/login`, `/api/register`), `accounts` (`pigeon user ...`), `revoke` (ending
 //! sessions whose account changed), `limits` (rate, throttles, caps, the hashing pool),
-//! `escape` (client bytes in the log) and `tls`.
+//! `escape` (client bytes in the log) and `tls`. `wire` counts a connection's bytes and
+//! asks the kernel how many the client's TCP acknowledged.
 
 pub mod accounts;
 pub mod api;
@@ -32,6 +33,7 @@ pub mod store;
 pub mod tls;
 pub mod token;
 pub mod transfer;
+pub mod wire;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {

@@ -30,6 +30,7 @@ use crate::metrics::{dec, inc};
 use crate::router::Router;
 use crate::store::{self, StoreError};
 use crate::tls::{self, TlsError};
+use crate::wire::{Counted, Wire};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -198,11 +199,17 @@ async fn serve(
         let header_timeout = Duration::from_secs(app.config.server.header_timeout_secs);
         tracker.spawn(async move {
             let _ = socket.set_nodelay(true);
+            // Counted beneath TLS: the bytes counted are the ones TCP acknowledges.
+            let socket = Counted::new(socket);
+            let conn = Conn {
+                peer,
+                wire: socket.wire(),
+            };
             match tls {
                 None => {
                     connection(
                         socket,
-                        peer,
+                        conn,
                         permit,
                         routes,
                         over_cap,
@@ -213,7 +220,7 @@ async fn serve(
                 }
                 Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(socket)).await {
                     Ok(Ok(s)) => {
-                        connection(s, peer, permit, routes, over_cap, header_timeout, shutdown)
+                        connection(s, conn, permit, routes, over_cap, header_timeout, shutdown)
                             .await
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -269,9 +276,15 @@ fn too_many_connections() -> axum::response::Response {
         .into_response()
 }
 
+/// Who is at the other end of an accepted socket, and its byte count.
+struct Conn {
+    peer: SocketAddr,
+    wire: Arc<Wire>,
+}
+
 async fn connection<S>(
     socket: S,
-    peer: SocketAddr,
+    conn: Conn,
     permit: Permit,
     routes: axum::Router,
     over_cap: bool,
@@ -280,9 +293,12 @@ async fn connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Conn { peer, wire } = conn;
     let guard = ConnGuard(Arc::new(permit));
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(guard.clone());
+        // For the WebSocket session this connection may become (`http::handshake`).
+        req.extensions_mut().insert(wire.clone());
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(peer));
         let routes = routes.clone();

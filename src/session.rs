@@ -13,6 +13,7 @@
 //! identifies only a session whose token (in the URL) names its sender. Abuse limits
 //! live here too: the frame rate bucket, the login timeout, and take-over damping.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use crate::ranges::SeqRanges;
 use crate::router::{BlobChunk, Outgoing, SessionHandle, SessionShared, Start, StopReason};
 use crate::store::{BlobMeta, Body, Enqueued, NewMessage, StoreError, StoredMessage};
 use crate::transfer::{new_blob_key, ChunkOutcome, Transfers};
+use crate::wire::Wire;
 use bytes::Bytes;
 use std::collections::HashMap;
 
@@ -57,10 +59,16 @@ pub const CLOSE_LOGIN_TIMEOUT: u16 = 4010;
 const WRITE_BATCH: usize = 256;
 /// Sends read off the socket before they are stored together.
 const READ_BATCH: usize = 64;
-/// Legacy sessions record written messages as received after this much quiet...
+/// Legacy sessions ask the kernel which written messages the client's TCP acknowledged
+/// after this much quiet (doubling, up to `ACK_POLL_MAX`, while nothing new was)...
 const ACK_DELAY: Duration = Duration::from_millis(5);
-/// ...or after this many, whichever comes first (and always when the session ends).
+const ACK_POLL_MAX: Duration = Duration::from_millis(100);
+/// ...or after each write batch while this many wait, whichever comes first (and when the
+/// session ends). One `SIOCOUTQ` call per check, never one per message.
 const ACK_BATCH: u64 = 64;
+/// How long a legacy session's end waits for the client's TCP to acknowledge the last
+/// messages written (see `settle`), before a session taking over may start.
+const ACK_SETTLE: Duration = Duration::from_millis(250);
 /// After the server's close frame, how long the socket is still read (and the bytes
 /// dropped) while waiting for the client's close frame. Closing a socket with unread
 /// bytes makes the kernel send a reset, and a reset discards what the client had not
@@ -101,12 +109,15 @@ pub enum Greeting {
     },
 }
 
-/// Runs the session to its end.
+/// Runs the session to its end. `wire` counts the connection's bytes (legacy dialects:
+/// a message counts as received once the client's TCP acknowledged its bytes; without a
+/// `wire` none ever does, and they stay in the mailbox).
 pub async fn run<S>(
     ws: WebSocketStream<S>,
     app: Arc<App>,
     greeting: Greeting,
     peer: Option<IpAddr>,
+    wire: Option<Arc<Wire>>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -125,6 +136,9 @@ pub async fn run<S>(
         written: SeqRanges::default(),
         unflushed: false,
         unacked_writes: 0,
+        tcp_acks: TcpAcks::new(wire),
+        ack_wait: ACK_DELAY,
+        cut: shared.stop_signal(),
         unfinished_handover: None,
         live_blobs: HashMap::new(),
         next_stream: 0,
@@ -190,14 +204,46 @@ pub async fn run<S>(
     }
     reader.transfers.abort_all("sender_gone").await;
     shared.stop(StopReason::Closed);
+    let shutdown_end = match *shutdown.borrow() {
+        true => Some(Instant::now() + shutdown_linger(&app)),
+        false => None,
+    };
 
-    // The writer says goodbye (kick notice, close frame) and records its acks.
-    // Room for its goodbye plus a hand-over it may still be waiting for.
-    let grace = Duration::from_millis(app.config.server.takeover_wait_ms.saturating_mul(3));
+    // The writer says goodbye (kick notice, close frame) and records its acks; meanwhile
+    // what the client still sends is read and dropped, so that nothing unread is left in
+    // the socket (closing it then would make the kernel reset the connection). Room for
+    // its goodbye plus a hand-over it may still be waiting for.
+    let mut drain = Drain::default();
+    let mut grace = Duration::from_millis(app.config.server.takeover_wait_ms.saturating_mul(3));
+    if let Some(end) = shutdown_end {
+        grace = grace.min(end.saturating_duration_since(Instant::now()));
+    }
     let abort = writer.abort_handle();
-    if tokio::time::timeout(grace, writer).await.is_err() {
-        tracing::debug!(user = ?reader.user, "writer did not finish in time; aborting it");
-        abort.abort();
+    let waited = tokio::time::timeout(grace, writer);
+    tokio::pin!(waited);
+    let mut tcp_acks = loop {
+        tokio::select! {
+            done = &mut waited => match done {
+                Ok(Ok(acks)) => break Some(acks),
+                Ok(Err(_)) => break None,
+                Err(_) => {
+                    tracing::debug!(user = ?reader.user, "writer did not finish in time; aborting it");
+                    abort.abort();
+                    break None;
+                }
+            },
+            frame = stream.next(), if !drain.done => drain.saw(frame),
+        }
+    };
+    // Before the session counts as done (a session taking over starts then, with what is
+    // still in the mailbox), give the client's TCP a moment to acknowledge what was
+    // written last, or the next session would send it again.
+    if let (Some(acks), Some(user)) = (tcp_acks.as_mut(), &reader.user) {
+        let mut until = Instant::now() + ACK_SETTLE;
+        if let Some(end) = shutdown_end {
+            until = until.min(end);
+        }
+        settle(acks, &app, &shared, user, &mut stream, &mut drain, until).await;
     }
     if let Some(user) = &reader.user {
         app.router.unregister(user, reader.generation);
@@ -207,25 +253,87 @@ pub async fn run<S>(
     }
     shared.mark_done();
     dec(&app.metrics.sessions_open);
-    linger(&mut stream, &mut shutdown).await;
+    let mut linger_end = Instant::now() + CLOSE_LINGER;
+    if let Some(end) = shutdown_end {
+        linger_end = linger_end.min(end);
+    }
+    linger(&mut stream, &mut drain, linger_end).await;
+    // What the client's TCP acknowledged while the goodbye and the linger went on counts
+    // too (the socket is still open: `stream` holds it).
+    if let (Some(mut acks), Some(user)) = (tcp_acks, &reader.user) {
+        let ranges = acks.take_confirmed();
+        record_tcp_acks(&app, &shared, user, &ranges).await;
+    }
 }
 
-/// Reads and drops whatever the client still sends until its close frame (or the end of
-/// the socket, `CLOSE_LINGER` or `CLOSE_LINGER_FRAMES`, or the server shutting down), so
-/// that the socket closes without a reset.
-async fn linger<S>(
+/// How long a session may still take, after the server was asked to shut down, for its
+/// goodbye and linger: within `server.shutdown_grace_secs`, leaving room to exit.
+fn shutdown_linger(app: &App) -> Duration {
+    Duration::from_secs(app.config.server.shutdown_grace_secs).mul_f64(0.8)
+}
+
+/// Records what the client's TCP acknowledged of the legacy messages written last,
+/// asking the kernel again (1 ms, doubling to 20 ms) until nothing waits or `until`;
+/// reads and drops the client's frames meanwhile.
+async fn settle<S>(
+    acks: &mut TcpAcks,
+    app: &App,
+    shared: &SessionShared,
+    user: &str,
     stream: &mut SplitStream<WebSocketStream<S>>,
-    shutdown: &mut watch::Receiver<bool>,
+    drain: &mut Drain,
+    until: Instant,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let deadline = tokio::time::sleep(CLOSE_LINGER);
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let ranges = acks.take_confirmed();
+        if !ranges.is_empty() && !record_tcp_acks(app, shared, user, &ranges).await {
+            acks.restore(&ranges);
+            return;
+        }
+        if acks.in_flight.is_empty() || Instant::now() >= until {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => pause = (pause * 2).min(Duration::from_millis(20)),
+            frame = stream.next(), if !drain.done => drain.saw(frame),
+        }
+    }
+}
+
+/// The client's frames read after the session stopped listening to them.
+#[derive(Default)]
+struct Drain {
+    frames: usize,
+    /// The client closed (or the socket ended, or it kept flooding): stop reading.
+    done: bool,
+}
+
+impl Drain {
+    fn saw(&mut self, frame: Option<Result<Message, tungstenite::Error>>) {
+        self.frames += 1;
+        // After the client's close frame the next read completes the handshake and ends.
+        if !matches!(frame, Some(Ok(_))) || self.frames >= CLOSE_LINGER_FRAMES {
+            self.done = true;
+        }
+    }
+}
+
+/// Reads and drops whatever the client still sends until its close frame (or the end of
+/// the socket, `CLOSE_LINGER_FRAMES` frames in all, or `until`), so that the socket
+/// closes without a reset.
+async fn linger<S>(stream: &mut SplitStream<WebSocketStream<S>>, drain: &mut Drain, until: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::sleep_until(until.into());
     tokio::pin!(deadline);
-    for _ in 0..CLOSE_LINGER_FRAMES {
+    while !drain.done {
         tokio::select! {
             _ = &mut deadline => return,
-            _ = crate::server::shutdown_requested(shutdown) => return,
-            frame = stream.next() => if !matches!(frame, Some(Ok(_))) { return },
+            frame = stream.next() => drain.saw(frame),
         }
     }
 }
@@ -1044,6 +1152,16 @@ fn guess_dialect(text: &str) -> Dialect {
     }
 }
 
+/// Completes once the session is replaced or the server shuts down.
+async fn cut_short(stop: &mut watch::Receiver<Option<StopReason>>) {
+    let cut =
+        |r: &Option<StopReason>| matches!(r, Some(StopReason::Replaced | StopReason::Shutdown));
+    if stop.wait_for(cut).await.is_err() {
+        // The session's state is gone: nothing will ever cut.
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Waiting for the session(s) a login replaced to finish.
 type Handover = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>;
 
@@ -1061,6 +1179,116 @@ enum Exit {
     Broken,
     /// A close frame was sent.
     Closed,
+    /// A write waiting for the socket was given up: the session was replaced or the
+    /// server is shutting down (what was queued stays in the mailbox; the goodbye follows).
+    Cut,
+}
+
+/// Legacy dialects: messages written to the socket that the client's TCP has not
+/// acknowledged yet. After each flush the connection's byte count (`Wire::written`) marks
+/// the end of everything written before it; once the client's TCP acknowledged that many
+/// bytes (`Wire::acked`) those messages count as received. Without a `Wire` none does.
+struct TcpAcks {
+    wire: Option<Arc<Wire>>,
+    /// Written since the last flush.
+    unflushed: SeqRanges,
+    /// Flushed, oldest first: the byte count after the flush, and what it carried.
+    in_flight: VecDeque<(u64, SeqRanges)>,
+    /// Acknowledged by the client's TCP but not recorded yet (the store failed).
+    confirmed: SeqRanges,
+}
+
+impl TcpAcks {
+    fn new(wire: Option<Arc<Wire>>) -> TcpAcks {
+        TcpAcks {
+            wire,
+            unflushed: SeqRanges::default(),
+            in_flight: VecDeque::new(),
+            confirmed: SeqRanges::default(),
+        }
+    }
+
+    /// Everything written so far is in the kernel now.
+    fn flushed(&mut self) {
+        if self.unflushed.is_empty() {
+            return;
+        }
+        let seqs = std::mem::take(&mut self.unflushed);
+        let mark = self.wire.as_ref().map_or(u64::MAX, |w| w.written());
+        match self.in_flight.back_mut() {
+            // Nothing acknowledged it yet; one mark for both (keeps the queue short).
+            Some((last, prev)) if *last == mark => add_all(prev, seqs),
+            _ => self.in_flight.push_back((mark, seqs)),
+        }
+    }
+
+    /// Something is waiting for the client's TCP or for the store.
+    fn pending(&self) -> bool {
+        !self.in_flight.is_empty() || !self.confirmed.is_empty()
+    }
+
+    /// The seqs whose bytes the client's TCP has acknowledged (one `SIOCOUTQ` call).
+    fn take_confirmed(&mut self) -> Vec<(u64, u64)> {
+        if let Some(acked) = self
+            .wire
+            .as_ref()
+            .filter(|_| !self.in_flight.is_empty())
+            .and_then(|w| w.acked())
+        {
+            while self
+                .in_flight
+                .front()
+                .is_some_and(|(mark, _)| *mark <= acked)
+            {
+                if let Some((_, seqs)) = self.in_flight.pop_front() {
+                    add_all(&mut self.confirmed, seqs);
+                }
+            }
+        }
+        self.confirmed.take_upto(u64::MAX)
+    }
+
+    /// Puts back confirmed seqs the store could not record.
+    fn restore(&mut self, ranges: &[(u64, u64)]) {
+        for &(lo, hi) in ranges {
+            for seq in lo..=hi {
+                self.confirmed.insert(seq);
+            }
+        }
+    }
+}
+
+fn add_all(into: &mut SeqRanges, from: SeqRanges) {
+    let mut from = from;
+    for (lo, hi) in from.take_upto(u64::MAX) {
+        for seq in lo..=hi {
+            into.insert(seq);
+        }
+    }
+}
+
+/// Records legacy messages as received (`ranges`, confirmed by the client's TCP) and
+/// sends the receipts; `false` when the store failed.
+async fn record_tcp_acks(
+    app: &App,
+    shared: &SessionShared,
+    user: &str,
+    ranges: &[(u64, u64)],
+) -> bool {
+    let Some(&(_, highest)) = ranges.last() else {
+        return true;
+    };
+    match app.store.ack_ranges(user, ranges).await {
+        Ok(_) => {
+            app.router.receipts(user, shared, highest);
+            true
+        }
+        Err(e) => {
+            inc(&app.metrics.store_errors);
+            tracing::warn!(%user, error = %e, "ack on write failed; will retry");
+            false
+        }
+    }
 }
 
 struct Writer<S> {
@@ -1076,8 +1304,15 @@ struct Writer<S> {
     written: SeqRanges,
     /// Something was written since the last flush.
     unflushed: bool,
-    /// Messages written since the last acknowledgement on write (legacy dialects).
+    /// Messages written and not recorded as received yet (legacy dialects).
     unacked_writes: u64,
+    /// Legacy dialects: written messages waiting for the client's TCP to acknowledge them.
+    tcp_acks: TcpAcks,
+    /// Current pause before asking the kernel again (`ACK_DELAY` .. `ACK_POLL_MAX`).
+    ack_wait: Duration,
+    /// Fires when the session is replaced or the server shuts down: writes waiting for a
+    /// slow client give up, so the goodbye can go out.
+    cut: watch::Receiver<Option<StopReason>>,
     /// The wait for a replaced session, cut short because this one was replaced too.
     unfinished_handover: Option<Handover>,
     /// Blobs arriving live, by key, with the stream number this client sees them on.
@@ -1090,12 +1325,19 @@ impl<S> Writer<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    /// Serves until the session stops; returns the legacy messages still waiting for the
+    /// client's TCP, for one last look after the linger.
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Outgoing>,
         mut stop: watch::Receiver<Option<StopReason>>,
-    ) {
-        let end = self.serve(&mut rx, &mut stop).await;
+    ) -> TcpAcks {
+        let end = match self.serve(&mut rx, &mut stop).await {
+            // Queued deliveries are dropped (they are in the mailbox): the goodbye goes now.
+            Err(Exit::Cut) => Ok(()),
+            end => end,
+        };
+        drop(rx);
         if end.is_err() {
             // The socket is gone or stopped taking bytes (write timeout): end the reader
             // too, or a client that never reads or sends would keep its session, socket
@@ -1109,19 +1351,24 @@ where
             }
             let _ = match reason {
                 Some(StopReason::Replaced) => {
-                    match self.write_event(&Event::Kicked(KickReason::Replaced)).await {
-                        Ok(()) => self.close(CLOSE_REPLACED, "session_replaced").await,
-                        Err(e) => Err(e),
-                    }
+                    let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
+                    self.goodbye(
+                        Some(KickReason::Replaced),
+                        CLOSE_REPLACED,
+                        "session_replaced",
+                        wait,
+                    )
+                    .await
                 }
                 Some(StopReason::Revoked(reason)) => {
-                    match self.write_event(&Event::Kicked(reason)).await {
-                        Ok(()) => self.close(CLOSE_AUTH, reason.as_str()).await,
-                        Err(e) => Err(e),
-                    }
+                    let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
+                    self.goodbye(Some(reason), CLOSE_AUTH, reason.as_str(), wait)
+                        .await
                 }
                 Some(StopReason::Shutdown) => {
-                    self.close(CLOSE_GOING_AWAY, "server shutting down").await
+                    let wait = shutdown_linger(&self.app) / 2;
+                    self.goodbye(None, CLOSE_GOING_AWAY, "server shutting down", wait)
+                        .await
                 }
                 Some(StopReason::Closed) | None => self.flush().await,
             };
@@ -1129,6 +1376,45 @@ where
         self.ack_written().await;
         if let Some(handover) = self.unfinished_handover.take() {
             handover.await;
+        }
+        self.tcp_acks
+    }
+
+    /// The last frames of a replaced or shut down session: the kick notice (`kicked`) and
+    /// the close frame, written even when the client is slow (after what tungstenite
+    /// still buffers), for at most `wait`.
+    async fn goodbye(
+        &mut self,
+        kicked: Option<KickReason>,
+        code: u16,
+        reason: &'static str,
+        wait: Duration,
+    ) -> Result<(), Exit> {
+        let mut frames = Vec::with_capacity(3);
+        if let Some(why) = kicked {
+            protocol::format(self.dialect, &Event::Kicked(why), |f| {
+                frames.push(Message::text(f))
+            });
+        }
+        frames.push(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        })));
+        let sink = &mut self.sink;
+        let sent = tokio::time::timeout(wait.min(self.write_timeout), async move {
+            for f in frames {
+                sink.feed(f).await?;
+            }
+            sink.flush().await
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {
+                self.unflushed = false;
+                self.tcp_acks.flushed();
+                Ok(())
+            }
+            _ => Err(Exit::Broken),
         }
     }
 
@@ -1152,10 +1438,13 @@ where
                     return Ok(());
                 }
                 out = rx.recv() => out,
-                // Legacy dialects: record what was written once things are quiet, rather
-                // than one store round trip per flush.
-                _ = tokio::time::sleep(ACK_DELAY), if self.ack_due() => {
-                    self.ack_written().await;
+                // Legacy dialects: record what the client's TCP acknowledged once things
+                // are quiet, rather than one syscall and store round trip per flush.
+                _ = tokio::time::sleep(self.ack_wait), if self.ack_due() => {
+                    self.ack_wait = match self.ack_written().await {
+                        true => ACK_DELAY,
+                        false => (self.ack_wait * 2).min(ACK_POLL_MAX),
+                    };
                     continue;
                 }
             };
@@ -1180,7 +1469,7 @@ where
 
     /// Written messages a legacy session has not recorded as received yet.
     fn ack_due(&self) -> bool {
-        self.user.is_some() && self.dialect.acks_on_write() && self.unacked_writes > 0
+        self.user.is_some() && self.dialect.acks_on_write() && self.tcp_acks.pending()
     }
 
     async fn handle(&mut self, out: Outgoing) -> Result<(), Exit> {
@@ -1451,7 +1740,9 @@ where
         }
         self.last_sent = self.last_sent.max(msg.seq);
         self.written.insert(msg.seq);
-        if let Ok(mut unacked) = self.shared.unacked.lock() {
+        if self.dialect.acks_on_write() {
+            self.tcp_acks.unflushed.insert(msg.seq);
+        } else if let Ok(mut unacked) = self.shared.unacked.lock() {
             unacked.insert(msg.seq);
         }
         self.unacked_writes += 1;
@@ -1468,19 +1759,31 @@ where
         Ok(())
     }
 
+    /// Queues a frame (tungstenite writes it out as its buffer fills). Gives up after the
+    /// write timeout, or when the session is replaced or the server shuts down while the
+    /// socket has no room (`Exit::Cut`: the frame was not queued).
     async fn write(&mut self, msg: Message) -> Result<(), Exit> {
-        match tokio::time::timeout(self.write_timeout, self.sink.feed(msg)).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(Exit::Broken),
+        tokio::select! {
+            biased;
+            done = tokio::time::timeout(self.write_timeout, self.sink.feed(msg)) => match done {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(Exit::Broken),
+            },
+            _ = cut_short(&mut self.cut) => Err(Exit::Cut),
         }
     }
 
     async fn flush(&mut self) -> Result<(), Exit> {
-        match tokio::time::timeout(self.write_timeout, self.sink.flush()).await {
-            Ok(Ok(())) => {}
-            _ => return Err(Exit::Broken),
+        tokio::select! {
+            biased;
+            done = tokio::time::timeout(self.write_timeout, self.sink.flush()) => match done {
+                Ok(Ok(())) => {}
+                _ => return Err(Exit::Broken),
+            },
+            _ = cut_short(&mut self.cut) => return Err(Exit::Cut),
         }
         self.unflushed = false;
+        self.tcp_acks.flushed();
         Ok(())
     }
 
@@ -1494,29 +1797,27 @@ where
             .await
             .map_err(|_| Exit::Broken)?;
         self.unflushed = false;
+        self.tcp_acks.flushed();
         Ok(())
     }
 
-    /// Legacy dialects cannot ack: what was flushed to the socket counts as received.
-    async fn ack_written(&mut self) {
-        let Some(user) = &self.user else { return };
-        if !self.dialect.acks_on_write() || self.unflushed || self.unacked_writes == 0 {
-            return;
+    /// Legacy dialects cannot ack: a written message counts as received once the client's
+    /// TCP acknowledged its bytes. Records those; `true` when it recorded any.
+    async fn ack_written(&mut self) -> bool {
+        let Some(user) = &self.user else { return false };
+        if !self.dialect.acks_on_write() || !self.tcp_acks.pending() {
+            return false;
         }
-        let ranges = self.shared.take_acked(u64::MAX);
-        let Some(&(_, highest)) = ranges.last() else {
-            return;
-        };
-        match self.app.store.ack_ranges(user, &ranges).await {
-            Ok(_) => {
-                self.unacked_writes = 0;
-                self.app.router.receipts(user, &self.shared, highest);
-            }
-            Err(e) => {
-                self.shared.restore_unacked(&ranges);
-                inc(&self.app.metrics.store_errors);
-                tracing::warn!(%user, error = %e, "ack on write failed; will retry");
-            }
+        let ranges = self.tcp_acks.take_confirmed();
+        if ranges.is_empty() {
+            return false;
         }
+        if !record_tcp_acks(&self.app, &self.shared, user, &ranges).await {
+            self.tcp_acks.restore(&ranges);
+            return false;
+        }
+        let n: u64 = ranges.iter().map(|(lo, hi)| hi - lo + 1).sum();
+        self.unacked_writes = self.unacked_writes.saturating_sub(n);
+        true
     }
 }

@@ -79,7 +79,9 @@ async fn new_session_gets_what_the_old_one_did_not_acknowledge() {
 }
 
 /// Many logins of one user at once, while messages for that user keep arriving.
-/// Seed-JSON sessions count a message as received when it is written, so across all
+/// Seed-JSON sessions count a message as received once the client's TCP acknowledged
+/// it, and a replaced session waits a moment for those acknowledgements before the next
+/// one starts; these clients read everything up to their `kicked` notice, so across all
 /// sessions every message must arrive exactly once; and exactly one session survives.
 #[tokio::test]
 async fn concurrent_logins_leave_one_session_and_lose_nothing() {

@@ -1,0 +1,171 @@
+//! What the kernel knows about a connection's bytes. `Counted` wraps an accepted TCP
+//! stream (beneath TLS, if any) and counts the bytes handed to the kernel; `Wire` keeps
+//! that count with the socket's fd, so a session can ask how many of them the client's
+//! TCP stack has acknowledged (Linux `SIOCOUTQ`: bytes in the send queue not yet
+//! acknowledged). The legacy dialects cannot acknowledge messages themselves: for them a
+//! message counts as received only once those bytes were acknowledged.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// One accepted connection's byte count and fd.
+#[derive(Debug)]
+pub struct Wire {
+    fd: RawFd,
+    written: AtomicU64,
+}
+
+impl Wire {
+    /// Bytes handed to the kernel so far (TLS records included: on a TLS connection these
+    /// are ciphertext bytes, the same ones TCP acknowledges).
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// How many of the bytes handed to the kernel the peer's TCP has acknowledged; `None`
+    /// when the kernel cannot tell (then nothing may be counted as received).
+    ///
+    /// Only to be called while the socket is open (the caller holds a half of the stream
+    /// this `Wire` was made for), or the fd may already name another file.
+    pub fn acked(&self) -> Option<u64> {
+        // The count first: bytes written between the two reads then make the answer
+        // smaller, never larger, than the truth.
+        let written = self.written();
+        let unacked = unacked_bytes(self.fd)?;
+        written.checked_sub(unacked)
+    }
+}
+
+/// Bytes in the socket's send queue that the peer has not acknowledged yet.
+#[cfg(target_os = "linux")]
+fn unacked_bytes(fd: RawFd) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SIOCOUTQ is TIOCOUTQ's number on sockets (linux/sockios.h).
+    // SAFETY: it writes one c_int through the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if rc != 0 || n < 0 {
+        return None;
+    }
+    Some(n as u64)
+}
+
+/// Elsewhere the kernel is not asked: everything handed to it counts as acknowledged
+/// (a flushed legacy message counts as received, as before `SIOCOUTQ` was used).
+#[cfg(not(target_os = "linux"))]
+fn unacked_bytes(_fd: RawFd) -> Option<u64> {
+    Some(0)
+}
+
+/// A stream that counts the bytes it writes into `Wire`.
+pub struct Counted<S> {
+    inner: S,
+    wire: Arc<Wire>,
+}
+
+impl<S: std::os::fd::AsRawFd> Counted<S> {
+    pub fn new(inner: S) -> Counted<S> {
+        let wire = Arc::new(Wire {
+            fd: inner.as_raw_fd(),
+            written: AtomicU64::new(0),
+        });
+        Counted { inner, wire }
+    }
+}
+
+impl<S> Counted<S> {
+    pub fn wire(&self) -> Arc<Wire> {
+        self.wire.clone()
+    }
+
+    fn count(&self, r: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = r {
+            self.wire.written.fetch_add(*n as u64, Ordering::AcqRel);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.count(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.count(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Bytes the peer's kernel took count as acknowledged; bytes stuck in our send queue
+    /// (the peer does not read and its buffer is full) do not.
+    #[tokio::test]
+    async fn acked_counts_only_what_the_peer_took() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut peer = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut s = Counted::new(socket);
+        let wire = s.wire();
+        s.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        peer.read_exact(&mut buf).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(wire.acked(), Some(5));
+        // Fill both buffers.
+        let chunk = vec![0u8; 64 * 1024];
+        while tokio::time::timeout(std::time::Duration::from_millis(100), s.write(&chunk))
+            .await
+            .is_ok()
+        {}
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let acked = wire.acked().unwrap();
+        assert!(
+            acked > 5 && acked < wire.written(),
+            "{acked} of {}",
+            wire.written()
+        );
+    }
+}
