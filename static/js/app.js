@@ -35,6 +35,8 @@ function authMessage(code, { tryAgainIn, message, name } = {}) {
   switch (code) {
     case 'bad_credentials': return usingToken && !name ? 'Your sign-in is no longer valid (was the password changed?). Enter your password.' : 'Wrong name or password.';
     case 'token_expired': return 'Your sign-in has expired. Enter your password again.';
+    case 'credentials_changed': return 'The password of this account was changed. Sign in with the new one.';
+    case 'account_deleted': return 'This account was deleted.';
     case 'auth_required': return 'This server needs a password. Enter yours to sign in.';
     case 'too_many_attempts': return `Too many failed sign-ins. Try again in ${tryAgainIn ?? 60} s.`;
     case 'too_many_connections': return 'Too many connections from your address. Try again in a moment.';
@@ -136,7 +138,7 @@ function onState(detail) {
   if (detail.state === 'syncing' || detail.state === 'online' || detail.state === 'waiting') showChat();
   ui.setConnection(detail);
   if (detail.state === 'rejected') {
-    if (['auth_required', 'bad_credentials', 'token_expired'].includes(detail.code)) local.set(NEEDS_PASSWORD_KEY, true);
+    if (['auth_required', 'bad_credentials', 'token_expired', 'credentials_changed'].includes(detail.code)) local.set(NEEDS_PASSWORD_KEY, true);
     signOut({ error: authMessage(detail.code, { tryAgainIn: detail.tryAgainIn, message: detail.reason }) });
   }
 }

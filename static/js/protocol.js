@@ -413,7 +413,9 @@ export class PigeonConnection extends EventTarget {
         break;
       case 'kicked':
         this.kickedFrame = true;
-        this.#kicked(f.message);
+        // The account's password changed or it was deleted: a sign-in is needed again.
+        if (f.reason === 'credentials_changed' || f.reason === 'account_deleted') this.#reject(f.reason, f.message);
+        else this.#kicked(f.message);
         break;
       case 'pong':
         break;

@@ -115,6 +115,21 @@ test('kicked: says so and never reconnects by itself', async () => {
   assert.equal(FakeSocket.all.length, 1);
 });
 
+test('a password change or deletion on the server asks for a sign-in, without retrying', async () => {
+  for (const reason of ['credentials_changed', 'account_deleted']) {
+    const { conn, events, sock } = setup();
+    conn.start();
+    sock().open();
+    sock().recv({ type: 'welcome', user: 'ann', pending: 0 });
+    sock().recv({ type: 'kicked', reason, message: 'changed' });
+    sock().drop(4003);
+    await tick(30);
+    assert.equal(conn.state, 'rejected', reason);
+    assert.equal(FakeSocket.all.length, 1);
+    assert.ok(events.some(([t, d]) => t === 'state' && d.state === 'rejected' && d.code === reason), reason);
+  }
+});
+
 test('an invalid name is refused without retrying', async () => {
   const { conn, sock } = setup();
   conn.start();
