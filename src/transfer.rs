@@ -237,6 +237,8 @@ impl Transfers {
             if !sent {
                 t.relay = None; // the recipient went away: it gets the blob from its mailbox
             }
+            // Time spent waiting for a slow recipient is not the sender's idleness.
+            t.last_chunk = Instant::now();
         }
         Ok(if t.received == t.meta.size {
             ChunkOutcome::Complete
