@@ -534,7 +534,8 @@ impl Drop for ChildGuard {
 }
 
 /// `load attack ADDR KINDS N`: runs N attackers of each kind (comma list of slowloris,
-/// sink, ping, busy) against ADDR on one thread, until stdin closes or it is killed.
+/// sink, ping, busy, longname, guess) against ADDR on one thread, until stdin closes or
+/// it is killed.
 fn attack_main(args: &[String]) -> Result<()> {
     let [addr, kinds, n] = args else {
         bail!("usage: load attack ADDR KINDS N");

@@ -196,7 +196,8 @@ pub struct LimitsConfig {
     /// Entries the failed-login bookkeeping may hold (users, addresses and pairs); when
     /// full, logins with new keys are refused with `too_busy` instead of growing it.
     pub login_throttle_max_keys: usize,
-    /// Password hashes (argon2, ~19 MiB each) computed at once; 0 = the number of CPUs.
+    /// Password hashes (argon2, ~19 MiB each) computed at once; 0 = half the CPUs (at
+    /// least one), so that a guessing flood leaves CPU to logged-in users.
     pub hash_workers: usize,
     /// Logins and registrations that may wait for a hashing slot; beyond that they are
     /// refused at once with `too_busy` (HTTP 503).

@@ -488,10 +488,11 @@ impl Drop for Waiting<'_> {
 }
 
 impl HashPool {
-    /// `workers` 0 means the number of CPUs.
+    /// `workers` 0 means half the CPUs (at least one): a guessing flood can then take at
+    /// most half the machine from the users who are logged in.
     pub fn new(workers: usize, queue: usize) -> HashPool {
         let workers = match workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1),
             n => n,
         };
         HashPool {
