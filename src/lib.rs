@@ -7,7 +7,8 @@
 //! `transfer` (incoming blobs), `cluster` (nodes through Redis), and `echo` (a test-only
 //! WebSocket echo for conformance tests). Security: `auth` (passwords, tokens), `token`,
 //! `api` (`/api/login`, `/api/register`), `accounts` (`pigeon user ...`), `limits` (rate,
-//! throttles, caps) and `tls`.
+//! throttles, caps), `tls`, `origins` (which browser pages may connect) and `web` (the
+//! embedded web client and the security headers of every HTTP response).
 
 pub mod accounts;
 pub mod api;
@@ -20,6 +21,7 @@ pub mod echo;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod origins;
 pub mod protocol;
 pub mod ranges;
 pub mod router;
@@ -29,6 +31,7 @@ pub mod store;
 pub mod tls;
 pub mod token;
 pub mod transfer;
+pub mod web;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {
