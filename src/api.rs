@@ -1,13 +1,16 @@
 //! The JSON account API: `POST /api/login` (`{"user","password"}` → `{"token",
 //! "expires_at"}`) and, when `[auth] allow_register` is on, `POST /api/register`.
-//! Errors are `{"error":"<code>","message":"..."}` with a matching HTTP status.
+//! Errors are `{"error":"<code>","message":"..."}` with a matching HTTP status. Bodies must
+//! be `Content-Type: application/json` (415 otherwise), so no cross-site form or other
+//! "simple" request can log in or spend a user's failed-login budget, and a browser
+//! `Origin` must be one the server allows (403 otherwise).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
@@ -88,6 +91,25 @@ fn auth_error(e: AuthError) -> Response {
     }
 }
 
+/// Refuses what no browser page of ours sends: a body that is not `application/json`
+/// (a cross-site form can post text/plain without asking), or a page from an origin the
+/// server does not allow (e.g. a DNS-rebinding page).
+fn refuse_foreign(ctx: &Ctx, headers: &HeaderMap) -> Option<Response> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Some(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the credentials as JSON with Content-Type: application/json",
+        ));
+    }
+    crate::http::origin_refusal(ctx, headers, "account API request")
+}
+
 /// The credentials in a request body, or the 400 answer (boxed: a `Response` is large).
 fn parse(body: &Bytes) -> Result<Credentials, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
@@ -115,8 +137,12 @@ fn issued(status: StatusCode, user: &str, t: Issued) -> Response {
 async fn login(
     State(ctx): State<Arc<Ctx>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(refused) = refuse_foreign(&ctx, &headers) {
+        return refused;
+    }
     let c = match parse(&body) {
         Ok(c) => c,
         Err(r) => return *r,
@@ -135,8 +161,12 @@ async fn login(
 async fn register(
     State(ctx): State<Arc<Ctx>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(refused) = refuse_foreign(&ctx, &headers) {
+        return refused;
+    }
     let app = &ctx.app;
     if !app.config.auth.allow_register {
         return error(

@@ -35,8 +35,15 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address to listen on.
     pub bind: SocketAddr,
-    /// Directory served at `/` (the web client).
+    /// Directory served at `/` instead of the web client compiled into the binary (for
+    /// working on the client). Empty (the default): the built-in copy.
     pub static_dir: PathBuf,
+    /// The URL(s) people open the web client at, e.g. `https://chat.example.com`: pages
+    /// from these origins may open WebSockets and the page's Content-Security-Policy lets
+    /// it connect there. Empty: the listening address, `localhost` and `127.0.0.1` at the
+    /// listening port (`https` with TLS). A list, or a comma-separated string.
+    #[serde(deserialize_with = "string_or_list")]
+    pub public_url: Vec<String>,
     /// Most connections (HTTP and WebSocket) open at once; further ones wait in the
     /// kernel's backlog.
     pub max_connections: usize,
@@ -56,7 +63,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            static_dir: PathBuf::from("static"),
+            static_dir: PathBuf::new(),
+            public_url: Vec::new(),
             max_connections: 10_000,
             shutdown_grace_secs: 5,
             takeover_wait_ms: 2_000,
@@ -123,6 +131,26 @@ fn string_or_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D
         StringOrInt::S(s) => s,
         StringOrInt::I(i) => i.to_string(),
     })
+}
+
+/// Accepts a list of strings, or one string holding a comma-separated list (the form an
+/// environment variable gives: `PIGEON_AUTH_ALLOWED_ORIGINS=https://a.example,https://b.example`).
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum StringOrList {
+        S(String),
+        L(Vec<String>),
+    }
+    let items = match StringOrList::deserialize(d)? {
+        StringOrList::S(s) => s.split(',').map(String::from).collect(),
+        StringOrList::L(l) => l,
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -339,9 +367,12 @@ pub struct AuthConfig {
     /// Shortest password `POST /api/register` accepts (`pigeon user add` only needs one
     /// character: the operator decides).
     pub min_password_chars: usize,
-    /// Origins (e.g. "https://chat.example.com") whose browser pages may open WebSockets,
-    /// besides pages from the same host as the `Host` header (always allowed). "*": any.
-    /// Requests without an `Origin` header (non-browser clients) are always allowed.
+    /// Origins (e.g. "http://localhost:3000") whose browser pages may open WebSockets and
+    /// use the account API, besides the server's own (`[server] public_url`). Compared
+    /// exactly: scheme, host and port. "*": any. Requests without an `Origin` header
+    /// (non-browser clients) are always allowed. A list, or a comma-separated string
+    /// (`PIGEON_AUTH_ALLOWED_ORIGINS=http://a.example:3000,http://b.example`).
+    #[serde(deserialize_with = "string_or_list")]
     pub allowed_origins: Vec<String>,
     /// How often (milliseconds) the server reads the store's account change feed to end
     /// the live sessions of users whose password was changed or who were deleted, also by
@@ -490,6 +521,16 @@ impl Config {
                 "auth.secret must be at least 32 characters (or empty for a generated one)",
             );
         }
+        for u in &self.server.public_url {
+            if let Err(e) = crate::origins::Origin::parse_url(u) {
+                return Err(ConfigError::Invalid(format!("server.public_url: {e}")));
+            }
+        }
+        for o in self.auth.allowed_origins.iter().filter(|o| *o != "*") {
+            if let Err(e) = crate::origins::Origin::parse_url(o) {
+                return Err(ConfigError::Invalid(format!("auth.allowed_origins: {e}")));
+            }
+        }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             return bad("tls.cert and tls.key must be set together");
         }
@@ -603,6 +644,35 @@ mod tests {
         assert_eq!(c.limits.mailbox_max, 7);
         assert_eq!(c.server.bind.port(), 0);
         assert!(unknown.is_empty(), "{unknown:?}");
+    }
+
+    #[test]
+    fn origin_lists_from_env_are_comma_separated() {
+        let (c, unknown) = Config::load(
+            None,
+            env(&[
+                (
+                    "PIGEON_AUTH_ALLOWED_ORIGINS",
+                    "http://a.example:3000, https://b.example,",
+                ),
+                ("PIGEON_SERVER_PUBLIC_URL", "https://chat.example"),
+            ]),
+        )
+        .unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert_eq!(
+            c.auth.allowed_origins,
+            ["http://a.example:3000", "https://b.example"]
+        );
+        assert_eq!(c.server.public_url, ["https://chat.example"]);
+        let (c, _) = Config::load(
+            None,
+            env(&[("PIGEON_AUTH_ALLOWED_ORIGINS", r#"["http://a.example"]"#)]),
+        )
+        .unwrap();
+        assert_eq!(c.auth.allowed_origins, ["http://a.example"]);
+        assert!(Config::load(None, env(&[("PIGEON_AUTH_ALLOWED_ORIGINS", "a.example")])).is_err());
+        assert!(Config::load(None, env(&[("PIGEON_SERVER_PUBLIC_URL", "ftp://x")])).is_err());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! HTTP on the WebSocket port: the upgrade routes (`/ws`, `/web`, `/ws/<user>`,
-//! `/web/<user>`), `/healthz`, `/metrics`, the account API (`api`), the web client
-//! from `static/` at `/`, and, only with `[server] echo_route = true`, the test-only
-//! WebSocket echo at `/echo`. Before an upgrade it checks the `Origin` against
-//! `[auth] allowed_origins` and resolves a token (`?token=` or `Authorization: Bearer`)
+//! `/web/<user>`), `/healthz`, `/metrics`, the account API (`api`), the web client at `/`
+//! (built in, see `web`, or from `[server] static_dir`), and, only with
+//! `[server] echo_route = true`, the test-only WebSocket echo at `/echo`. Every response
+//! gets the security headers of `web::SecurityHeaders`. Before an upgrade it checks the
+//! `Origin` (see `origins`) and resolves a token (`?token=` or `Authorization: Bearer`)
 //! into the session's identity.
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::map_response_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -28,8 +30,10 @@ use tower_http::services::ServeDir;
 
 use crate::app::App;
 use crate::escape::{Escaped, EscapedOpt};
+use crate::origins::Origins;
 use crate::protocol::{canonical_username, Dialect, ErrorCode, ProtocolError};
 use crate::session::{self, Greeting, CLOSE_AUTH};
+use crate::web::SecurityHeaders;
 use crate::wire::Wire;
 
 /// What the HTTP handlers need besides the shared `App`.
@@ -38,6 +42,8 @@ pub struct Ctx {
     pub tracker: TaskTracker,
     pub shutdown: watch::Receiver<bool>,
     pub ws_config: WebSocketConfig,
+    /// Which browser pages may open WebSockets and use the account API.
+    pub origins: Origins,
 }
 
 /// Kept alive by a connection, and by the WebSocket session it becomes: holds the
@@ -46,21 +52,27 @@ pub struct Ctx {
 pub struct ConnGuard(pub Arc<dyn Send + Sync>);
 
 pub fn routes(ctx: Arc<Ctx>) -> Router {
-    let static_dir = ServeDir::new(&ctx.app.config.server.static_dir);
+    let security = Arc::new(SecurityHeaders::new(&ctx.origins));
     let mut router = Router::new();
     if ctx.app.config.server.echo_route {
         tracing::warn!("test-only WebSocket echo route /echo is enabled");
         router = router.route("/echo", get(upgrade_echo));
     }
-    router
+    router = router
         .route("/ws", get(upgrade_anonymous))
         .route("/web", get(upgrade_anonymous))
         .route("/ws/{user}", get(upgrade_named))
         .route("/web/{user}", get(upgrade_named))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .merge(crate::api::routes(ctx.app.config.limits.api_max_body_bytes))
-        .fallback_service(static_dir)
+        .merge(crate::api::routes(ctx.app.config.limits.api_max_body_bytes));
+    let static_dir = &ctx.app.config.server.static_dir;
+    router = match static_dir.as_os_str().is_empty() {
+        true => router.fallback(crate::web::embedded),
+        false => router.fallback_service(ServeDir::new(static_dir)),
+    };
+    router
+        .layer(map_response_with_state(security, crate::web::add_headers))
         .with_state(ctx)
 }
 
@@ -159,24 +171,35 @@ async fn resolve(
     }
 }
 
-/// Whether a browser page from `origin` may open a WebSocket here: from the same host
-/// as the request's `Host` header (the bundled web client), or listed in
-/// `[auth] allowed_origins` (or "*" is).
-fn origin_allowed(allowed: &[String], origin: &str, host: Option<&str>) -> bool {
-    if allowed
-        .iter()
-        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
-    {
-        return true;
+/// The refusal (403, saying which setting allows it) of a browser request whose `Origin`
+/// is not one of `ctx.origins`; `None` lets it through, as it does requests without an
+/// `Origin` (non-browser clients).
+pub fn origin_refusal(ctx: &Ctx, headers: &HeaderMap, what: &str) -> Option<Response> {
+    let origin = headers.get(header::ORIGIN)?;
+    // Not visible ASCII: no browser sends that, and it must not reach the log raw.
+    let origin = origin.to_str().unwrap_or("<not ASCII>");
+    if ctx.origins.allows(origin) {
+        return None;
     }
-    let authority = origin
-        .split_once("://")
-        .map(|(_, rest)| rest.trim_end_matches('/'))
-        .unwrap_or("");
-    match host {
-        Some(h) => !authority.is_empty() && authority.eq_ignore_ascii_case(h.trim()),
-        None => false,
-    }
+    let shown: String = origin.chars().take(200).collect();
+    tracing::warn!(
+        origin = %Escaped(origin),
+        "{what} from a page at origin {shown:?} refused: to allow that page, add the origin to \
+         [auth] allowed_origins in the config file or to PIGEON_AUTH_ALLOWED_ORIGINS \
+         (comma-separated), or set [server] public_url if it is this server's own address; \
+         allowed now: {}",
+        ctx.origins.describe()
+    );
+    Some(
+        (
+            StatusCode::FORBIDDEN,
+            format!(
+                "a page at origin {shown:?} may not use this server; the operator can allow it in \
+             [auth] allowed_origins (environment: PIGEON_AUTH_ALLOWED_ORIGINS, comma-separated)\n"
+            ),
+        )
+            .into_response(),
+    )
 }
 
 async fn upgrade_echo(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
@@ -252,24 +275,8 @@ where
         return bad_request("Sec-WebSocket-Key is missing\n");
     };
     let accept = derive_accept_key(key.as_bytes());
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let origin = origin.to_str().unwrap_or("");
-        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-        if !origin_allowed(&ctx.app.config.auth.allowed_origins, origin, host) {
-            tracing::info!(
-                origin = %Escaped(origin),
-                host = %EscapedOpt(host),
-                "WebSocket from a disallowed origin refused"
-            );
-            return (
-                StatusCode::FORBIDDEN,
-                format!(
-                    "origin {origin:?} may not open WebSockets here; the operator can allow it \
-                     in [auth] allowed_origins\n"
-                ),
-            )
-                .into_response();
-        }
+    if let Some(refused) = origin_refusal(&ctx, headers, "WebSocket") {
+        return refused;
     }
     if *ctx.shutdown.borrow() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
@@ -336,52 +343,4 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
             .render(ctx.app.router.online_count(), ctx.app.cluster.as_deref()),
     )
         .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::origin_allowed;
-
-    #[test]
-    fn origins() {
-        let none: Vec<String> = Vec::new();
-        assert!(origin_allowed(
-            &none,
-            "http://chat.example:8080",
-            Some("chat.example:8080")
-        ));
-        assert!(origin_allowed(
-            &none,
-            "https://Chat.Example",
-            Some("chat.example")
-        ));
-        assert!(!origin_allowed(
-            &none,
-            "https://evil.example",
-            Some("chat.example")
-        ));
-        assert!(!origin_allowed(&none, "null", Some("chat.example")));
-        assert!(!origin_allowed(&none, "https://chat.example", None));
-        let list = vec!["https://app.example".to_string()];
-        assert!(origin_allowed(
-            &list,
-            "https://app.example",
-            Some("api.example")
-        ));
-        assert!(origin_allowed(
-            &list,
-            "https://api.example",
-            Some("api.example")
-        ));
-        assert!(!origin_allowed(
-            &list,
-            "https://evil.example",
-            Some("api.example")
-        ));
-        assert!(origin_allowed(
-            &["*".to_string()],
-            "https://x.example",
-            None
-        ));
-    }
 }

@@ -8,8 +8,10 @@
 //! WebSocket echo for conformance tests). Security: `auth` (passwords, tokens), `token`,
 //! `api` (`/api/login`, `/api/register`), `accounts` (`pigeon user ...`), `revoke` (ending
 //! sessions whose account changed), `limits` (rate, throttles, caps, the hashing pool),
-//! `escape` (client bytes in the log) and `tls`. `wire` counts a connection's bytes and
-//! asks the kernel how many the client's TCP acknowledged.
+//! `escape` (client bytes in the log), `tls`, `origins` (which browser pages may connect)
+//! and `web` (the embedded web client and the security headers of every HTTP response).
+//! `wire` counts a connection's bytes and asks the kernel how many the client's TCP
+//! acknowledged.
 
 pub mod accounts;
 pub mod api;
@@ -23,6 +25,7 @@ pub mod escape;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod origins;
 pub mod protocol;
 pub mod ranges;
 pub mod revoke;
@@ -33,6 +36,7 @@ pub mod store;
 pub mod tls;
 pub mod token;
 pub mod transfer;
+pub mod web;
 pub mod wire;
 
 /// Unix time in milliseconds.

@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::http::{self, ConnGuard, Ctx};
 use crate::limits::{FloodBan, IpConnections, IpSlot};
 use crate::metrics::{dec, inc};
+use crate::origins::Origins;
 use crate::router::Router;
 use crate::store::{self, StoreError};
 use crate::tls::{self, TlsError};
@@ -52,6 +53,8 @@ pub enum ServerError {
         list_names(.0)
     )]
     LegacyNames(Vec<String>),
+    #[error("[server] public_url or [auth] allowed_origins: {0}")]
+    Origin(#[from] crate::origins::OriginError),
 }
 
 fn list_names(names: &[String]) -> String {
@@ -121,7 +124,24 @@ pub async fn run(
             "cluster mode: presence and routing through Redis"
         );
     }
-    serve(listener, app, tls, shutdown).await;
+    let local = listener.local_addr()?;
+    let server = &app.config.server;
+    let origins = Origins::new(
+        &server.public_url,
+        &app.config.auth.allowed_origins,
+        local,
+        tls.is_some(),
+    )?;
+    tracing::info!(origins = %origins.describe(), "browser pages accepted from these origins");
+    if server.public_url.is_empty() && local.ip().is_unspecified() {
+        tracing::warn!(
+            "listening on all addresses but [server] public_url is not set: browser pages \
+             opened at this machine's network address are refused until it is (e.g. \
+             public_url = \"http://192.0.2.10:{}\")",
+            local.port()
+        );
+    }
+    serve(listener, app, tls, origins, shutdown).await;
     Ok(())
 }
 
@@ -142,6 +162,7 @@ async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     tls: Option<TlsAcceptor>,
+    origins: Origins,
     shutdown: impl Future<Output = ()>,
 ) {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -151,6 +172,7 @@ async fn serve(
         tracker: tracker.clone(),
         shutdown: shutdown_rx.clone(),
         ws_config: websocket_config(&app.config),
+        origins,
     });
     let routes = http::routes(ctx);
     if let Some(cluster) = app.cluster.clone() {

@@ -60,6 +60,14 @@ async fn http_on<S: AsyncRead + AsyncWrite + Unpin>(
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
+    // The account API reads only JSON bodies (a browser form cannot post those cross-site).
+    if !body.is_empty()
+        && !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        req.push_str("Content-Type: application/json\r\n");
+    }
     req.push_str("\r\n");
     req.push_str(body);
     s.write_all(req.as_bytes()).await.unwrap();
@@ -776,9 +784,14 @@ async fn disallowed_origins_are_rejected() {
     assert!(with_origin("https://app.example")
         .await
         .starts_with("HTTP/1.1 101"));
-    assert!(with_origin("http://localhost")
+    // The server's own origin: scheme, host and listening port (see tests/web_security.rs).
+    let own = format!("http://localhost:{}", srv.addr.port());
+    assert!(with_origin(Box::leak(own.into_boxed_str()))
         .await
         .starts_with("HTTP/1.1 101"));
+    assert!(with_origin("http://localhost")
+        .await
+        .starts_with("HTTP/1.1 403"));
     // Non-browser clients send no Origin and are allowed.
     let (mut c, _) = Client::pigeon(&format!("ws://{}", srv.addr), "cli").await;
     c.ping().await;

@@ -162,7 +162,7 @@ function onOtherFrame(frame) {
 /** A whole file arrived: show it now, keep its bytes, and let it be acked once kept. */
 function onFile(t) {
   const key = `${me}/in/${t.from}/${t.id ?? 'seq-' + t.seq}`;
-  urlFor(key, t.blob);
+  urlFor(key, t.blob, t.mime);
   ui.clearProgress(t.key);
   const rec = store.fileDone(t, key, { activePeer: visiblePeer() });
   t.waitUntil(putFile(key, t.blob).catch(() => {}));
@@ -177,7 +177,7 @@ async function sendFiles(files) {
     const id = newMessageId();
     const key = `${me}/out/${id}`;
     const meta = { name: file.name || 'file', mime: file.type || 'application/octet-stream', size: file.size, key };
-    urlFor(key, file);
+    urlFor(key, file, meta.mime);
     store.addOutgoingFile({ id, to, file: meta }); // on screen (with its preview) at once
     const s = store;
     // Kept so that it can be resent after a reload; an upload needs no more than the File.
@@ -250,10 +250,10 @@ ui.on.retry = (id) => {
     else store?.fail({ id: m.id, code: 'missing', message: 'The file is no longer in this browser' });
   });
 };
-ui.on.needFile = (key) => {
+ui.on.needFile = (key, mime) => {
   if (loading.has(key)) return;
   loading.add(key); // stays in: a file missing from IndexedDB is not asked for again
-  loadUrl(key).then((u) => { if (u) scheduleRender(); });
+  loadUrl(key, mime).then((u) => { if (u) scheduleRender(); });
 };
 ui.on.draft = (text) => { if (ui.activePeer) store?.setDraft(ui.activePeer, text); };
 ui.on.banner = (action) => {

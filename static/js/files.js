@@ -1,6 +1,9 @@
 // files.js — owns the bytes of files in this browser: received and sent files are kept
 // in IndexedDB (localStorage only holds their descriptions, see store.js), object URLs
-// to show or download them, SHA-256 of a file, and sizes for people.
+// to show or download them, SHA-256 of a file, and sizes for people. Also the preview
+// policy: which sender-claimed types are shown inline (raster images, audio, video) and
+// that every other file's object URL is plain bytes (application/octet-stream), so no
+// file a sender chose (SVG, HTML, XML, PDF, ...) ever runs in Pigeon's origin.
 
 const DB_NAME = 'pigeon-files';
 const STORE = 'blobs';
@@ -39,10 +42,13 @@ export const deleteFile = (key) => run('readwrite', (s) => s.delete(key)).catch(
 
 const urls = new Map(); // key -> object URL
 
-/** An object URL for `blob`, remembered under `key` for later renders. */
-export function urlFor(key, blob) {
+/**
+ * An object URL for `blob`, remembered under `key` for later renders. Its type comes from
+ * the preview policy for `mime` (what the sender claimed), never from the blob itself.
+ */
+export function urlFor(key, blob, mime) {
   let u = urls.get(key);
-  if (!u && blob) { u = URL.createObjectURL(blob); urls.set(key, u); }
+  if (!u && blob) { u = URL.createObjectURL(new Blob([blob], { type: safeMime(mime) })); urls.set(key, u); }
   return u ?? null;
 }
 
@@ -50,10 +56,10 @@ export function urlFor(key, blob) {
 export const knownUrl = (key) => urls.get(key) ?? null;
 
 /** Loads `key` from IndexedDB and gives its object URL (null when it is not there). */
-export async function loadUrl(key) {
+export async function loadUrl(key, mime) {
   if (urls.has(key)) return urls.get(key);
   const blob = await getFile(key);
-  return blob ? urlFor(key, blob) : null;
+  return blob ? urlFor(key, blob, mime) : null;
 }
 
 export function forgetUrls() {
@@ -80,10 +86,23 @@ export function formatSize(n) {
   return `${v < 10 ? v.toFixed(1) : Math.round(v)} ${units[i]}`;
 }
 
-/** How a file is shown: 'image' | 'video' | 'audio' | 'file'. */
+// The only types previewed: raster images (an <img> runs no script, and opened in a tab
+// they are only pictures), audio and video in <audio>/<video>. SVG is not here (it is a
+// document that can carry script), nor HTML, XML, PDF or anything unknown: download-only.
+const PREVIEWED = new Map([
+  ['image/png', 'image'], ['image/jpeg', 'image'], ['image/gif', 'image'], ['image/webp', 'image'],
+  ['video/mp4', 'video'], ['video/webm', 'video'], ['video/ogg', 'video'],
+  ['audio/mpeg', 'audio'], ['audio/ogg', 'audio'], ['audio/wav', 'audio'], ['audio/x-wav', 'audio'],
+  ['audio/webm', 'audio'], ['audio/mp4', 'audio'], ['audio/aac', 'audio'], ['audio/flac', 'audio'],
+]);
+
+/** The type a file's bytes are handed to the browser as: a previewed type, or plain bytes. */
+export function safeMime(mime = '') {
+  const base = String(mime ?? '').split(';')[0].trim().toLowerCase();
+  return PREVIEWED.has(base) ? base : 'application/octet-stream';
+}
+
+/** How a file is shown: 'image' | 'video' | 'audio' | 'file' (download only). */
 export function kindOf(mime = '') {
-  if (/^image\/(png|jpeg|gif|webp|avif|bmp|svg\+xml)$/i.test(mime)) return 'image';
-  if (/^video\//i.test(mime)) return 'video';
-  if (/^audio\//i.test(mime)) return 'audio';
-  return 'file';
+  return PREVIEWED.get(safeMime(mime)) ?? 'file';
 }

@@ -3,7 +3,8 @@
 // download links, progress bars), composer with attach and drag-and-drop, and the
 // connection banner. It only renders what it is given and reports what the person did
 // through the `on*` callbacks; it never talks to the server or to storage.
-// Message text and file names are always put in with textContent, never as HTML.
+// Message text, names, ids and file names are always put in with textContent (or as
+// attribute values), never as HTML; what a file may show inline is decided in files.js.
 
 import { knownUrl, formatSize, kindOf } from './files.js';
 
@@ -359,7 +360,7 @@ export class ChatView {
     box.dataset.fkey = tkey ?? '';
     box.dataset.kind = kindOf(f.mime);
     const url = f.key ? knownUrl(f.key) : null;
-    if (f.key && !url) this.on.needFile?.(f.key);
+    if (f.key && !url) this.on.needFile?.(f.key, f.mime);
     const done = m.dir === 'out' || f.state === 'done';
     if (url && done) {
       const kind = kindOf(f.mime);
@@ -376,8 +377,9 @@ export class ChatView {
       }
       if (media) {
         if (kind === 'image') {
+          // Only raster images get here (files.js), and their URL is typed as the image.
           const a = el('a', 'file-preview');
-          a.href = url; a.target = '_blank'; a.rel = 'noopener';
+          a.href = url; a.target = '_blank'; a.rel = 'noopener noreferrer';
           a.append(media);
           box.append(a);
         } else box.append(media);
@@ -389,9 +391,12 @@ export class ChatView {
     info.append(el('span', 'file-name', f.name || 'file'), el('span', 'file-size', formatSize(f.size)));
     row.append(info);
     if (url && done) {
+      // A download, never a page: `download` here, and the URL of anything not previewed
+      // is typed application/octet-stream (files.js), so even opened in a tab it is saved.
       const a = el('a', 'file-download', 'Download');
       a.href = url;
       a.download = f.name || 'file';
+      a.rel = 'noopener noreferrer';
       row.append(a);
     }
     box.append(row);

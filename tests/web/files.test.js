@@ -48,17 +48,22 @@ const digestInPage = (page, selector) => page.$eval(selector, async (a) => {
   return [...new Uint8Array(d)].map((b) => b.toString(16).padStart(2, '0')).join('');
 });
 
-/** Drops files made in the page (by `make`, returning [{name, type, blob}]) on the open chat. */
+/**
+ * Drops files made in the page (by `make`, returning [{name, type, blob}]) on the open chat.
+ * `make` is evaluated as a string by the test driver (the page's CSP forbids eval inside it).
+ */
 async function dropMadeFiles(page, make, arg) {
-  await page.evaluate(async ({ src, arg }) => {
-    const made = await (0, eval)(src)(arg);
+  await page.evaluate(`(${make.toString()})(${JSON.stringify(arg)}).then((m) => { window.__made = m; })`);
+  await page.evaluate(() => {
+    const made = window.__made;
+    delete window.__made;
     const dt = new DataTransfer();
     for (const f of made) dt.items.add(new File([f.blob], f.name, { type: f.type }));
     const pane = document.getElementById('chat-pane');
     for (const type of ['dragenter', 'dragover', 'drop']) {
       pane.dispatchEvent(new DragEvent(type, { dataTransfer: dt, bubbles: true, cancelable: true }));
     }
-  }, { src: make.toString(), arg });
+  });
 }
 
 /** A pleasant picture, drawn on a canvas in the page. */
