@@ -174,7 +174,7 @@ pub async fn run<S>(
     let grace = Duration::from_millis(app.config.server.takeover_wait_ms.saturating_mul(3));
     let abort = writer.abort_handle();
     if tokio::time::timeout(grace, writer).await.is_err() {
-        tracing::debug!(user = ?reader.user, "writer did not finish in time; aborting it");
+        tracing::debug!(user = %crate::OrDash(&reader.user), "writer did not finish in time; aborting it");
         abort.abort();
     }
     if let Some(user) = &reader.user {
@@ -327,11 +327,11 @@ impl Reader {
             // Pings are answered by tungstenite itself; close frames end the stream.
             Some(Ok(_)) => Flow::Continue,
             Some(Err(tungstenite::Error::Capacity(e))) => {
-                tracing::debug!(user = ?self.user, error = %e, "message too big");
+                tracing::debug!(user = %crate::OrDash(&self.user), error = %e, "message too big");
                 self.close(CLOSE_TOO_BIG, "message too big").await
             }
             Some(Err(e)) => {
-                tracing::debug!(user = ?self.user, error = %e, "read error");
+                tracing::debug!(user = %crate::OrDash(&self.user), error = %e, "read error");
                 Flow::Close
             }
         }
@@ -810,7 +810,7 @@ impl Reader {
 
     /// Answers a bad request with an error frame; too many in a row close the session.
     async fn refuse(&mut self, dialect: Dialect, e: ProtocolError) -> Flow {
-        tracing::debug!(user = ?self.user, code = e.code.as_str(), message = %e.message, "refused frame");
+        tracing::debug!(user = %crate::OrDash(&self.user), code = e.code.as_str(), message = %e.message, "refused frame");
         inc(&self.app.metrics.errors);
         if self.reply(dialect, &Event::Error(&e)).await == Flow::Close {
             return Flow::Close;
@@ -858,6 +858,11 @@ impl Reader {
         token: Option<String>,
     ) -> Flow {
         let (app, ip) = (self.app.clone(), self.peer);
+        // In open mode anyone may claim any name: a client that brings a password anyway
+        // (`pigeon chat --password`) is not refused for it.
+        if let (Some(u), None, false) = (&user, &token, app.auth.required()) {
+            return self.identify(u.clone(), Dialect::Pigeon, false).await;
+        }
         let proved = match (&user, password, token) {
             (_, _, Some(t)) => app.auth.verify_token(&app.store, &t, ip).await,
             (Some(u), Some(p), None) => app
@@ -944,7 +949,7 @@ impl Reader {
         let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
         let e = ProtocolError::new(ErrorCode::RateLimited, what).with_id(id);
         if verdict == Rate::Close {
-            tracing::info!(user = ?self.user, peer = ?self.peer, "closing a flooding connection");
+            tracing::info!(user = %crate::OrDash(&self.user), peer = %crate::OrDash(&self.peer), "closing a flooding connection");
             if let Some(ip) = self.peer {
                 self.app.flood_ban.flooded(ip, Instant::now());
             }
@@ -955,7 +960,7 @@ impl Reader {
 
     /// Sends an error frame, then closes with `code` (the error code is the reason).
     async fn refuse_and_close(&mut self, dialect: Dialect, e: ProtocolError, code: u16) -> Flow {
-        tracing::debug!(user = ?self.user, peer = ?self.peer, code = e.code.as_str(), message = %e.message, "closing session");
+        tracing::debug!(user = %crate::OrDash(&self.user), peer = %crate::OrDash(&self.peer), code = e.code.as_str(), message = %e.message, "closing session");
         inc(&self.app.metrics.errors);
         self.reply(dialect, &Event::Error(&e)).await;
         self.close(code, e.code.as_str()).await
