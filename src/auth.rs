@@ -154,7 +154,7 @@ impl Auth {
             }
             _ => {
                 self.throttle.failed(user, ip, Instant::now());
-                tracing::info!(%user, ?ip, "failed password login");
+                tracing::info!(%user, ip = %crate::OrDash(&ip), "failed password login");
                 Err(AuthError::BadCredentials)
             }
         }
@@ -200,7 +200,7 @@ impl Auth {
             Err(TokenError::Expired) => Err(AuthError::TokenExpired),
             Err(e) => {
                 self.throttle.failed(&claims.user, ip, Instant::now());
-                tracing::info!(user = %claims.user, ?ip, "rejected a forged or stale token");
+                tracing::info!(user = %claims.user, ip = %crate::OrDash(&ip), "rejected a forged or stale token");
                 Err(AuthError::BadToken(e))
             }
         }
@@ -270,7 +270,7 @@ pub fn load_or_create_secret(dir: &Path) -> Result<Vec<u8>, AuthError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    std::fs::create_dir_all(dir).map_err(err)?;
+    crate::store::private_files::private_dir(dir).map_err(err)?;
     let mut bytes = [0u8; 32];
     OsRng
         .try_fill_bytes(&mut bytes)

@@ -231,7 +231,7 @@ where
         let origin = origin.to_str().unwrap_or("");
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
         if !origin_allowed(&ctx.app.config.auth.allowed_origins, origin, host) {
-            tracing::info!(%origin, ?host, "WebSocket from a disallowed origin refused");
+            tracing::info!(%origin, host = %crate::OrDash(&host), "WebSocket from a disallowed origin refused");
             return (
                 StatusCode::FORBIDDEN,
                 format!(
@@ -291,7 +291,16 @@ async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
             body["cluster"] = "redis unreachable: serving local users only".into();
         }
     }
+    // A store that refuses writes (disk full, read-only) means every send fails: that is
+    // not healthy, and a load balancer should hear it (503).
+    let mut status = StatusCode::OK;
+    if let Err(e) = ctx.app.store.check_writable().await {
+        status = StatusCode::SERVICE_UNAVAILABLE;
+        body["status"] = "degraded".into();
+        body["store_error"] = e.to_string().into();
+    }
     (
+        status,
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
     )
