@@ -288,7 +288,7 @@ async fn healthz_is_degraded_while_the_disk_is_full_and_recovers() {
 async fn piped_logs_have_no_colour_codes_and_plain_fields() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pigeon"))
+    let child = Command::new(bin())
         .args([
             "serve",
             "--bind",
