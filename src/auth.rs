@@ -177,7 +177,7 @@ impl Auth {
             || user.len() > MAX_LOGIN_NAME_BYTES
             || password.len() > MAX_PASSWORD_BYTES
         {
-            tracing::debug!(user = %Escaped(user), ?ip, "refused a login with an overlong name or password");
+            tracing::debug!(user = %Escaped(user), ip = %crate::OrDash(&ip), "refused a login with an overlong name or password");
             return Err(AuthError::BadCredentials);
         }
         let user = &canonical_username(user).ok_or(AuthError::InvalidUser)?;
@@ -195,7 +195,7 @@ impl Auth {
                 })
             }
             Err(AuthError::BadCredentials) => {
-                tracing::info!(user = %Escaped(user), ?ip, "failed password login");
+                tracing::info!(user = %Escaped(user), ip = %crate::OrDash(&ip), "failed password login");
                 Err(AuthError::BadCredentials)
             }
             Err(e) => {
@@ -304,7 +304,7 @@ impl Auth {
             }
             Err(e) => {
                 self.throttle.failed(ticket, Instant::now());
-                tracing::info!(user = %Escaped(&claims.user), ?ip, "rejected a forged or stale token");
+                tracing::info!(user = %Escaped(&claims.user), ip = %crate::OrDash(&ip), "rejected a forged or stale token");
                 Err(AuthError::BadToken(e))
             }
         }
@@ -396,7 +396,7 @@ pub fn load_or_create_secret(dir: &Path) -> Result<Vec<u8>, AuthError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    std::fs::create_dir_all(dir).map_err(err)?;
+    crate::store::private_files::private_dir(dir).map_err(err)?;
     let mut bytes = [0u8; 32];
     OsRng
         .try_fill_bytes(&mut bytes)

@@ -1,5 +1,7 @@
 //! Configuration: the `config.toml` schema with its defaults, `PIGEON_<SECTION>_<KEY>`
-//! environment overrides, and warnings for keys Pigeon does not know.
+//! environment overrides. A key Pigeon does not know (a typo in the file or in a
+//! variable's name) stops start-up with a did-you-mean suggestion rather than being
+//! ignored while its default applies.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,13 @@ pub enum ConfigError {
     },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// A key no section has; `hint` is a did-you-mean (or empty).
+    #[error("unknown key {key} in {source_name}{hint}")]
+    UnknownKey {
+        key: String,
+        source_name: String,
+        hint: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -33,7 +42,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ServerConfig {
-    /// Address to listen on.
+    /// Address to listen on: `host:port` (`127.0.0.1:8080`, `localhost:8080`,
+    /// `[::1]:8080`), or `:port` for every interface (`0.0.0.0`).
+    #[serde(deserialize_with = "deserialize_bind")]
     pub bind: SocketAddr,
     /// Directory served at `/` instead of the web client compiled into the binary (for
     /// working on the client). Empty (the default): the built-in copy.
@@ -116,6 +127,42 @@ impl Default for StorageConfig {
             offline_ttl_secs: 0,
         }
     }
+}
+
+/// The forms `--bind` and `[server] bind` accept, for error messages.
+pub const BIND_FORMS: &str =
+    "host:port such as 127.0.0.1:8080, localhost:8080 or [::1]:8080, or :8080 for every interface";
+
+/// Parses a listen address: `ip:port`, `[ipv6]:port`, `name:port` (resolved, first
+/// address; `localhost` is 127.0.0.1), or `:port` for every IPv4 interface.
+pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let bad = || format!("invalid listen address {s:?}: use {BIND_FORMS}");
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    match host {
+        "" | "*" => Ok(SocketAddr::from(([0, 0, 0, 0], port))),
+        h if h.eq_ignore_ascii_case("localhost") => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
+        h if !h.is_empty() && !h.contains(['[', ']', ':', '/', ' ']) => {
+            use std::net::ToSocketAddrs;
+            (h, port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| {
+                    format!("cannot resolve {h:?} in listen address {s:?}: use {BIND_FORMS}")
+                })
+        }
+        _ => Err(bad()),
+    }
+}
+
+fn deserialize_bind<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_bind(&s).map_err(serde::de::Error::custom)
 }
 
 /// Accepts `"1"` as well as `1`: `PIGEON_STORAGE_MONGODB_WRITE_CONCERN=1` arrives as a
@@ -430,8 +477,10 @@ const SECTIONS: [&str; 8] = [
 ];
 
 impl Config {
-    /// Reads `path` (if given and present), applies `PIGEON_*` overrides from `env`, and
-    /// returns the config with the list of unknown keys (for the caller to warn about).
+    /// Reads `path` (if given and present) and applies `PIGEON_*` overrides from `env`.
+    /// A key Pigeon does not know is an error naming where it came from and the key
+    /// meant, if one is close. The list returned beside the config is always empty
+    /// today (it is where accepted-but-deprecated keys would be reported).
     pub fn load(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -447,14 +496,25 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        let mut unknown = Vec::new();
-        apply_env(&mut table, env, &mut unknown);
-        let config: Config = toml::Value::Table(table.clone())
+        let file_name = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the configuration".into());
+        let from_env = apply_env(&mut table, env)?;
+        // Unknown keys first: a typo'd key is a better explanation than the type error
+        // it may also cause.
+        if let Some((section, key)) = unknown_keys(&table).into_iter().next() {
+            return Err(unknown_key_error(
+                &section,
+                key.as_deref(),
+                &from_env,
+                &file_name,
+            ));
+        }
+        let config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
-        unknown.extend(unknown_keys(&table, &config));
         config.validate()?;
-        Ok((config, unknown))
+        Ok((config, Vec::new()))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -563,12 +623,13 @@ impl Config {
 }
 
 /// `PIGEON_LIMITS_MAILBOX_MAX=5` sets `[limits] mailbox_max = 5`. Values are read as
-/// TOML (numbers, booleans) and fall back to strings.
+/// TOML (numbers, booleans) and fall back to strings. Returns which (section, key) came
+/// from which variable, so an unknown one can be reported by its variable's name.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-    unknown: &mut Vec<String>,
-) {
+) -> Result<std::collections::HashMap<(String, String), String>, ConfigError> {
+    let mut from_env = std::collections::HashMap::new();
     for (name, value) in env {
         let Some(rest) = name.strip_prefix("PIGEON_") else {
             continue;
@@ -592,16 +653,28 @@ fn apply_env(
             toml::Value::Table(t) => {
                 t.insert(key.to_string(), parsed);
             }
-            _ => unknown.push(format!("{name} (section {section} is not a table)")),
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} sets a key of [{section}], but {section} is not a section in the file"
+                )))
+            }
         }
+        from_env.insert((section.to_string(), key.to_string()), name);
+    }
+    Ok(from_env)
+}
+
+/// Keys of the built-in configuration, by section.
+fn known_keys() -> toml::Table {
+    match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
     }
 }
 
-fn unknown_keys(input: &toml::Table, config: &Config) -> Vec<String> {
-    let known = match toml::Value::try_from(config) {
-        Ok(toml::Value::Table(t)) => t,
-        _ => return Vec::new(),
-    };
+/// Unknown sections (`(section, None)`) and keys (`(section, Some(key))`) in `input`.
+fn unknown_keys(input: &toml::Table) -> Vec<(String, Option<String>)> {
+    let known = known_keys();
     let mut out = Vec::new();
     for (section, value) in input {
         match (known.get(section), value) {
@@ -609,14 +682,90 @@ fn unknown_keys(input: &toml::Table, config: &Config) -> Vec<String> {
                 out.extend(
                     v.keys()
                         .filter(|key| !k.contains_key(*key))
-                        .map(|key| format!("{section}.{key}")),
+                        .map(|key| (section.clone(), Some(key.clone()))),
                 );
             }
             (Some(_), _) => {}
-            (None, _) => out.push(section.clone()),
+            (None, _) => out.push((section.clone(), None)),
         }
     }
     out
+}
+
+/// `unknown key [server] bnd in config.toml; did you mean bind?`
+fn unknown_key_error(
+    section: &str,
+    key: Option<&str>,
+    from_env: &std::collections::HashMap<(String, String), String>,
+    file_name: &str,
+) -> ConfigError {
+    let known = known_keys();
+    let Some(key) = key else {
+        let hint = closest(section, known.keys().map(String::as_str))
+            .map(|s| format!("; did you mean [{s}]?"))
+            .unwrap_or_else(|| format!("; the sections are {}", SECTIONS.join(", ")));
+        return ConfigError::UnknownKey {
+            key: format!("section [{section}]"),
+            source_name: file_name.to_string(),
+            hint,
+        };
+    };
+    let keys: Vec<&str> = match known.get(section) {
+        Some(toml::Value::Table(t)) => t.keys().map(String::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let near = closest(key, keys.iter().copied());
+    match from_env.get(&(section.to_string(), key.to_string())) {
+        Some(var) => ConfigError::UnknownKey {
+            key: format!("[{section}] {key}"),
+            source_name: format!("environment variable {var}"),
+            hint: near
+                .map(|k| {
+                    format!(
+                        "; did you mean PIGEON_{}_{}?",
+                        section.to_uppercase(),
+                        k.to_uppercase()
+                    )
+                })
+                .unwrap_or_default(),
+        },
+        None => ConfigError::UnknownKey {
+            key: format!("[{section}] {key}"),
+            source_name: file_name.to_string(),
+            hint: near
+                .map(|k| format!("; did you mean {k}?"))
+                .unwrap_or_else(|| format!("; [{section}] has {}", keys.join(", "))),
+        },
+    }
+}
+
+/// The candidate nearest to `word` by edit distance, if it is near enough to be a typo.
+fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(row[j + 1])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]
@@ -676,13 +825,67 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_are_reported() {
-        let (_, unknown) = Config::load(
+    fn unknown_keys_stop_with_a_suggestion() {
+        let e = Config::load(
             None,
-            env(&[("PIGEON_LIMITS_BOGUS", "1"), ("PIGEON_LOG_LEVEL", "debug")]),
+            env(&[
+                ("PIGEON_LIMITS_MAILBOX_MAXX", "1"),
+                ("PIGEON_LOG_LEVEL", "debug"),
+            ]),
         )
-        .unwrap();
-        assert_eq!(unknown, vec!["limits.bogus".to_string()]);
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "unknown key [limits] mailbox_maxx in environment variable PIGEON_LIMITS_MAILBOX_MAXX; \
+             did you mean PIGEON_LIMITS_MAILBOX_MAX?"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[server]\nbnd = \"0.0.0.0:9\"\n").unwrap();
+        let e = Config::load(Some(&path), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with(
+                "[server] bnd in {}; did you mean bind?"
+                    .replace("{}", &path.display().to_string())
+                    .as_str()
+            ),
+            "{e}"
+        );
+        std::fs::write(&path, "[limts]\nmailbox_max = 1\n").unwrap();
+        let e = Config::load(Some(&path), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("did you mean [limits]?"), "{e}");
+        assert_eq!(edit_distance("bnd", "bind"), 1);
+        assert_eq!(closest("zzzzzz", ["bind", "static_dir"].into_iter()), None);
+    }
+
+    #[test]
+    fn bind_forms() {
+        assert_eq!(
+            parse_bind("127.0.0.1:80").unwrap(),
+            "127.0.0.1:80".parse().unwrap()
+        );
+        assert_eq!(
+            parse_bind("localhost:8080").unwrap(),
+            "127.0.0.1:8080".parse().unwrap()
+        );
+        assert_eq!(
+            parse_bind(":8080").unwrap(),
+            "0.0.0.0:8080".parse().unwrap()
+        );
+        assert_eq!(parse_bind("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
+        let e = parse_bind("8080").unwrap_err();
+        assert!(
+            e.contains("localhost:8080") && e.contains(":8080 for every interface"),
+            "{e}"
+        );
+        assert!(parse_bind("localhost:99999").is_err());
+        let (c, _) = Config::load(None, env(&[("PIGEON_SERVER_BIND", ":7000")])).unwrap();
+        assert_eq!(c.server.bind, "0.0.0.0:7000".parse().unwrap());
     }
 
     #[test]

@@ -328,7 +328,16 @@ async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
             body["cluster"] = "redis unreachable: serving local users only".into();
         }
     }
+    // A store that refuses writes (disk full, read-only) means every send fails: that is
+    // not healthy, and a load balancer should hear it (503).
+    let mut status = StatusCode::OK;
+    if let Err(e) = ctx.app.store.check_writable().await {
+        status = StatusCode::SERVICE_UNAVAILABLE;
+        body["status"] = "degraded".into();
+        body["store_error"] = e.to_string().into();
+    }
     (
+        status,
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
     )

@@ -46,3 +46,16 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// Shows an optional log field as its value, or `-` when absent (`ip=127.0.0.1`, not
+/// `ip=Some(127.0.0.1)`): `tracing::info!(ip = %OrDash(&ip), ...)`.
+pub struct OrDash<'a, T>(pub &'a Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}

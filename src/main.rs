@@ -1,6 +1,10 @@
-//! The `pigeon` binary: command-line parsing and logging set-up only.
+//! The `pigeon` binary: command-line parsing and logging set-up only. An error ends it
+//! with one `error: ...` line on stderr and exit code 1 (never a Rust backtrace, even
+//! with `RUST_BACKTRACE=1`: these are the user's errors, not the program's).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -25,8 +29,9 @@ enum Command {
         /// Configuration file (default: ./config.toml when it exists).
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Listen address, overriding [server] bind.
-        #[arg(long)]
+        /// Listen address, overriding [server] bind: host:port (127.0.0.1:8080,
+        /// localhost:8080, [::1]:8080), or :8080 for every interface.
+        #[arg(long, value_parser = pigeon::config::parse_bind)]
         bind: Option<std::net::SocketAddr>,
         /// Data directory of the embedded store, overriding [storage] data_dir.
         #[arg(long)]
@@ -89,20 +94,17 @@ enum UserAction {
     },
 }
 
-/// Loads the configuration the way `serve` does; returns it with its unknown keys.
-fn load_config(
-    config: Option<PathBuf>,
-    data_dir: Option<PathBuf>,
-) -> anyhow::Result<(Config, Vec<String>)> {
+/// Loads the configuration the way `serve` does (unknown keys are errors).
+fn load_config(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<Config> {
     let path = config.or_else(|| {
         let default = PathBuf::from("config.toml");
         default.exists().then_some(default)
     });
-    let (mut cfg, unknown) = Config::load(path.as_deref(), std::env::vars())?;
+    let (mut cfg, _) = Config::load(path.as_deref(), std::env::vars())?;
     if let Some(d) = data_dir {
         cfg.storage.data_dir = d;
     }
-    Ok((cfg, unknown))
+    Ok(cfg)
 }
 
 /// glibc's malloc raises its mmap threshold whenever a large mmapped block is freed, so
@@ -128,9 +130,33 @@ fn tune_allocator() {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", sentence(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes as one sentence, each cause once: the errors' own messages
+/// often include their source already.
+fn sentence(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     match cli.command {
         Command::Serve {
@@ -139,7 +165,7 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             log_format,
         } => {
-            let (mut cfg, unknown) = load_config(config, data_dir)?;
+            let mut cfg = load_config(config, data_dir)?;
             if let Some(b) = bind {
                 cfg.server.bind = b;
             }
@@ -147,9 +173,6 @@ fn main() -> anyhow::Result<()> {
                 cfg.log.format = f;
             }
             init_logging(&cfg)?;
-            for key in unknown {
-                tracing::warn!(%key, "unknown configuration key ignored");
-            }
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(cfg.server.bind)
                     .await
@@ -164,7 +187,7 @@ fn main() -> anyhow::Result<()> {
                 UserAction::Del { name, cfg } => (Action::Delete, name, cfg),
                 UserAction::Passwd { name, cfg } => (Action::Passwd, name, cfg),
             };
-            let (cfg, _) = load_config(args.config, args.data_dir)?;
+            let cfg = load_config(args.config, args.data_dir)?;
             let done =
                 runtime.block_on(accounts::run(&cfg, action, &name, PasswordSource::Stdin))?;
             println!("{done}");
@@ -191,11 +214,12 @@ fn init_logging(cfg: &Config) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
         .context("invalid log level")?;
-    // Colour codes are escape sequences: only for a terminal, never into a log file.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    // Logs go to stderr, in colour only when that is a terminal (no escape codes in a
+    // journal, a file or a pipe).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match cfg.log.format.as_str() {
         "json" => builder.json().init(),
         "pretty" => builder.init(),

@@ -227,7 +227,7 @@ pub async fn run<S>(
                 Ok(Ok(acks)) => break Some(acks),
                 Ok(Err(_)) => break None,
                 Err(_) => {
-                    tracing::debug!(user = ?reader.user, "writer did not finish in time; aborting it");
+                    tracing::debug!(user = %EscapedOpt(reader.user.as_deref()), "writer did not finish in time; aborting it");
                     abort.abort();
                     break None;
                 }
@@ -486,11 +486,11 @@ impl Reader {
             // Pings are answered by tungstenite itself; close frames end the stream.
             Some(Ok(_)) => Flow::Continue,
             Some(Err(tungstenite::Error::Capacity(e))) => {
-                tracing::debug!(user = ?self.user, error = %e, "message too big");
+                tracing::debug!(user = %crate::OrDash(&self.user), error = %e, "message too big");
                 self.close(CLOSE_TOO_BIG, "message too big").await
             }
             Some(Err(e)) => {
-                tracing::debug!(user = ?self.user, error = %e, "read error");
+                tracing::debug!(user = %crate::OrDash(&self.user), error = %e, "read error");
                 Flow::Close
             }
         }
@@ -1017,6 +1017,11 @@ impl Reader {
         token: Option<String>,
     ) -> Flow {
         let (app, ip) = (self.app.clone(), self.peer);
+        // In open mode anyone may claim any name: a client that brings a password anyway
+        // (`pigeon chat --password`) is not refused for it.
+        if let (Some(u), None, false) = (&user, &token, app.auth.required()) {
+            return self.identify(u.clone(), Dialect::Pigeon, false).await;
+        }
         let proved = match (&user, password, token) {
             (_, _, Some(t)) => app.auth.verify_token(&app.store, &t, ip).await,
             (Some(u), Some(p), None) => app.auth.check_password(&app.store, u, &p, ip).await,
@@ -1107,7 +1112,7 @@ impl Reader {
         let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
         let e = ProtocolError::new(ErrorCode::RateLimited, what).with_id(id);
         if verdict == Rate::Close {
-            tracing::info!(user = %EscapedOpt(self.user.as_deref()), peer = ?self.peer, "closing a flooding connection");
+            tracing::info!(user = %EscapedOpt(self.user.as_deref()), peer = %crate::OrDash(&self.peer), "closing a flooding connection");
             if let Some(ip) = self.peer {
                 self.app.flood_ban.flooded(ip, Instant::now());
             }
@@ -1118,7 +1123,7 @@ impl Reader {
 
     /// Sends an error frame, then closes with `code` (the error code is the reason).
     async fn refuse_and_close(&mut self, dialect: Dialect, e: ProtocolError, code: u16) -> Flow {
-        tracing::debug!(user = %EscapedOpt(self.user.as_deref()), peer = ?self.peer, code = e.code.as_str(), message = %Escaped(&e.message), "closing session");
+        tracing::debug!(user = %EscapedOpt(self.user.as_deref()), peer = %crate::OrDash(&self.peer), code = e.code.as_str(), message = %Escaped(&e.message), "closing session");
         inc(&self.app.metrics.errors);
         self.reply(dialect, &Event::Error(&e)).await;
         self.close(code, e.code.as_str()).await

@@ -342,8 +342,8 @@ fn spawn_logging(dir: &Path, port: u16, log: &Path) -> Child {
         .env_remove("RUST_LOG")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdin(Stdio::null())
-        .stdout(file) // the log goes to stdout
-        .stderr(Stdio::inherit())
+        .stdout(Stdio::null())
+        .stderr(file) // the log goes to stderr
         .spawn()
         .unwrap()
 }

@@ -170,7 +170,10 @@ async fn terminal_client_sends_and_shows_offline_catch_up() {
     .unwrap();
     assert!(child.wait().unwrap().success());
     assert!(out.contains("[offline] ann: while you were out"), "{out}");
-    assert!(out.contains("* to ann: delivered"), "{out}");
+    assert!(
+        out.contains("you → ann: hello from the terminal  [delivered]"),
+        "{out}"
+    );
     srv.stop().await;
 }
 

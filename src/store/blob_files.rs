@@ -33,7 +33,7 @@ fn valid_key(key: &str) -> bool {
 impl BlobFiles {
     pub fn open(data_dir: &Path, sync: bool) -> Result<BlobFiles, StoreError> {
         let dir = data_dir.join("blobs");
-        std::fs::create_dir_all(&dir).map_err(|e| io("cannot create", &dir, e))?;
+        super::private_files::private_dir(&dir).map_err(|e| io("cannot create", &dir, e))?;
         Ok(BlobFiles { dir, sync })
     }
 
@@ -48,7 +48,12 @@ impl BlobFiles {
     pub async fn writer(&self, key: &str) -> Result<Box<dyn BlobWrite>, StoreError> {
         let done = self.path(key)?;
         let part = done.with_extension("part");
-        let file = tokio::fs::File::create(&part)
+        let mut opts = tokio::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        opts.mode(0o600);
+        let file = opts
+            .open(&part)
             .await
             .map_err(|e| io("cannot create", &part, e))?;
         Ok(Box::new(FileWriter {

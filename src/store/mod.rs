@@ -39,6 +39,7 @@
 
 pub mod blob_files;
 pub mod mongo;
+pub mod private_files;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -303,7 +304,7 @@ impl Enqueued {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("mailbox of {recipient} is full ({limit} messages)")]
     MailboxFull { recipient: String, limit: u64 },
@@ -384,6 +385,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name for logs and metrics ("sqlite", "mongodb").
     fn backend(&self) -> &'static str;
+
+    /// Whether the store can take writes right now (`/healthz`): an error when, say, the
+    /// disk is full or the data directory read-only. Backends without a cheap check
+    /// answer `Ok`.
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Starts storing a blob under `key` (a fresh, unique key).
     async fn blob_writer(&self, key: &str) -> Result<Box<dyn BlobWrite>, StoreError> {

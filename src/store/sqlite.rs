@@ -184,6 +184,8 @@ enum Request {
 pub struct SqliteStore {
     tx: mpsc::Sender<Request>,
     blobs: BlobFiles,
+    /// The data directory, where `check_writable` writes its probe.
+    dir: PathBuf,
 }
 
 impl SqliteStore {
@@ -192,10 +194,21 @@ impl SqliteStore {
     }
 
     pub fn open_with(cfg: &StorageConfig, limits: StoreLimits) -> Result<SqliteStore, StoreError> {
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        super::private_files::private_dir(&cfg.data_dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", cfg.data_dir.display()))
         })?;
         let path = cfg.data_dir.join("pigeon.db");
+        for file in ["pigeon.db", "pigeon.db-wal", "pigeon.db-shm"] {
+            let f = cfg.data_dir.join(file);
+            let made = if file == "pigeon.db" {
+                super::private_files::private_file(&f)
+            } else {
+                super::private_files::tighten(&f, 0o600)
+            };
+            made.map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", f.display()))
+            })?;
+        }
         let busy_timeout = Duration::from_millis(cfg.sqlite_busy_timeout_ms);
         let mut conn = open_connection(&path, &cfg.sqlite_synchronous, busy_timeout)?;
         prepare_schema(&mut conn, &path)?;
@@ -255,7 +268,11 @@ impl SqliteStore {
                 })
                 .map_err(|e| StoreError::Unavailable(format!("cannot start expiry thread: {e}")))?;
         }
-        Ok(SqliteStore { tx, blobs })
+        Ok(SqliteStore {
+            tx,
+            blobs,
+            dir: cfg.data_dir.clone(),
+        })
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
@@ -409,9 +426,7 @@ impl Store for SqliteStore {
         let n = msgs.len();
         match self.call(|reply| Request::Enqueue(msgs, reply)).await {
             Ok(answers) => answers,
-            Err(e) => (0..n)
-                .map(|_| Err(StoreError::Unavailable(e.to_string())))
-                .collect(),
+            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
         }
     }
 
@@ -453,6 +468,26 @@ impl Store for SqliteStore {
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    /// Writes, syncs and removes a 4 KiB probe file beside the database (a WAL page's
+    /// worth): fails when the disk is full or the directory is read-only, as the next
+    /// message would.
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        let path = self.dir.join(".write-probe");
+        let probe = path.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&probe)?;
+            let done = f.write_all(&[0u8; 4096]).and_then(|()| f.sync_data());
+            let _ = std::fs::remove_file(&probe);
+            done
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        written.map_err(|e| {
+            StoreError::Unavailable(format!("cannot write in {}: {e}", self.dir.display()))
+        })
     }
 
     async fn blob_writer(&self, key: &str) -> Result<Box<dyn BlobWrite>, StoreError> {
@@ -832,7 +867,7 @@ fn sql(e: rusqlite::Error) -> StoreError {
 }
 
 fn clone_err(e: &StoreError) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    e.clone()
 }
 
 fn answer_request(req: Request, answer: Answer) {
