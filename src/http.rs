@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::services::ServeDir;
 
 use crate::app::App;
-use crate::escape::{Escaped, EscapedOpt};
+use crate::escape::Escaped;
 use crate::origins::Origins;
 use crate::protocol::{canonical_username, Dialect, ErrorCode, ProtocolError};
 use crate::session::{self, Greeting, CLOSE_AUTH};
