@@ -1,5 +1,6 @@
 //! HTTP on the WebSocket port: the upgrade routes (`/ws`, `/web`, `/ws/<user>`,
-//! `/web/<user>`), `/healthz`, `/metrics`, the account API (`api`), the web client
+//! `/web/<user>`), `/healthz`, `/metrics`, the account API (`api`), file downloads
+//! (`downloads`), the web client
 //! from `static/` at `/`, and, only with `[server] echo_route = true`, the test-only
 //! WebSocket echo at `/echo`. Before an upgrade it checks the `Origin` against
 //! `[auth] allowed_origins` and resolves a token (`?token=` or `Authorization: Bearer`)
@@ -58,6 +59,7 @@ pub fn routes(ctx: Arc<Ctx>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(crate::api::routes())
+        .merge(crate::downloads::routes())
         .fallback_service(static_dir)
         .with_state(ctx)
 }
@@ -168,7 +170,8 @@ async fn upgrade_echo(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
     let limits = &ctx.app.config.limits;
     let queue = limits.session_queue;
     let write_timeout = Duration::from_secs(limits.write_timeout_secs);
-    handshake(ctx, req, move |ws, ctx, _peer| {
+    let ws_config = crate::server::websocket_config(&ctx.app.config);
+    handshake(ctx, req, ws_config, move |ws, ctx, _peer| {
         crate::echo::run(ws, queue, write_timeout, ctx.shutdown.clone())
     })
 }
@@ -188,8 +191,18 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
 
 /// Completes the RFC 6455 handshake and hands the socket to a session task.
 fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, req: Request) -> Response {
-    handshake(ctx, req, move |ws, ctx, peer| async move {
-        session::run(ws, ctx.app.clone(), greeting, peer, ctx.shutdown.clone()).await
+    let ws_config = ctx.ws_config;
+    let links = crate::downloads::link_base(&req, ctx.app.config.tls.enabled());
+    handshake(ctx, req, ws_config, move |ws, ctx, peer| async move {
+        session::run(
+            ws,
+            ctx.app.clone(),
+            greeting,
+            peer,
+            links,
+            ctx.shutdown.clone(),
+        )
+        .await
     })
 }
 
@@ -198,7 +211,12 @@ type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Checks the upgrade request, answers 101 and runs `serve` on the upgraded socket (with
 /// the server's tungstenite settings) in a tracked task that holds the connection permit.
-fn handshake<F, Fut>(ctx: Arc<Ctx>, mut req: Request, serve: F) -> Response
+fn handshake<F, Fut>(
+    ctx: Arc<Ctx>,
+    mut req: Request,
+    ws_config: WebSocketConfig,
+    serve: F,
+) -> Response
 where
     F: FnOnce(Ws, Arc<Ctx>, Option<IpAddr>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -257,12 +275,9 @@ where
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(task_ctx.ws_config),
-        )
-        .await;
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
+                .await;
         serve(ws, task_ctx, peer).await;
         drop(guard);
     });
