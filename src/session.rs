@@ -328,6 +328,17 @@ impl Reader {
                 return flow;
             }
         }
+        // The socket reads frames up to the legacy binary limit; everything but a legacy
+        // session's binary frame is held to `max_message_bytes`, as before.
+        let len = match &frame {
+            Some(Ok(Message::Text(t))) => t.len(),
+            Some(Ok(Message::Binary(b))) if !self.legacy_identified() => b.len(),
+            _ => 0,
+        };
+        if len > self.app.config.limits.max_message_bytes {
+            tracing::debug!(user = ?self.user, len, "message too big");
+            return self.close(CLOSE_TOO_BIG, TOO_BIG_REASON).await;
+        }
         match frame {
             None => Flow::Close,
             Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
@@ -343,6 +354,11 @@ impl Reader {
                 Flow::Close
             }
         }
+    }
+
+    /// A hash or seed-JSON session that knows its user: its binary frames are files.
+    fn legacy_identified(&self) -> bool {
+        self.user.is_some() && matches!(self.dialect, Some(Dialect::Hash | Dialect::SeedJson))
     }
 
     async fn on_text(&mut self, text: &str) -> Flow {
@@ -507,11 +523,6 @@ impl Reader {
         };
         if dialect != Dialect::Pigeon {
             return self.legacy_binary(&user, dialect, data).await;
-        }
-        // The socket reads frames up to the legacy limit; blob chunks have their own.
-        if data.len() > self.app.config.limits.max_message_bytes {
-            tracing::debug!(user = ?self.user, len = data.len(), "binary frame too big");
-            return self.close(CLOSE_TOO_BIG, TOO_BIG_REASON).await;
         }
         let stream = match protocol::split_chunk(&data) {
             Ok((stream, _)) => stream,
