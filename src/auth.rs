@@ -310,6 +310,23 @@ impl Auth {
         }
     }
 
+    /// The signature of a download link for blob `key` (see `downloads`).
+    pub fn sign_link(&self, key: &str, user: &str, expires_at: u64) -> String {
+        self.key.sign_link(key, user, expires_at)
+    }
+
+    /// Checks a download link's signature and expiry.
+    pub fn verify_link(
+        &self,
+        key: &str,
+        user: &str,
+        expires_at: u64,
+        sig: &str,
+    ) -> Result<(), TokenError> {
+        self.key
+            .verify_link(key, user, expires_at, sig, token::now_secs())
+    }
+
     /// Records a take-over of `user`; false when it has been taken over too often lately
     /// and this login must be refused.
     pub fn allow_takeover(&self, user: &str) -> bool {

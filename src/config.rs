@@ -295,6 +295,16 @@ pub struct LimitsConfig {
     /// A blob transfer that receives no chunk for this long is aborted with
     /// `blob_timeout` (its spool file deleted); the session stays open.
     pub blob_idle_secs: u64,
+    /// Largest raw binary frame a hash or seed-JSON session may send (the tutorials send
+    /// a file or video as one frame); it is spooled to blob storage like a blob. The
+    /// WebSocket layer accepts frames up to the larger of this and `max_message_bytes`;
+    /// every other kind of frame is checked against its own limit after that.
+    pub legacy_binary_max_bytes: usize,
+    /// How long a download link (`GET /api/blobs/{key}`) handed out with a file stays
+    /// valid, and how long a blob stays stored after its message was acknowledged so
+    /// that such a link keeps working. 0: no download links; a blob is deleted with its
+    /// message's ack.
+    pub blob_link_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -335,6 +345,8 @@ impl Default for LimitsConfig {
             sender_quota_bytes: 1024 * 1024 * 1024,
             store_max_bytes: 0,
             blob_idle_secs: 30,
+            legacy_binary_max_bytes: 16 * 1024 * 1024,
+            blob_link_secs: 3600,
         }
     }
 }
@@ -533,6 +545,11 @@ impl Config {
         }
         if l.blob_chunk_bytes == 0 || l.blob_chunk_bytes + 4 > l.max_message_bytes {
             return bad("limits.blob_chunk_bytes must be positive and fit (with its 4-byte header) in max_message_bytes");
+        }
+        if l.legacy_binary_max_bytes == 0 || l.legacy_binary_max_bytes as u64 > l.max_blob_bytes {
+            return bad(
+                "limits.legacy_binary_max_bytes must be between 1 and limits.max_blob_bytes",
+            );
         }
         if l.blob_relay_bytes < l.max_message_bytes {
             return bad("limits.blob_relay_bytes must be at least limits.max_message_bytes");

@@ -1,9 +1,10 @@
 //! HTTP on the WebSocket port: the upgrade routes (`/ws`, `/web`, `/ws/<user>`,
-//! `/web/<user>`), `/healthz`, `/metrics`, the account API (`api`), the web client at `/`
-//! (built in, see `web`, or from `[server] static_dir`), and, only with
-//! `[server] echo_route = true`, the test-only WebSocket echo at `/echo`. Every response
-//! gets the security headers of `web::SecurityHeaders`. Before an upgrade it checks the
-//! `Origin` (see `origins`) and resolves a token (`?token=` or `Authorization: Bearer`)
+//! `/web/<user>`), `/healthz`, `/metrics`, the account API (`api`), file downloads
+//! (`downloads`), the web client at `/` (built in, see `web`, or from
+//! `[server] static_dir`), and, only with `[server] echo_route = true`, the test-only
+//! WebSocket echo at `/echo`. Every response gets the security headers of
+//! `web::SecurityHeaders`. Before an upgrade it checks the `Origin` (see `origins`) and
+//! resolves a token (`?token=` or `Authorization: Bearer`)
 //! into the session's identity.
 
 use std::collections::HashMap;
@@ -65,7 +66,8 @@ pub fn routes(ctx: Arc<Ctx>) -> Router {
         .route("/web/{user}", get(upgrade_named))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .merge(crate::api::routes(ctx.app.config.limits.api_max_body_bytes));
+        .merge(crate::api::routes(ctx.app.config.limits.api_max_body_bytes))
+        .merge(crate::downloads::routes());
     let static_dir = &ctx.app.config.server.static_dir;
     router = match static_dir.as_os_str().is_empty() {
         true => router.fallback(crate::web::embedded),
@@ -206,7 +208,8 @@ async fn upgrade_echo(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
     let limits = &ctx.app.config.limits;
     let queue = limits.session_queue;
     let write_timeout = Duration::from_secs(limits.write_timeout_secs);
-    handshake(ctx, req, move |ws, ctx, _peer, _wire| {
+    let ws_config = crate::server::websocket_config(&ctx.app.config);
+    handshake(ctx, req, ws_config, move |ws, ctx, _peer, _wire| {
         crate::echo::run(ws, queue, write_timeout, ctx.shutdown.clone())
     })
 }
@@ -226,13 +229,24 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
 
 /// Completes the RFC 6455 handshake and hands the socket to a session task.
 fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, req: Request) -> Response {
-    handshake(ctx, req, move |ws, ctx, peer, wire| async move {
+    // In password mode a socket that has not proved its user yet (no token in the URL)
+    // can only log in: it gets the ordinary frame limit, not the tutorial clients' large
+    // binary frames (those need a token in the URL anyway), so an anonymous connection
+    // cannot make the server buffer `limits.legacy_binary_max_bytes`.
+    let anonymous = matches!(greeting, Greeting::Anonymous | Greeting::Refused { .. });
+    let ws_config = match anonymous && ctx.app.auth.required() {
+        true => crate::server::websocket_config(&ctx.app.config),
+        false => ctx.ws_config,
+    };
+    let links = crate::downloads::link_base(&req, ctx.app.config.tls.enabled());
+    handshake(ctx, req, ws_config, move |ws, ctx, peer, wire| async move {
         session::run(
             ws,
             ctx.app.clone(),
             greeting,
             peer,
             wire,
+            links,
             ctx.shutdown.clone(),
         )
         .await
@@ -246,7 +260,12 @@ type Ws = WebSocketStream<TokioIo<Upgraded>>;
 /// the server's tungstenite settings) in a tracked task that holds the connection permit.
 /// `serve` also gets the client's address and the connection's byte count (`Wire`, put
 /// into the request by `server::connection`).
-fn handshake<F, Fut>(ctx: Arc<Ctx>, mut req: Request, serve: F) -> Response
+fn handshake<F, Fut>(
+    ctx: Arc<Ctx>,
+    mut req: Request,
+    ws_config: WebSocketConfig,
+    serve: F,
+) -> Response
 where
     F: FnOnce(Ws, Arc<Ctx>, Option<IpAddr>, Option<Arc<Wire>>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -294,12 +313,9 @@ where
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(task_ctx.ws_config),
-        )
-        .await;
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
+                .await;
         serve(ws, task_ctx, peer, wire).await;
         drop(guard);
     });

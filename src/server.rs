@@ -73,6 +73,20 @@ pub fn websocket_config(config: &Config) -> WebSocketConfig {
         .max_frame_size(Some(config.limits.max_message_bytes))
 }
 
+/// The settings of chat sessions: as `websocket_config`, but frames up to
+/// `limits.legacy_binary_max_bytes` are read, so that a tutorial client's file (one raw
+/// binary frame) reaches the session, which holds every other kind of frame to its own
+/// limit (`max_text_bytes`, `max_message_bytes`).
+pub fn session_websocket_config(config: &Config) -> WebSocketConfig {
+    let most = config
+        .limits
+        .max_message_bytes
+        .max(config.limits.legacy_binary_max_bytes);
+    websocket_config(config)
+        .max_message_size(Some(most))
+        .max_frame_size(Some(most))
+}
+
 /// Opens the configured store and serves `listener` until `shutdown` completes.
 pub async fn run(
     listener: TcpListener,
@@ -171,7 +185,7 @@ async fn serve(
         app: app.clone(),
         tracker: tracker.clone(),
         shutdown: shutdown_rx.clone(),
-        ws_config: websocket_config(&app.config),
+        ws_config: session_websocket_config(&app.config),
         origins,
     });
     let routes = http::routes(ctx);
@@ -181,6 +195,10 @@ async fn serve(
     if app.auth.required() {
         tracker.spawn(crate::revoke::run(app.clone(), shutdown_rx.clone()));
     }
+    tracker.spawn(crate::downloads::sweep_acked_blobs(
+        app.clone(),
+        shutdown_rx.clone(),
+    ));
     let limit = Arc::new(Semaphore::new(app.config.server.max_connections));
     let per_ip = Arc::new(IpConnections::default());
     let per_ip_cap = app.config.limits.max_connections_per_ip;

@@ -55,8 +55,14 @@ pub const CLOSE_RATE_LIMITED: u16 = 4008;
 pub const CLOSE_TAKEOVER_LOOP: u16 = 4009;
 pub const CLOSE_LOGIN_TIMEOUT: u16 = 4010;
 
+/// The close reason of 1009: the settings that bound a WebSocket message.
+const TOO_BIG_REASON: &str =
+    "message too big: limits.max_message_bytes (legacy binary: limits.legacy_binary_max_bytes)";
+
 /// Queued frames the writer handles before it flushes the socket and looks around.
 const WRITE_BATCH: usize = 256;
+/// A legacy binary frame is written to blob storage in pieces of this size.
+const LEGACY_SPOOL_PIECE: usize = 1024 * 1024;
 /// Sends read off the socket before they are stored together.
 const READ_BATCH: usize = 64;
 /// Legacy sessions ask the kernel which written messages the client's TCP acknowledged
@@ -118,6 +124,7 @@ pub async fn run<S>(
     greeting: Greeting,
     peer: Option<IpAddr>,
     wire: Option<Arc<Wire>>,
+    links: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -143,6 +150,7 @@ pub async fn run<S>(
         live_blobs: HashMap::new(),
         next_stream: 0,
         write_timeout: Duration::from_secs(app.config.limits.write_timeout_secs),
+        links,
     };
     let writer = tokio::spawn(writer.run(rx, shared.stop_signal()));
 
@@ -479,6 +487,17 @@ impl Reader {
                 return flow;
             }
         }
+        // The socket reads frames up to the legacy binary limit; everything but a legacy
+        // session's binary frame is held to `max_message_bytes`, as before.
+        let len = match &frame {
+            Some(Ok(Message::Text(t))) => t.len(),
+            Some(Ok(Message::Binary(b))) if !self.legacy_identified() => b.len(),
+            _ => 0,
+        };
+        if len > self.app.config.limits.max_message_bytes {
+            tracing::debug!(user = ?self.user, len, "message too big");
+            return self.close(CLOSE_TOO_BIG, TOO_BIG_REASON).await;
+        }
         match frame {
             None => Flow::Close,
             Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
@@ -487,13 +506,18 @@ impl Reader {
             Some(Ok(_)) => Flow::Continue,
             Some(Err(tungstenite::Error::Capacity(e))) => {
                 tracing::debug!(user = %crate::OrDash(&self.user), error = %e, "message too big");
-                self.close(CLOSE_TOO_BIG, "message too big").await
+                self.close(CLOSE_TOO_BIG, TOO_BIG_REASON).await
             }
             Some(Err(e)) => {
                 tracing::debug!(user = %crate::OrDash(&self.user), error = %e, "read error");
                 Flow::Close
             }
         }
+    }
+
+    /// A hash or seed-JSON session that knows its user: its binary frames are files.
+    fn legacy_identified(&self) -> bool {
+        self.user.is_some() && matches!(self.dialect, Some(Dialect::Hash | Dialect::SeedJson))
     }
 
     async fn on_text(&mut self, text: &str) -> Flow {
@@ -503,7 +527,7 @@ impl Reader {
             let e = ProtocolError::new(
                 ErrorCode::TooLarge,
                 format!(
-                    "text frame of {} bytes is above the limit of {limit}",
+                    "text frame of {} bytes is above the limit of {limit} (limits.max_text_bytes)",
                     text.len()
                 ),
             );
@@ -685,6 +709,7 @@ impl Reader {
         };
         let id = done.meta.id.clone();
         let to = done.to.clone();
+        record_blob(&self.app, user, &to, &done.meta).await;
         match self
             .accept(user, id.clone(), to.clone(), done.meta.to_body())
             .await
@@ -703,9 +728,11 @@ impl Reader {
         }
     }
 
-    /// A raw binary frame from a legacy session goes, whole, to its last recipient.
+    /// A raw binary frame from a legacy session (a tutorial's file or video, sent whole)
+    /// goes to its last recipient. tungstenite holds the frame once; it is spooled to
+    /// blob storage from there and becomes a blob message like any other.
     async fn legacy_binary(&mut self, user: &str, dialect: Dialect, data: Bytes) -> Flow {
-        let limit = self.app.config.limits.max_text_bytes;
+        let limit = self.app.config.limits.legacy_binary_max_bytes;
         let Some(to) = self.last_to.clone() else {
             let e = ProtocolError::new(
                 ErrorCode::Unsupported,
@@ -716,16 +743,21 @@ impl Reader {
         if data.len() > limit || data.is_empty() {
             let e = ProtocolError::new(
                 ErrorCode::TooLarge,
-                format!("binary frames on this session must be 1..={limit} bytes"),
-            );
+                format!(
+                    "binary frames on this session must be 1..={limit} bytes (limits.legacy_binary_max_bytes)"
+                ),
+            )
+            .with_to(Some(to));
             return self.refuse(dialect, e).await;
         }
         let key = new_blob_key();
         let stored = async {
             let mut w = self.app.store.blob_writer(&key).await?;
-            if let Err(e) = w.write(&data).await {
-                w.discard().await;
-                return Err(e);
+            for piece in data.chunks(LEGACY_SPOOL_PIECE) {
+                if let Err(e) = w.write(piece).await {
+                    w.discard().await;
+                    return Err(e);
+                }
             }
             w.finish().await
         };
@@ -733,14 +765,17 @@ impl Reader {
             let e = ProtocolError::new(ErrorCode::StoreUnavailable, e.to_string());
             return self.refuse(dialect, e).await;
         }
+        let (mime, name) = crate::transfer::sniff(&data);
         let meta = BlobMeta {
             key: key.clone(),
             id: None,
-            name: String::new(),
-            mime: "application/octet-stream".into(),
+            name: name.into(),
+            mime: mime.into(),
             size: data.len() as u64,
             sha256: None,
         };
+        drop(data);
+        record_blob(&self.app, user, &to, &meta).await;
         match self.accept(user, None, to.clone(), meta.to_body()).await {
             Ok(accepted) => self.answer_sent(dialect, None, &to, accepted).await,
             Err(e) => {
@@ -1146,6 +1181,26 @@ impl Reader {
     }
 }
 
+/// Records who may download a finished blob (`GET /api/blobs/{key}`). Without it the
+/// blob is still delivered, but its links do not work: logged, not refused.
+async fn record_blob(app: &App, user: &str, to: &str, meta: &BlobMeta) {
+    if app.config.limits.blob_link_secs == 0 {
+        return; // no links: the blob goes with its message's ack
+    }
+    let info = crate::store::BlobInfo {
+        sender: user.to_string(),
+        recipient: to.to_string(),
+        name: meta.name.clone(),
+        mime: meta.mime.clone(),
+        size: meta.size,
+        acked_at: None,
+    };
+    if let Err(e) = app.store.blob_set_info(&meta.key, &info).await {
+        inc(&app.metrics.store_errors);
+        tracing::warn!(key = %meta.key, error = %e, "cannot record who may download a blob");
+    }
+}
+
 /// Before a session knows its dialect, a frame's shape tells which one it speaks.
 fn guess_dialect(text: &str) -> Dialect {
     if hash::looks_like(text) {
@@ -1324,6 +1379,8 @@ struct Writer<S> {
     live_blobs: HashMap<Arc<str>, u32>,
     next_stream: u32,
     write_timeout: Duration,
+    /// `http(s)://host` the client reached this server at, for download links.
+    links: Option<Arc<str>>,
 }
 
 impl<S> Writer<S>
@@ -1519,11 +1576,13 @@ where
                 }
                 let stream = self.new_stream();
                 self.live_blobs.insert(meta.key.as_str().into(), stream);
+                let url = self.link(&meta.key, &user);
                 let start = Event::BlobStart {
                     stream,
                     from: &from,
                     to: &user,
                     meta: &meta,
+                    url: Some(&url),
                     offline: false,
                 };
                 self.write_event(&start).await
@@ -1567,15 +1626,17 @@ where
         meta: &BlobMeta,
         offline: bool,
     ) -> Result<(), Exit> {
-        let max_frame = self.app.config.limits.max_message_bytes as u64;
+        let url = self.link(&meta.key, &msg.recipient);
         if self.dialect != Dialect::Pigeon {
-            // The legacy dialects get small blobs as one binary frame, large ones as a notice.
-            if meta.size <= max_frame {
-                if let Some(bytes) = self.read_blob(meta).await {
-                    return self.write(Message::binary(bytes)).await;
-                }
-            }
-            return self.write_event(&Event::Message { msg, offline }).await;
+            // The legacy dialects get files as a text notice with a download link: a
+            // seed page parses every frame as JSON, and a hash client needs the sender.
+            let notice = Event::FileNotice {
+                msg,
+                meta,
+                url: &url,
+                offline,
+            };
+            return self.write_event(&notice).await;
         }
         if let Some(stream) = self.live_blobs.remove(meta.key.as_str()) {
             return self
@@ -1592,6 +1653,7 @@ where
             from: &msg.sender,
             to: &msg.recipient,
             meta,
+            url: Some(&url),
             offline,
         };
         self.write_event(&start).await?;
@@ -1636,18 +1698,9 @@ where
         }
     }
 
-    /// A small stored blob, whole.
-    async fn read_blob(&self, meta: &BlobMeta) -> Option<Vec<u8>> {
-        let mut reader = self.app.store.blob_reader(&meta.key).await.ok()?;
-        let mut out = vec![0u8; usize::try_from(meta.size).ok()?];
-        let mut filled = 0;
-        while filled < out.len() {
-            match reader.read(&mut out[filled..]).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => filled += n,
-            }
-        }
-        Some(out)
+    /// A signed download link to blob `key` for `user`.
+    fn link(&self, key: &str, user: &str) -> String {
+        crate::downloads::link(&self.app, self.links.as_deref(), key, user)
     }
 
     async fn start(

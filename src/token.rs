@@ -77,6 +77,50 @@ impl TokenKey {
     }
 }
 
+impl TokenKey {
+    fn link_mac(&self, key: &str, user: &str, expires_at: u64) -> HmacSha256 {
+        let mut mac = match HmacSha256::new_from_slice(&self.0) {
+            Ok(m) => m,
+            Err(_) => unreachable!("HMAC takes keys of any length"),
+        };
+        // Another prefix than session tokens: a link's signature is never a token's.
+        mac.update(b"pigeon-blob-v1\0");
+        mac.update(key.as_bytes());
+        mac.update(b"\0");
+        mac.update(user.as_bytes());
+        mac.update(b"\0");
+        mac.update(expires_at.to_string().as_bytes());
+        mac
+    }
+
+    /// The signature of a download link: blob `key`, for `user`, valid until `expires_at`.
+    pub fn sign_link(&self, key: &str, user: &str, expires_at: u64) -> String {
+        let tag = self.link_mac(key, user, expires_at).finalize().into_bytes();
+        URL_SAFE_NO_PAD.encode(tag)
+    }
+
+    /// Checks a download link's signature (`sig`, base64url) and expiry.
+    pub fn verify_link(
+        &self,
+        key: &str,
+        user: &str,
+        expires_at: u64,
+        sig: &str,
+        now: u64,
+    ) -> Result<(), TokenError> {
+        let tag = URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| TokenError::Malformed)?;
+        self.link_mac(key, user, expires_at)
+            .verify_slice(&tag)
+            .map_err(|_| TokenError::BadSignature)?;
+        if now >= expires_at {
+            return Err(TokenError::Expired);
+        }
+        Ok(())
+    }
+}
+
 /// A parsed, not yet verified token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claims {
@@ -167,6 +211,31 @@ mod tests {
             check(&key, &t, "$argon2id$other", 1),
             Err(TokenError::BadSignature)
         );
+    }
+
+    #[test]
+    fn download_links_are_bound_to_key_user_and_expiry() {
+        let key = TokenKey::new(b"0123456789abcdef0123456789abcdef");
+        let sig = key.sign_link("k1", "bob", 100);
+        assert_eq!(key.verify_link("k1", "bob", 100, &sig, 99), Ok(()));
+        assert_eq!(
+            key.verify_link("k1", "bob", 100, &sig, 100),
+            Err(TokenError::Expired)
+        );
+        for (k, u, e) in [("k2", "bob", 100), ("k1", "eve", 100), ("k1", "bob", 101)] {
+            assert_eq!(
+                key.verify_link(k, u, e, &sig, 1),
+                Err(TokenError::BadSignature)
+            );
+        }
+        assert_eq!(
+            key.verify_link("k1", "bob", 100, "!", 1),
+            Err(TokenError::Malformed)
+        );
+        // A session token's signature is not a link's.
+        let t = key.sign("bob", 100, "");
+        let tag = t.rsplit('.').next().unwrap();
+        assert!(key.verify_link("", "bob", 100, tag, 1).is_err());
     }
 
     #[test]

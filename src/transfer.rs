@@ -5,10 +5,10 @@
 //! mailbox message (`Body::Blob`), delivered and acknowledged like any other.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use argon2::password_hash::rand_core::{OsRng, RngCore};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
@@ -17,15 +17,39 @@ use crate::protocol::{ErrorCode, ProtocolError};
 use crate::router::{BlobChunk, Outgoing, SessionHandle};
 use crate::store::{BlobMeta, BlobWrite, StoreLimits};
 
-/// A fresh blob key: unique in this data directory (time, process, counter).
+/// A fresh blob key: 128 random bits from the OS (hex). Unique, and never guessable: a
+/// key names a file that `GET /api/blobs/{key}` serves (to its owners only, but a
+/// guessable name would still tell who is sending files when).
 pub fn new_blob_key() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{:x}-{:x}-{:x}",
-        crate::now_ms(),
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    let mut bytes = [0u8; 16];
+    OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The type of a file sent without a name or type (a tutorial client's raw binary
+/// frame), from its first bytes: `(mime, file name)`. Only types the download route
+/// serves as themselves; anything else is `application/octet-stream`.
+pub fn sniff(data: &[u8]) -> (&'static str, &'static str) {
+    let at = |i: usize, magic: &[u8]| data.get(i..i + magic.len()) == Some(magic);
+    if at(0, &[0x1a, 0x45, 0xdf, 0xa3]) {
+        ("video/webm", "video.webm")
+    } else if at(4, b"ftyp") {
+        ("video/mp4", "video.mp4")
+    } else if at(0, b"OggS") {
+        ("video/ogg", "video.ogg")
+    } else if at(0, b"\x89PNG\r\n\x1a\n") {
+        ("image/png", "image.png")
+    } else if at(0, &[0xff, 0xd8, 0xff]) {
+        ("image/jpeg", "image.jpg")
+    } else if at(0, b"GIF8") {
+        ("image/gif", "image.gif")
+    } else if at(0, b"RIFF") && at(8, b"WEBP") {
+        ("image/webp", "image.webp")
+    } else if at(0, b"ID3") {
+        ("audio/mpeg", "audio.mp3")
+    } else {
+        ("application/octet-stream", "file.bin")
+    }
 }
 
 /// One blob on its way in.
@@ -106,7 +130,10 @@ impl Transfers {
         if meta.size == 0 || meta.size > limits.max_blob_bytes {
             return Err(fail(
                 ErrorCode::TooLarge,
-                format!("blob size must be 1..={} bytes", limits.max_blob_bytes),
+                format!(
+                    "blob size must be 1..={} bytes (limits.max_blob_bytes)",
+                    limits.max_blob_bytes
+                ),
             ));
         }
         // Refused before a byte moves: a recipient without an account (password mode),

@@ -44,6 +44,12 @@ fn bad() -> ProtocolError {
 
 pub fn format(event: &Event<'_>) -> Option<String> {
     match event {
+        Event::FileNotice { msg, meta, url, .. } => Some(format!(
+            "{}#{}#{}",
+            msg.sender,
+            super::file_notice(meta, url),
+            msg.recipient
+        )),
         Event::Message { msg, .. } => {
             let notice;
             let body = match msg.body.blob_meta() {

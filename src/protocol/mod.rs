@@ -311,12 +311,21 @@ pub enum Event<'a> {
         id: &'a str,
         stream: u32,
     },
-    /// To a blob's recipient: bytes follow on `stream`.
+    /// A blob message to a legacy session, which gets files as a text notice naming the
+    /// file and a download link (`url`), never as binary frames.
+    FileNotice {
+        msg: &'a StoredMessage,
+        meta: &'a BlobMeta,
+        url: &'a str,
+        offline: bool,
+    },
+    /// To a blob's recipient: bytes follow on `stream`; `url` downloads them over HTTP.
     BlobStart {
         stream: u32,
         from: &'a str,
         to: &'a str,
         meta: &'a BlobMeta,
+        url: Option<&'a str>,
         offline: bool,
     },
     /// To a blob's recipient: all bytes of `stream` were sent; acknowledge with `seq`.
@@ -332,10 +341,33 @@ pub enum Event<'a> {
     },
 }
 
-/// How a blob is shown where only text can go (the legacy dialects, for large blobs).
+/// How a blob is shown where only text can go (the legacy dialects). The name and type
+/// come from the sender: control characters are replaced, and both are cut short.
 pub fn blob_notice(meta: &BlobMeta) -> String {
-    format!("[file {} ({}, {} bytes)]", meta.name, meta.mime, meta.size)
+    format!(
+        "[file {} ({}, {} bytes)]",
+        printable(&meta.name, 120),
+        printable(&meta.mime, 80),
+        meta.size
+    )
 }
+
+/// `blob_notice` followed by the download link.
+pub fn file_notice(meta: &BlobMeta, url: &str) -> String {
+    format!("{} {url}", blob_notice(meta))
+}
+
+/// At most `max` characters of `s`, control characters as `?`.
+fn printable(s: &str, max: usize) -> String {
+    s.chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// The sender shown on server notices in the seed-JSON dialect (errors, take-over):
+/// brackets are not allowed in usernames, so no user can pose as it.
+pub const SERVER_NAME: &str = "[server]";
 
 /// Binary frames of a blob transfer start with the stream number (4 bytes, big endian).
 pub const CHUNK_HEADER: usize = 4;

@@ -202,6 +202,10 @@ enum ServerFrame<'a> {
         size: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         sha256: Option<&'a str>,
+        /// The blob's key and an HTTP link to it (`GET /api/blobs/{key}`).
+        key: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        url: Option<&'a str>,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         offline: bool,
     },
@@ -253,15 +257,18 @@ pub fn format(event: &Event<'_>) -> String {
             session: *session,
             pending: *pending,
         },
-        Event::Message { msg, offline } => ServerFrame::Msg {
-            seq: msg.seq,
-            from: &msg.sender,
-            to: &msg.recipient,
-            id: msg.client_id.as_deref(),
-            body: body_out(&msg.body),
-            ts: msg.accepted_at,
-            offline: *offline,
-        },
+        // Pigeon sessions get blobs as blob_start and chunks; a notice never reaches one.
+        Event::Message { msg, offline } | Event::FileNotice { msg, offline, .. } => {
+            ServerFrame::Msg {
+                seq: msg.seq,
+                from: &msg.sender,
+                to: &msg.recipient,
+                id: msg.client_id.as_deref(),
+                body: body_out(&msg.body),
+                ts: msg.accepted_at,
+                offline: *offline,
+            }
+        }
         Event::Synced => ServerFrame::Synced,
         Event::Sent {
             id,
@@ -298,6 +305,7 @@ pub fn format(event: &Event<'_>) -> String {
             from,
             to,
             meta,
+            url,
             offline,
         } => ServerFrame::BlobStart {
             stream: *stream,
@@ -308,6 +316,8 @@ pub fn format(event: &Event<'_>) -> String {
             mime: &meta.mime,
             size: meta.size,
             sha256: meta.sha256.as_deref(),
+            key: &meta.key,
+            url: *url,
             offline: *offline,
         },
         Event::BlobEnd { stream, seq, ts } => ServerFrame::BlobEnd {

@@ -1,7 +1,9 @@
 //! The seed tutorial's JSON dialect: a session opened on `/ws/<user>` sends
 //! `{"to_user":"bob","msg":"hi"}`; recipients get `{"from_user","to_user","msg"}`.
 //! Successful sends get no reply (seed clients expect none); errors come as
-//! `{"error":code,"message":...}`.
+//! `{"error":code,"message":...}` with `from_user` and `msg` too, so a seed page that
+//! prints every frame as `from_user: msg` shows them readably. Every frame is JSON text:
+//! files arrive as a notice with a download link.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -80,8 +82,32 @@ pub fn format(event: &Event<'_>) -> Option<String> {
             }
             v
         }
+        Event::FileNotice {
+            msg,
+            meta,
+            url,
+            offline,
+        } => {
+            let mut v = json!({
+                "from_user": msg.sender,
+                "to_user": msg.recipient,
+                "msg": super::file_notice(meta, url),
+                "seq": msg.seq,
+                "ts": msg.accepted_at,
+                "file": {"name": meta.name, "mime": meta.mime, "size": meta.size, "url": url},
+            });
+            if *offline {
+                v["offline"] = Value::Bool(true);
+            }
+            v
+        }
         Event::Error(e) => {
-            let mut v = json!({"error": e.code.as_str(), "message": e.message});
+            let mut v = json!({
+                "error": e.code.as_str(),
+                "message": e.message,
+                "from_user": super::SERVER_NAME,
+                "msg": format!("error {}: {}", e.code.as_str(), e.message),
+            });
             if let Some(to) = &e.to {
                 v["to_user"] = Value::String(to.clone());
             }
@@ -91,7 +117,13 @@ pub fn format(event: &Event<'_>) -> Option<String> {
             v
         }
         Event::Kicked(reason) => {
-            json!({"error": "kicked", "reason": reason.as_str(), "message": reason.message()})
+            json!({
+                "error": "kicked",
+                "reason": reason.as_str(),
+                "message": reason.message(),
+                "from_user": super::SERVER_NAME,
+                "msg": format!("session closed: {}", reason.message()),
+            })
         }
         Event::Welcome { .. }
         | Event::Synced

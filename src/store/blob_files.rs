@@ -1,7 +1,9 @@
 //! Blob bytes as files in `<data_dir>/blobs/`: written to `<key>.part` while they arrive,
-//! renamed to `<key>` when complete. The embedded store uses it; files no mailbox
-//! message refers to (a crash mid-transfer, a crash between ack and delete) are swept
-//! at start-up.
+//! renamed to `<key>` when complete, with `<key>.info` (a `BlobInfo` as JSON: who may
+//! download it) beside it. The embedded store uses it; files no mailbox message refers
+//! to (a crash mid-transfer, a crash between ack and delete) are swept at start-up,
+//! except acknowledged blobs still waiting for their download links to expire, which
+//! `sweep_acked` deletes.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{BlobRead, BlobWrite, StoreError};
+use tokio::io::AsyncSeekExt;
+
+use super::{BlobInfo, BlobRead, BlobWrite, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct BlobFiles {
@@ -45,6 +49,95 @@ impl BlobFiles {
         }
     }
 
+    fn info_path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.path(key)?.with_extension("info"))
+    }
+
+    /// Opens a finished blob at byte `offset`.
+    pub async fn reader_at(&self, key: &str, offset: u64) -> Result<Box<dyn BlobRead>, StoreError> {
+        let path = self.path(key)?;
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| io("cannot open", &path, e))?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| io("cannot seek", &path, e))?;
+        Ok(Box::new(FileReader { file, path }))
+    }
+
+    /// Writes `<key>.info` (owner-only where the platform has modes).
+    pub async fn set_info(&self, key: &str, info: &BlobInfo) -> Result<(), StoreError> {
+        let path = self.info_path(key)?;
+        let text = serde_json::to_vec(info).map_err(|e| StoreError::Backend(e.to_string()))?;
+        tokio::fs::write(&path, text)
+            .await
+            .map_err(|e| io("cannot write", &path, e))
+    }
+
+    pub async fn info(&self, key: &str) -> Result<Option<BlobInfo>, StoreError> {
+        let path = self.info_path(key)?;
+        match tokio::fs::read(&path).await {
+            Ok(b) => Ok(serde_json::from_slice(&b).ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("cannot read", &path, e)),
+        }
+    }
+
+    fn info_blocking(&self, key: &str) -> Option<BlobInfo> {
+        let b = std::fs::read(self.info_path(key).ok()?).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    /// Its message was acknowledged (blocking): a blob with info is kept, marked
+    /// `acked_at`, for `sweep_acked`; one without is deleted now.
+    pub fn retire(&self, key: &str, now_ms: i64) {
+        let Some(mut info) = self.info_blocking(key) else {
+            self.remove(key);
+            return;
+        };
+        info.acked_at = Some(now_ms);
+        let written = self
+            .info_path(key)
+            .ok()
+            .zip(serde_json::to_vec(&info).ok())
+            .map(|(p, b)| std::fs::write(p, b).is_ok());
+        if written != Some(true) {
+            self.remove(key);
+        }
+    }
+
+    /// Deletes the blobs acknowledged before `acked_before` (blocking); how many.
+    pub fn sweep_acked(&self, acked_before: i64) -> usize {
+        let mut removed = 0;
+        for key in self.retired_keys() {
+            if self
+                .info_blocking(&key)
+                .and_then(|i| i.acked_at)
+                .is_some_and(|at| at < acked_before)
+            {
+                self.remove(&key);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Keys whose info says their message was acknowledged (blocking).
+    fn retired_keys(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let key = name.strip_suffix(".info")?.to_string();
+                valid_key(&key).then_some(key)
+            })
+            .filter(|k| self.info_blocking(k).is_some_and(|i| i.acked_at.is_some()))
+            .collect()
+    }
+
     pub async fn writer(&self, key: &str) -> Result<Box<dyn BlobWrite>, StoreError> {
         let done = self.path(key)?;
         let part = done.with_extension("part");
@@ -72,9 +165,10 @@ impl BlobFiles {
         Ok(Box::new(FileReader { file, path }))
     }
 
-    /// Deletes a finished blob (blocking: called from the store thread).
+    /// Deletes a finished blob, then its info (blocking: called from the store thread).
+    /// An info left by a crash in between is swept with the next start-up sweep.
     pub fn remove(&self, key: &str) {
-        if let Ok(path) = self.path(key) {
+        for path in [self.path(key), self.info_path(key)].into_iter().flatten() {
             if let Err(e) = std::fs::remove_file(&path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(path = %path.display(), error = %e, "cannot delete blob");
@@ -83,15 +177,19 @@ impl BlobFiles {
         }
     }
 
-    /// Deletes every file that is not a finished blob in `keep` (blocking).
+    /// Deletes every file that is not a finished blob in `keep` (or its info), leaving
+    /// acknowledged blobs to `sweep_acked` (blocking).
     pub fn sweep(&self, keep: &HashSet<String>) -> usize {
+        let mut keep = keep.clone();
+        keep.extend(self.retired_keys());
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return 0;
         };
         let mut removed = 0;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !keep.contains(&name) && std::fs::remove_file(entry.path()).is_ok() {
+            let key = name.strip_suffix(".info").unwrap_or(&name);
+            if !keep.contains(key) && std::fs::remove_file(entry.path()).is_ok() {
                 removed += 1;
             }
         }

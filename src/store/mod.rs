@@ -24,6 +24,9 @@
 //!   store, so concurrent senders (and processes sharing the store) cannot overshoot.
 //! - With `offline_ttl_secs > 0`, messages older than that are deleted (with their
 //!   blobs) by the backend in the background.
+//! - A blob with a `BlobInfo` (who may download it) outlives its message's ack: the ack
+//!   marks it `acked_at`, and `blob_sweep_acked` deletes it once its download links have
+//!   expired. A blob without one is deleted with its message.
 //!
 //! Accounts (`[auth] mode = "password"`) live in the store too: a user name (canonical,
 //! `protocol::canonical_username`) and its argon2 PHC hash string, never a password. The
@@ -201,6 +204,20 @@ impl BlobMeta {
         // Serializing a struct of strings and numbers cannot fail.
         Body::Blob(serde_json::to_string(self).unwrap_or_default())
     }
+}
+
+/// Who may download a stored blob, and how to label it (`GET /api/blobs/{key}`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlobInfo {
+    pub sender: String,
+    pub recipient: String,
+    pub name: String,
+    pub mime: String,
+    pub size: u64,
+    /// When its message was acknowledged (Unix ms): from then on the blob waits only for
+    /// its download links to expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_at: Option<i64>,
 }
 
 /// Receives a blob's bytes as they arrive; nothing is visible until `finish`.
@@ -414,6 +431,45 @@ pub trait Store: Send + Sync + 'static {
             "blobs are not supported by the {} backend yet",
             self.backend()
         )))
+    }
+
+    /// Opens a finished blob at byte `offset`. Backends seek; this default reads and
+    /// drops the bytes before it, a buffer at a time.
+    async fn blob_reader_at(
+        &self,
+        key: &str,
+        offset: u64,
+    ) -> Result<Box<dyn BlobRead>, StoreError> {
+        let mut r = self.blob_reader(key).await?;
+        let mut skip = offset;
+        let mut buf = vec![0u8; 64 * 1024];
+        while skip > 0 {
+            let want = usize::try_from(skip).unwrap_or(usize::MAX).min(buf.len());
+            match r.read(&mut buf[..want]).await? {
+                0 => break,
+                n => skip -= n as u64,
+            }
+        }
+        Ok(r)
+    }
+
+    /// Records who may download a finished blob (before its message is enqueued).
+    async fn blob_set_info(&self, key: &str, info: &BlobInfo) -> Result<(), StoreError> {
+        let _ = (key, info);
+        Ok(())
+    }
+
+    /// Who may download a blob; `None` when it is gone (or has no info).
+    async fn blob_info(&self, key: &str) -> Result<Option<BlobInfo>, StoreError> {
+        let _ = key;
+        Ok(None)
+    }
+
+    /// Deletes the blobs whose message was acknowledged before `acked_before` (Unix ms);
+    /// returns how many.
+    async fn blob_sweep_acked(&self, acked_before: i64) -> Result<usize, StoreError> {
+        let _ = acked_before;
+        Ok(0)
     }
     /// Creates an account; `StoreError::UserExists` when the name is taken.
     async fn create_user(&self, user: &str, password_hash: &str) -> Result<(), StoreError> {

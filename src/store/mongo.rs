@@ -37,7 +37,11 @@
 //!   size, chunks}` written last, so an unfinished blob is invisible), so no blob meets
 //!   the 16 MiB document limit. Not GridFS's own `fs.*` collections: the MongoDB-wire test
 //!   server this project is tested against cannot create collection names with a dot.
-//!   Acknowledging a blob message deletes its bytes. Chunks and file entries carry `at`
+//!   `blob_info` `{_id: key, info, at, acked_at}` holds a blob's `BlobInfo` (as JSON
+//!   text: who may download it); acknowledging its message then sets `acked_at` (Unix
+//!   ms) and `blob_sweep_acked` deletes it once its
+//!   download links expired; without `info` the ack deletes the bytes. Chunks and file
+//!   entries carry `at`
 //!   (Unix ms); at start a background sweep deletes blobs no message refers to once
 //!   nothing was written to them for an hour (crash leftovers; younger ones may be
 //!   another node's upload in progress).
@@ -64,8 +68,8 @@ use bson::spec::BinarySubtype;
 use bson::Binary;
 
 use super::{
-    AccountChange, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError,
-    StoreLimits, StoredMessage, Usage,
+    AccountChange, BlobInfo, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store,
+    StoreError, StoreLimits, StoredMessage, Usage,
 };
 use crate::config::StorageConfig;
 
@@ -176,6 +180,8 @@ pub struct MongoStore {
     account_seq: Collection<Document>,
     blob_chunks: Collection<Document>,
     blob_files: Collection<Document>,
+    /// `{_id: key, info: <BlobInfo JSON>, at, acked_at?}`: who may download a blob.
+    blob_info: Collection<Document>,
     messages: Collection<MessageDoc>,
     counters: Collection<Document>,
     client_ids: Collection<ClientIdDoc>,
@@ -252,6 +258,7 @@ impl MongoStore {
             account_seq: db.collection("account_seq"),
             blob_chunks: db.collection("blob_chunks"),
             blob_files: db.collection("blob_files"),
+            blob_info: db.collection("blob_info"),
             messages: db.collection("messages"),
             counters: db.collection("counters"),
             client_ids: db.collection("client_ids"),
@@ -268,6 +275,7 @@ impl MongoStore {
             messages: store.messages.clone(),
             chunks: store.blob_chunks.clone(),
             files: store.blob_files.clone(),
+            info: store.blob_info.clone(),
         };
         let ttl_ms = ms(cfg.offline_ttl_secs);
         if ttl_ms > 0 {
@@ -683,7 +691,7 @@ impl Store for MongoStore {
         }
         for b in blobs {
             if let Some(meta) = Body::Blob(b.body).blob_meta() {
-                self.blob_remove(&meta.key).await;
+                self.blob_retire(&meta.key).await;
             }
         }
         Ok(deleted)
@@ -870,6 +878,91 @@ impl Store for MongoStore {
     }
 
     async fn blob_reader(&self, key: &str) -> Result<Box<dyn BlobRead>, StoreError> {
+        Ok(Box::new(self.chunk_reader(key).await?))
+    }
+
+    async fn blob_reader_at(
+        &self,
+        key: &str,
+        offset: u64,
+    ) -> Result<Box<dyn BlobRead>, StoreError> {
+        // Chunks are BLOB_CHUNK bytes but the last: start at the one holding `offset`.
+        let first = offset / BLOB_CHUNK as u64;
+        let mut r = self.chunk_reader(key).await?;
+        r.next = i64::try_from(first).unwrap_or(i64::MAX);
+        let mut skip = (offset % BLOB_CHUNK as u64) as usize;
+        let mut scratch = vec![0u8; skip];
+        while skip > 0 {
+            match r.read(&mut scratch[..skip]).await? {
+                0 => break,
+                n => skip -= n,
+            }
+        }
+        Ok(Box::new(r))
+    }
+
+    async fn blob_set_info(&self, key: &str, info: &BlobInfo) -> Result<(), StoreError> {
+        // As JSON text: one opaque field.
+        let info = serde_json::to_string(info).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.blob_info
+            .insert_one(doc! { "_id": key, "info": info, "at": crate::now_ms() })
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn blob_info(&self, key: &str) -> Result<Option<BlobInfo>, StoreError> {
+        let file = self
+            .blob_info
+            .find_one(doc! { "_id": key })
+            .await
+            .map_err(unavailable)?;
+        let Some(file) = file else { return Ok(None) };
+        let mut info: Option<BlobInfo> = file
+            .get_str("info")
+            .ok()
+            .and_then(|t| serde_json::from_str(t).ok());
+        if let Some(i) = info.as_mut() {
+            i.acked_at = file.get("acked_at").and_then(bson::Bson::as_i64_lossy);
+        }
+        Ok(info)
+    }
+
+    async fn blob_sweep_acked(&self, acked_before: i64) -> Result<usize, StoreError> {
+        let keys: Vec<Document> = self
+            .blob_info
+            .find(doc! { "acked_at": { "$lt": acked_before } })
+            .projection(doc! { "_id": 1 })
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut removed = 0;
+        for k in keys {
+            if let Ok(key) = k.get_str("_id") {
+                self.blob_remove(key).await;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn blob_remove(&self, key: &str) {
+        // The file entry first: from then on the blob is gone, whatever happens to its chunks.
+        let r = async {
+            self.blob_files.delete_one(doc! { "_id": key }).await?;
+            self.blob_chunks.delete_many(doc! { "key": key }).await?;
+            self.blob_info.delete_one(doc! { "_id": key }).await
+        };
+        if let Err(e) = r.await {
+            tracing::warn!(%key, error = %e, "cannot delete blob");
+        }
+    }
+}
+
+impl MongoStore {
+    async fn chunk_reader(&self, key: &str) -> Result<ChunkReader, StoreError> {
         let file = self
             .blob_files
             .find_one(doc! { "_id": key })
@@ -880,24 +973,29 @@ impl Store for MongoStore {
             .get("chunks")
             .and_then(bson::Bson::as_i64_lossy)
             .unwrap_or(0);
-        Ok(Box::new(ChunkReader {
+        Ok(ChunkReader {
             key: key.to_string(),
             chunks_total: chunks,
             coll: self.blob_chunks.clone(),
             next: 0,
             current: Vec::new(),
             pos: 0,
-        }))
+        })
     }
 
-    async fn blob_remove(&self, key: &str) {
-        // The file entry first: from then on the blob is gone, whatever happens to its chunks.
-        let r = async {
-            self.blob_files.delete_one(doc! { "_id": key }).await?;
-            self.blob_chunks.delete_many(doc! { "key": key }).await
-        };
-        if let Err(e) = r.await {
-            tracing::warn!(%key, error = %e, "cannot delete blob");
+    /// Its message was acknowledged: a blob with `info` waits for `blob_sweep_acked`,
+    /// one without is deleted now.
+    async fn blob_retire(&self, key: &str) {
+        let marked = self
+            .blob_info
+            .update_one(
+                doc! { "_id": key },
+                doc! { "$set": { "acked_at": crate::now_ms() } },
+            )
+            .await;
+        match marked {
+            Ok(r) if r.matched_count > 0 => {}
+            _ => self.blob_remove(key).await,
         }
     }
 }
@@ -1168,6 +1266,7 @@ struct BlobSweep {
     messages: Collection<MessageDoc>,
     chunks: Collection<Document>,
     files: Collection<Document>,
+    info: Collection<Document>,
 }
 
 impl BlobSweep {
@@ -1193,6 +1292,17 @@ impl BlobSweep {
                 newest.insert(key.to_string(), at(&f));
             }
         }
+        // Acknowledged, waiting for their download links to expire: not orphans.
+        let mut acked = self
+            .info
+            .find(doc! { "acked_at": { "$exists": true } })
+            .projection(doc! { "_id": 1 })
+            .await?;
+        while let Some(i) = acked.try_next().await? {
+            if let Ok(key) = i.get_str("_id") {
+                referenced.insert(key.to_string());
+            }
+        }
         let mut chunks = self
             .chunks
             .find(doc! {})
@@ -1212,6 +1322,7 @@ impl BlobSweep {
             // The file entry first, as in `blob_remove`.
             self.files.delete_one(doc! { "_id": &key }).await?;
             self.chunks.delete_many(doc! { "key": &key }).await?;
+            self.info.delete_one(doc! { "_id": &key }).await?;
             removed += 1;
         }
         Ok(removed)

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::blob_files::BlobFiles;
 use super::{
-    AccountChange, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError,
-    StoreLimits, StoredMessage, Usage,
+    AccountChange, BlobInfo, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store,
+    StoreError, StoreLimits, StoredMessage, Usage,
 };
 use crate::config::StorageConfig;
 
@@ -504,6 +504,29 @@ impl Store for SqliteStore {
         let _ = tokio::task::spawn_blocking(move || blobs.remove(&key)).await;
     }
 
+    async fn blob_reader_at(
+        &self,
+        key: &str,
+        offset: u64,
+    ) -> Result<Box<dyn BlobRead>, StoreError> {
+        self.blobs.reader_at(key, offset).await
+    }
+
+    async fn blob_set_info(&self, key: &str, info: &BlobInfo) -> Result<(), StoreError> {
+        self.blobs.set_info(key, info).await
+    }
+
+    async fn blob_info(&self, key: &str) -> Result<Option<BlobInfo>, StoreError> {
+        self.blobs.info(key).await
+    }
+
+    async fn blob_sweep_acked(&self, acked_before: i64) -> Result<usize, StoreError> {
+        let blobs = self.blobs.clone();
+        tokio::task::spawn_blocking(move || blobs.sweep_acked(acked_before))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
     async fn create_user(&self, user: &str, password_hash: &str) -> Result<(), StoreError> {
         let (user, hash) = (user.to_string(), password_hash.to_string());
         self.call(|reply| Request::CreateUser { user, hash, reply })
@@ -679,8 +702,9 @@ impl Worker {
         let (answers, dead_blobs) = run_requests(&tx, batch, &self.limits, self.dedupe_window_ms)
             .map_err(TxError::Statement)?;
         tx.commit().map_err(|e| TxError::Statement(sql(e)))?;
+        let now = crate::now_ms();
         for key in dead_blobs {
-            self.blobs.remove(&key);
+            self.blobs.retire(&key, now);
         }
         Ok(answers)
     }
