@@ -195,7 +195,7 @@ async fn principal(
         ));
     };
     match app.auth.verify_token(&app.store, &token, None).await {
-        Ok(user) => Ok(user),
+        Ok(proof) => Ok(proof.user),
         Err(e) => {
             let p = e.to_protocol();
             let status = match p.code {
