@@ -68,8 +68,8 @@ use bson::spec::BinarySubtype;
 use bson::Binary;
 
 use super::{
-    AccountChange, BlobInfo, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store,
-    StoreError, StoreLimits, StoredMessage, Usage,
+    AccountChange, BlobInfo, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError,
+    StoreLimits, StoredMessage, Usage,
 };
 use crate::config::StorageConfig;
 

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::blob_files::BlobFiles;
 use super::{
-    AccountChange, BlobInfo, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store,
-    StoreError, StoreLimits, StoredMessage, Usage,
+    AccountChange, BlobInfo, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError,
+    StoreLimits, StoredMessage, Usage,
 };
 use crate::config::StorageConfig;
 
