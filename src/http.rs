@@ -229,14 +229,20 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
 
 /// Completes the RFC 6455 handshake and hands the socket to a session task.
 fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, req: Request) -> Response {
-    // In password mode a socket that has not proved its user yet (no token in the URL)
-    // can only log in: it gets the ordinary frame limit, not the tutorial clients' large
-    // binary frames (those need a token in the URL anyway), so an anonymous connection
-    // cannot make the server buffer `limits.legacy_binary_max_bytes`.
-    let anonymous = matches!(greeting, Greeting::Anonymous | Greeting::Refused { .. });
-    let ws_config = match anonymous && ctx.app.auth.required() {
-        true => crate::server::websocket_config(&ctx.app.config),
-        false => ctx.ws_config,
+    // Only a socket that may speak a tutorial dialect gets the large frame limit of their
+    // whole-file binary frames (`limits.legacy_binary_max_bytes`): a Pigeon JSON session
+    // sends files in chunks, and in password mode a socket that has not proved its user
+    // (no token in the URL) can only log in; so neither can make the server buffer more
+    // than `limits.max_message_bytes`.
+    let legacy_possible = match &greeting {
+        Greeting::Named { dialect, .. } => *dialect != Dialect::Pigeon,
+        Greeting::Authenticated { .. } => true,
+        Greeting::Anonymous => !ctx.app.auth.required(),
+        Greeting::Refused { .. } => false,
+    };
+    let ws_config = match legacy_possible {
+        true => ctx.ws_config,
+        false => crate::server::websocket_config(&ctx.app.config),
     };
     let links = crate::downloads::link_base(&req, ctx.app.config.tls.enabled());
     handshake(ctx, req, ws_config, move |ws, ctx, peer, wire| async move {

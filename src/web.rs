@@ -127,7 +127,11 @@ impl SecurityHeaders {
 pub async fn add_headers(State(h): State<Arc<SecurityHeaders>>, mut res: Response) -> Response {
     let map = res.headers_mut();
     for (name, value) in &h.headers {
-        map.insert(name.clone(), value.clone());
+        // A response that set its own (stricter) header keeps it: file downloads are
+        // served with `Content-Security-Policy: sandbox; default-src 'none'`.
+        if !map.contains_key(name) {
+            map.insert(name.clone(), value.clone());
+        }
     }
     res
 }

@@ -60,7 +60,14 @@ impl Env {
         let mut tokens = std::collections::HashMap::new();
         for u in USERS {
             let body = json!({"user": u, "password": "password-1"}).to_string();
-            let r = http(srv.addr, "POST", "/api/login", &[], &body).await;
+            let r = http(
+                srv.addr,
+                "POST",
+                "/api/login",
+                &[("Content-Type", "application/json")],
+                &body,
+            )
+            .await;
             assert_eq!(r.status, 200, "{}", r.text());
             let v: Value = serde_json::from_slice(&r.body).unwrap();
             tokens.insert(u, v["token"].as_str().unwrap().to_string());

@@ -371,7 +371,8 @@ async fn client_bytes_cannot_forge_log_lines() {
     let forged = "erin\n2026-01-01T00:00:00.000000Z  INFO pigeon::session: FORGED admin logged in";
     let esc = "erin\x1b[31mRED\x1b]0;title\x07";
     let huge = "z".repeat(100_000);
-    for name in [forged, esc, huge.as_str()] {
+    // A valid name with a wrong password: the failed-login line itself is written.
+    for name in ["erin", forged, esc, huge.as_str()] {
         http_login([127, 0, 0, 1], addr, &creds(name, "wrong")).await;
         ws_login([127, 0, 0, 2], addr, name, "wrong").await;
     }
@@ -399,6 +400,8 @@ async fn client_bytes_cannot_forge_log_lines() {
     );
     let text = String::from_utf8_lossy(&text);
     assert!(text.contains("failed password login"), "{text}");
+    // The hostile names did reach the log (escaped, inside other lines).
+    assert!(text.contains("FORGED"), "{text}");
     for line in text.lines() {
         assert!(
             !line.starts_with("FORGED") && !line.trim_start().starts_with("2026-01-01"),

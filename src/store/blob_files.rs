@@ -69,8 +69,10 @@ impl BlobFiles {
     pub async fn set_info(&self, key: &str, info: &BlobInfo) -> Result<(), StoreError> {
         let path = self.info_path(key)?;
         let text = serde_json::to_vec(info).map_err(|e| StoreError::Backend(e.to_string()))?;
-        tokio::fs::write(&path, text)
+        let at = path.clone();
+        tokio::task::spawn_blocking(move || super::private_files::write_private(&at, &text))
             .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
             .map_err(|e| io("cannot write", &path, e))
     }
 
@@ -100,7 +102,7 @@ impl BlobFiles {
             .info_path(key)
             .ok()
             .zip(serde_json::to_vec(&info).ok())
-            .map(|(p, b)| std::fs::write(p, b).is_ok());
+            .map(|(p, b)| super::private_files::write_private(&p, &b).is_ok());
         if written != Some(true) {
             self.remove(key);
         }

@@ -30,6 +30,16 @@ pub fn private_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Writes `bytes` to `path` (replacing what was there), owner-only (blocking).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path)?.write_all(bytes)
+}
+
 /// Tightens `path` (if it exists) to `mode` when group or others have any access.
 pub fn tighten(path: &Path, mode: u32) -> std::io::Result<()> {
     #[cfg(unix)]
