@@ -491,6 +491,48 @@ impl MongoStore {
         Ok(())
     }
 
+    /// Deletes `recipient`'s messages that `filter` selects, gives back their mailbox
+    /// slots and their senders' quota, and returns how many were deleted and the keys of
+    /// their blobs (for the caller to retire or remove). The quota goes back only when
+    /// the delete removed exactly what was counted: a concurrent delete of the same
+    /// messages must not give it back twice (a row left high is recounted).
+    async fn delete_messages(
+        &self,
+        recipient: &str,
+        filter: Document,
+    ) -> Result<(u64, Vec<String>), StoreError> {
+        let mut blob_filter = filter.clone();
+        blob_filter.insert("kind", 2);
+        let blobs: Vec<MessageDoc> = self
+            .messages
+            .find(blob_filter)
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let senders = self
+            .usage
+            .per_sender(filter.clone())
+            .await
+            .map_err(unavailable)?;
+        let deleted = self
+            .messages
+            .delete_many(filter)
+            .await
+            .map_err(unavailable)?
+            .deleted_count;
+        self.release(recipient, deleted).await;
+        if senders.iter().map(|s| s.1).sum::<i64>() == to_i64(deleted) {
+            self.usage.release(&senders).await;
+        }
+        let keys = blobs
+            .into_iter()
+            .filter_map(|b| Body::Blob(b.body).blob_meta().map(|m| m.key))
+            .collect();
+        Ok((deleted, keys))
+    }
+
     /// Gives back `n` reserved mailbox slots. Best effort: a failure only leaves the
     /// counter too high, which `room_after_all` corrects.
     async fn release(&self, recipient: &str, n: u64) {
@@ -662,37 +704,9 @@ impl Store for MongoStore {
             .map(|&(lo, hi)| doc! { "seq": { "$gte": to_i64(lo), "$lte": to_i64(hi) } })
             .collect();
         let filter = doc! { "recipient": recipient, "$or": in_ranges };
-        let mut blob_filter = filter.clone();
-        blob_filter.insert("kind", 2);
-        let blobs: Vec<MessageDoc> = self
-            .messages
-            .find(blob_filter)
-            .await
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
-        let senders = self
-            .usage
-            .per_sender(filter.clone())
-            .await
-            .map_err(unavailable)?;
-        let deleted = self
-            .messages
-            .delete_many(filter)
-            .await
-            .map_err(unavailable)?
-            .deleted_count;
-        self.release(recipient, deleted).await;
-        // Only when this ack deleted exactly what it counted: a concurrent ack of the
-        // same seqs must not give the quota back twice (a row left high is recounted).
-        if senders.iter().map(|s| s.1).sum::<i64>() == to_i64(deleted) {
-            self.usage.release(&senders).await;
-        }
-        for b in blobs {
-            if let Some(meta) = Body::Blob(b.body).blob_meta() {
-                self.blob_retire(&meta.key).await;
-            }
+        let (deleted, blobs) = self.delete_messages(recipient, filter).await?;
+        for key in blobs {
+            self.blob_retire(&key).await;
         }
         Ok(deleted)
     }
@@ -735,34 +749,11 @@ impl Store for MongoStore {
             return Ok(false);
         }
         self.record_change(user).await?;
-        let blobs: Vec<MessageDoc> = self
-            .messages
-            .find(doc! { "recipient": user, "kind": 2 })
-            .await
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
-        let senders = self
-            .usage
-            .per_sender(doc! { "recipient": user })
-            .await
-            .map_err(unavailable)?;
-        let deleted = self
-            .messages
-            .delete_many(doc! { "recipient": user })
-            .await
-            .map_err(unavailable)?
-            .deleted_count;
-        self.release(user, deleted).await;
-        // As in `ack_ranges`: give the senders' quota back only when nothing raced us.
-        if senders.iter().map(|s| s.1).sum::<i64>() == to_i64(deleted) {
-            self.usage.release(&senders).await;
-        }
-        for b in blobs {
-            if let Some(meta) = Body::Blob(b.body).blob_meta() {
-                self.blob_remove(&meta.key).await;
-            }
+        let (_, blobs) = self
+            .delete_messages(user, doc! { "recipient": user })
+            .await?;
+        for key in blobs {
+            self.blob_remove(&key).await;
         }
         self.client_ids
             .delete_many(doc! { "sender": user })
