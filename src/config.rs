@@ -279,6 +279,10 @@ pub struct LimitsConfig {
     pub hash_queue: usize,
     /// Largest request body `POST /api/login` and `/api/register` read (bytes).
     pub api_max_body_bytes: usize,
+    /// Bytes a WebSocket may send in password mode before it has logged in (its login
+    /// frames and pings; about one read buffer more may be read). Past it the socket is
+    /// closed (1009), so a huge login frame costs the server this much, not the frame.
+    pub prelogin_bytes: usize,
     /// Take-overs of one user allowed within `takeover_window_secs`; the login after
     /// that is refused with `takeover_loop` (two clients fighting over one account).
     pub takeover_max: u32,
@@ -339,6 +343,7 @@ impl Default for LimitsConfig {
             hash_workers: 0,
             hash_queue: 64,
             api_max_body_bytes: 16 * 1024,
+            prelogin_bytes: 16 * 1024,
             takeover_max: 20,
             takeover_window_secs: 60,
             sender_quota_messages: 50_000,
@@ -634,6 +639,9 @@ impl Config {
         }
         if l.login_throttle_max_keys < 100 || l.api_max_body_bytes < 1024 {
             return bad("limits.login_throttle_max_keys must be at least 100 and api_max_body_bytes at least 1024");
+        }
+        if l.prelogin_bytes < 4096 {
+            return bad("limits.prelogin_bytes must be at least 4096 (a login frame with the longest password fits)");
         }
         Ok(())
     }

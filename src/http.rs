@@ -244,8 +244,17 @@ fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, req: Request) -> Response {
         true => ctx.ws_config,
         false => crate::server::websocket_config(&ctx.app.config),
     };
+    // In password mode a socket without a token can only log in: it may send no more
+    // than a login's worth of bytes until it has (`limits.prelogin_bytes`).
+    let budget = match (&greeting, ctx.app.auth.required()) {
+        (Greeting::Anonymous, true) => Some(ctx.app.config.limits.prelogin_bytes as u64),
+        _ => None,
+    };
     let links = crate::downloads::link_base(&req, ctx.app.config.tls.enabled());
     handshake(ctx, req, ws_config, move |ws, ctx, peer, wire| async move {
+        if let (Some(bytes), Some(wire)) = (budget, &wire) {
+            wire.limit_reads(bytes);
+        }
         session::run(
             ws,
             ctx.app.clone(),

@@ -59,6 +59,9 @@ pub const CLOSE_LOGIN_TIMEOUT: u16 = 4010;
 const TOO_BIG_REASON: &str =
     "message too big: limits.max_message_bytes (legacy binary: limits.legacy_binary_max_bytes)";
 
+/// The close reason of 1009 before login.
+const PRELOGIN_TOO_BIG_REASON: &str = "too many bytes before login: limits.prelogin_bytes";
+
 /// Queued frames the writer handles before it flushes the socket and looks around.
 const WRITE_BATCH: usize = 256;
 /// A legacy binary frame is written to blob storage in pieces of this size.
@@ -133,6 +136,7 @@ pub async fn run<S>(
     let (sink, mut stream) = ws.split();
     let (tx, rx) = mpsc::channel(app.config.limits.session_queue);
     let shared = SessionShared::new(app.config.limits.blob_relay_bytes);
+    let read_budget = wire.clone();
     let writer = Writer {
         sink,
         app: app.clone(),
@@ -158,6 +162,7 @@ pub async fn run<S>(
         app: app.clone(),
         tx,
         shared: shared.clone(),
+        read_budget,
         user: None,
         dialect: None,
         generation: 0,
@@ -356,6 +361,9 @@ struct Reader {
     app: Arc<App>,
     tx: mpsc::Sender<Outgoing>,
     shared: Arc<SessionShared>,
+    /// The connection's byte counts: before login its reads are held to
+    /// `limits.prelogin_bytes` (password mode), lifted once the user is known.
+    read_budget: Option<Arc<Wire>>,
     user: Option<String>,
     dialect: Option<Dialect>,
     generation: u64,
@@ -507,6 +515,15 @@ impl Reader {
             Some(Err(tungstenite::Error::Capacity(e))) => {
                 tracing::debug!(user = %crate::OrDash(&self.user), error = %e, "message too big");
                 self.close(CLOSE_TOO_BIG, TOO_BIG_REASON).await
+            }
+            Some(Err(e))
+                if self
+                    .read_budget
+                    .as_ref()
+                    .is_some_and(|w| w.read_budget_spent()) =>
+            {
+                tracing::debug!(error = %e, "too many bytes before login");
+                self.close(CLOSE_TOO_BIG, PRELOGIN_TOO_BIG_REASON).await
             }
             Some(Err(e)) => {
                 tracing::debug!(user = %crate::OrDash(&self.user), error = %e, "read error");
@@ -826,6 +843,9 @@ impl Reader {
             old.shared
         });
         tracing::debug!(user = %Escaped(&user), generation = self.generation, ?dialect, "session identified");
+        if let Some(wire) = &self.read_budget {
+            wire.unlimit_reads();
+        }
         self.user = Some(user.clone());
         self.dialect = Some(dialect);
         self.errors_in_row = 0;

@@ -4,6 +4,11 @@
 //! TCP stack has acknowledged (Linux `SIOCOUTQ`: bytes in the send queue not yet
 //! acknowledged). The legacy dialects cannot acknowledge messages themselves: for them a
 //! message counts as received only once those bytes were acknowledged.
+//!
+//! `Wire` also counts the bytes read and can hold a connection to a read budget: a
+//! WebSocket in password mode that has not logged in yet may send only
+//! `[limits] prelogin_bytes` (a login frame's worth); past it every read fails, so a
+//! client that sends a huge login frame costs the server that budget, not the frame.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -19,13 +24,39 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct Wire {
     fd: RawFd,
     written: AtomicU64,
+    read: AtomicU64,
+    /// Reads fail once `read` reached this (`u64::MAX`: no budget).
+    read_limit: AtomicU64,
 }
+
+/// The error a read gets once the connection spent its read budget.
+#[derive(Debug, thiserror::Error)]
+#[error("read budget spent: more bytes before login than [limits] prelogin_bytes")]
+pub struct ReadBudgetSpent;
 
 impl Wire {
     /// Bytes handed to the kernel so far (TLS records included: on a TLS connection these
     /// are ciphertext bytes, the same ones TCP acknowledges).
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Acquire)
+    }
+
+    /// From now on, at most about `bytes` more may be read (one read of the reader's
+    /// buffer may overshoot it); then reads fail with `ReadBudgetSpent`.
+    pub fn limit_reads(&self, bytes: u64) {
+        let read = self.read.load(Ordering::Acquire);
+        self.read_limit
+            .store(read.saturating_add(bytes), Ordering::Release);
+    }
+
+    /// Lifts the read budget (the client logged in).
+    pub fn unlimit_reads(&self) {
+        self.read_limit.store(u64::MAX, Ordering::Release);
+    }
+
+    /// Whether reads fail because the budget is spent.
+    pub fn read_budget_spent(&self) -> bool {
+        self.read.load(Ordering::Acquire) >= self.read_limit.load(Ordering::Acquire)
     }
 
     /// How many of the bytes handed to the kernel the peer's TCP has acknowledged; `None`
@@ -73,6 +104,8 @@ impl<S: std::os::fd::AsRawFd> Counted<S> {
         let wire = Arc::new(Wire {
             fd: inner.as_raw_fd(),
             written: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            read_limit: AtomicU64::new(u64::MAX),
         });
         Counted { inner, wire }
     }
@@ -96,7 +129,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if self.wire.read_budget_spent() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                ReadBudgetSpent,
+            )));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let n = buf.filled().len().saturating_sub(before);
+            self.wire.read.fetch_add(n as u64, Ordering::AcqRel);
+        }
+        r
     }
 }
 
@@ -167,5 +212,36 @@ mod tests {
             "{acked} of {}",
             wire.written()
         );
+    }
+
+    /// Past the read budget reads fail (overshooting by at most one read); lifted, they
+    /// go on.
+    #[tokio::test]
+    async fn read_budget_stops_reads_until_lifted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut peer = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut s = Counted::new(socket);
+        let wire = s.wire();
+        peer.write_all(&[7u8; 64 * 1024]).await.unwrap();
+        wire.limit_reads(4096);
+        let mut got = 0usize;
+        let mut buf = [0u8; 1024];
+        let err = loop {
+            match s.read(&mut buf).await {
+                Ok(n) => got += n,
+                Err(e) => break e,
+            }
+        };
+        assert!((4096..4096 + 1024).contains(&got), "{got} bytes read");
+        assert!(wire.read_budget_spent());
+        assert!(
+            err.get_ref().is_some_and(|e| e.is::<ReadBudgetSpent>()),
+            "{err}"
+        );
+        wire.unlimit_reads();
+        assert!(!wire.read_budget_spent());
+        s.read_exact(&mut buf).await.unwrap();
     }
 }

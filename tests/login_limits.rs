@@ -410,3 +410,51 @@ async fn client_bytes_cannot_forge_log_lines() {
         assert!(line.len() <= MAX_LOG_LINE, "a {} byte log line", line.len());
     }
 }
+
+/// A socket that has not logged in may send only `limits.prelogin_bytes`: a login frame
+/// with a 100 KB name is cut off (1009) without an answer about the name (it was never
+/// parsed), while a real login — with sends pipelined right behind it — lifts the budget
+/// for the rest of the session.
+#[tokio::test]
+async fn bytes_before_login_are_bounded_and_lifted_by_the_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = password_config(dir.path());
+    let budget = cfg.limits.prelogin_bytes;
+    add_user(&cfg, "erin", "erin-pw").await;
+    add_user(&cfg, "fred", "fred-pw").await;
+    let srv = TestServer::start(cfg).await;
+
+    let mut c = common::Client::connect(&srv.url("/ws")).await;
+    let name = "z".repeat(100_000);
+    let frame = json!({"type": "login", "user": name, "password": "pw"});
+    let _ = c.try_send(Message::text(frame.to_string())).await;
+    let (closed, texts) = c.closed().await;
+    assert_eq!(
+        (closed.code, texts.len()),
+        (1009, 0),
+        "a {} KB login frame with a {budget}-byte budget: {closed:?}, answers {texts:?}",
+        frame.to_string().len() / 1000
+    );
+    assert!(closed.reason.contains("prelogin_bytes"), "{closed:?}");
+
+    // A real login with 40 sends of 1 KiB pipelined behind it (three times the budget).
+    let mut c = common::Client::connect(&srv.url("/ws")).await;
+    let mut frames = vec![json!({"type": "login", "user": "erin", "password": "erin-pw"})];
+    for i in 0..40 {
+        frames.push(json!({"type": "send", "id": format!("m{i}"), "to": "fred",
+                           "body": "b".repeat(1024)}));
+    }
+    for f in frames {
+        c.send_json(f).await;
+    }
+    let mut sent = 0;
+    while sent < 40 {
+        let v = c.json().await;
+        match v["type"].as_str() {
+            Some("sent") => sent += 1,
+            Some("welcome" | "synced" | "flush" | "receipt") => {}
+            _ => panic!("unexpected answer after {sent} sends: {v}"),
+        }
+    }
+    srv.stop().await;
+}
