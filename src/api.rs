@@ -7,10 +7,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
@@ -23,12 +25,31 @@ use crate::http::Ctx;
 use crate::protocol::{canonical_username, USERNAME_RULE};
 use crate::store::StoreError;
 
-/// The account routes; their bodies are read up to `max_body` bytes (413 beyond).
-pub fn routes(max_body: usize) -> Router<Arc<Ctx>> {
+/// The account routes; their bodies are read up to `[limits] api_max_body_bytes` (413
+/// beyond, and the address counts toward the flood ban: see `count_oversized`).
+pub fn routes(ctx: Arc<Ctx>) -> Router<Arc<Ctx>> {
+    let max_body = ctx.app.config.limits.api_max_body_bytes;
     Router::new()
         .route("/api/login", post(login))
         .route("/api/register", post(register))
         .layer(DefaultBodyLimit::max(max_body))
+        .route_layer(middleware::from_fn_with_state(ctx, count_oversized))
+}
+
+/// No real client sends a login or registration larger than the limit: an address that
+/// does counts toward `[limits] flood_ban_after`, as a flooding WebSocket does, so that a
+/// flood of huge bodies is soon dropped on accept instead of read request by request.
+async fn count_oversized(
+    State(ctx): State<Arc<Ctx>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let res = next.run(req).await;
+    if res.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ctx.app.flood_ban.flooded(peer.ip(), Instant::now());
+    }
+    res
 }
 
 #[derive(Deserialize)]

@@ -66,7 +66,7 @@ pub fn routes(ctx: Arc<Ctx>) -> Router {
         .route("/web/{user}", get(upgrade_named))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .merge(crate::api::routes(ctx.app.config.limits.api_max_body_bytes))
+        .merge(crate::api::routes(ctx.clone()))
         .merge(crate::downloads::routes());
     let static_dir = &ctx.app.config.server.static_dir;
     router = match static_dir.as_os_str().is_empty() {

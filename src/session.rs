@@ -522,7 +522,11 @@ impl Reader {
                     .as_ref()
                     .is_some_and(|w| w.read_budget_spent()) =>
             {
-                tracing::debug!(error = %e, "too many bytes before login");
+                tracing::info!(peer = %crate::OrDash(&self.peer), error = %e, "closing a socket that sent too much before login");
+                // Never a real client: the address counts toward the flood ban.
+                if let Some(ip) = self.peer {
+                    self.app.flood_ban.flooded(ip, Instant::now());
+                }
                 self.close(CLOSE_TOO_BIG, PRELOGIN_TOO_BIG_REASON).await
             }
             Some(Err(e)) => {

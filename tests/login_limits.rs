@@ -458,3 +458,34 @@ async fn bytes_before_login_are_bounded_and_lifted_by_the_login() {
     }
     srv.stop().await;
 }
+
+/// Oversized login bodies (413) and login frames over `prelogin_bytes` are never a real
+/// client's: they count toward the flood ban of their address, which is then dropped on
+/// accept while other addresses are served.
+#[tokio::test]
+async fn oversized_logins_get_their_address_banned() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = password_config(dir.path());
+    cfg.limits.flood_ban_after = 4;
+    add_user(&cfg, "gina", "gina-pw").await;
+    let srv = TestServer::start(cfg).await;
+    let attacker = [127, 0, 0, 9];
+    let big = "q".repeat(100_000);
+    for k in 0..2 {
+        let (status, _) = http_login(attacker, srv.addr, &creds(&big, "pw")).await;
+        assert_eq!(status, 413, "oversized body {k}");
+    }
+    for k in 0..2 {
+        let got = ws_login(attacker, srv.addr, &big, "pw").await;
+        assert_eq!(got, "closed", "oversized login frame {k}");
+    }
+    let (status, _) = http_login(attacker, srv.addr, &creds("gina", "gina-pw")).await;
+    assert_eq!(status, 0, "the banned address was served");
+    assert_eq!(
+        ws_login(attacker, srv.addr, "gina", "gina-pw").await,
+        "handshake"
+    );
+    let (status, _) = http_login([127, 0, 0, 10], srv.addr, &creds("gina", "gina-pw")).await;
+    assert_eq!(status, 200, "another address is served");
+    srv.stop().await;
+}
