@@ -15,6 +15,8 @@
 
 #[path = "peers/bare_relay.rs"]
 mod bare_relay;
+#[path = "common/procstat.rs"]
+mod procstat;
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -36,6 +38,8 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+use procstat::{ProcStats, RssSampler};
 
 type Ws = WebSocketStream<TcpStream>;
 type Sink = Arc<Mutex<SplitSink<Ws, Message>>>;
@@ -911,49 +915,6 @@ impl Drop for Server {
             libc::kill(-self.pid, libc::SIGKILL);
         }
         let _ = self.child.wait();
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct ProcStats {
-    cpu_s: f64,
-    rss_kib: u64,
-    hwm_kib: u64,
-}
-
-impl ProcStats {
-    fn own() -> ProcStats {
-        ProcStats::read(std::process::id() as i32)
-    }
-
-    fn read(pid: i32) -> ProcStats {
-        let mut s = ProcStats::default();
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // Fields after "pid (comm) ": state is field 3, utime 14, stime 15.
-            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-                // SAFETY: sysconf has no preconditions.
-                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-                s.cpu_s = (ticks(11) + ticks(12)) as f64 / hz;
-            }
-        }
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            for line in status.lines() {
-                let kib = || {
-                    line.split_whitespace()
-                        .nth(1)
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0)
-                };
-                if line.starts_with("VmRSS:") {
-                    s.rss_kib = kib();
-                } else if line.starts_with("VmHWM:") {
-                    s.hwm_kib = kib();
-                }
-            }
-        }
-        s
     }
 }
 
@@ -1920,35 +1881,6 @@ impl BlobData {
         let n = len.min(8);
         f[4..4 + n].copy_from_slice(&k.to_le_bytes()[..n]);
         f
-    }
-}
-
-/// Samples a process's VmRSS every 50 ms on its own thread until stopped; the highest.
-struct RssSampler {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<u64>,
-}
-
-impl RssSampler {
-    fn start(pid: i32) -> RssSampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut peak = 0;
-            loop {
-                peak = peak.max(ProcStats::read(pid).rss_kib);
-                if flag.load(Ordering::Acquire) {
-                    return peak;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        RssSampler { stop, thread }
-    }
-
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        self.thread.join().unwrap_or(0)
     }
 }
 
