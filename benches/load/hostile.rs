@@ -37,16 +37,20 @@ pub async fn rows(cli: &Cli) -> Vec<Row> {
             )]
         }
     };
-    let calm = pairs_measure(
-        cli,
-        &[&server],
-        None,
-        cli.hostile_pairs,
-        1,
-        Dialect::Hash,
-        "pigeon",
-    )
-    .await;
+    // The same measurement twice: calm, then under attack.
+    let servers = [&server];
+    let measure = || {
+        pairs_measure(
+            cli,
+            &servers,
+            None,
+            cli.hostile_pairs,
+            1,
+            Dialect::Hash,
+            "pigeon",
+        )
+    };
+    let calm = measure().await;
     // The attackers run in a process of their own (one thread), so that the measuring
     // clients here are not starved by attack tasks on their own runtime.
     let attacker = match Command::new(std::env::current_exe().unwrap_or_else(|_| "load".into()))
@@ -73,16 +77,7 @@ pub async fn rows(cli: &Cli) -> Vec<Row> {
     let peak = RssSampler::start(server.pid);
     let attacker_before = ProcStats::read(attacker.0.id() as i32);
     let t0 = Instant::now();
-    let loud = pairs_measure(
-        cli,
-        &[&server],
-        None,
-        cli.hostile_pairs,
-        1,
-        Dialect::Hash,
-        "pigeon",
-    )
-    .await;
+    let loud = measure().await;
     let rss_after = server.stats().rss_kib;
     let rss_peak = peak.stop();
     let attacker_cpu = (ProcStats::read(attacker.0.id() as i32).cpu_s - attacker_before.cpu_s)
