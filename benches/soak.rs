@@ -18,6 +18,9 @@
 //! first sample is dropped) the last third's maximum must not be above the first third's
 //! maximum by more than 10 % + 4 MiB (RSS) or 16 (fds). Exit status 1 on growth.
 
+#[path = "common/procstat.rs"]
+mod procstat;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +31,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use procstat::{fd_count, ProcStats};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -75,24 +80,6 @@ fn opts() -> Opts {
         i += 2;
     }
     o
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(&format!("{field}:")))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 async fn connect(base: &str, user: &str) -> Option<Ws> {
@@ -299,7 +286,7 @@ async fn soak(o: Opts) -> i32 {
         .map(|a| a.port())
         .expect("free port");
     let mut child = spawn_server(&o, dir.path(), port);
-    let pid = child.id();
+    let pid = child.id() as i32;
     let base = format!("ws://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
@@ -403,7 +390,7 @@ async fn soak(o: Opts) -> i32 {
             println!("VERDICT: FAIL: the server exited ({status})");
             return 1;
         }
-        let rss = status_kib(pid, "VmRSS");
+        let rss = ProcStats::read(pid).rss_kib;
         let fds = fd_count(pid);
         samples.push((rss, fds));
         let confirmed = c.confirmed.load(Ordering::Relaxed);
@@ -427,7 +414,7 @@ async fn soak(o: Opts) -> i32 {
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
     }
-    let peak = status_kib(pid, "VmHWM");
+    let peak = ProcStats::read(pid).hwm_kib;
     let _ = child.kill();
     let _ = child.wait();
 
