@@ -158,6 +158,11 @@ async fn blob_run(cli: &Cli, peer: Peer) -> Result<(Figure, String)> {
             "PIGEON_LIMITS_MAX_MESSAGE_BYTES",
             (chunk + 4).max(1024 * 1024).to_string(),
         ),
+        // A tutorial client's whole-file frame may not be larger than a blob may be.
+        (
+            "PIGEON_LIMITS_LEGACY_BINARY_MAX_BYTES",
+            size.min(16 * 1024 * 1024).to_string(),
+        ),
     ];
     let server = match start(cli, peer, &env).await {
         Ok(s) => s,
