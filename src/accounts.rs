@@ -6,7 +6,7 @@ use std::io::{BufRead, IsTerminal};
 
 use crate::auth::{self, AuthError};
 use crate::config::Config;
-use crate::protocol::{canonical_username, USERNAME_RULE};
+use crate::names::{canonical_username, USERNAME_RULE};
 use crate::store::{self, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,9 +57,7 @@ pub async fn run(
     if action == Action::Delete && canonical_username(user).as_deref() != Some(user) {
         // An account stored before names were canonical ("Alice"): deleted by its exact
         // name (the server refuses to start while one exists).
-        if user.len() <= crate::protocol::MAX_USERNAME_INPUT_BYTES
-            && store.delete_user(user).await?
-        {
+        if user.len() <= crate::names::MAX_USERNAME_INPUT_BYTES && store.delete_user(user).await? {
             return Ok(format!(
                 "deleted user {user:?} (a name from before canonical names)"
             ));

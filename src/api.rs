@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::auth::{AuthError, Issued};
 use crate::escape::Escaped;
 use crate::http::Ctx;
-use crate::protocol::{canonical_username, USERNAME_RULE};
+use crate::names::{canonical_username, USERNAME_RULE};
 use crate::store::StoreError;
 
 /// The account routes; their bodies are read up to `[limits] api_max_body_bytes` (413

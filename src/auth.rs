@@ -18,9 +18,8 @@ use crate::escape::Escaped;
 use crate::limits::{
     Attempt, HashPool, LoginThrottle, PoolError, Refusal, TakeoverDamper, ThrottleLimits,
 };
-use crate::protocol::{
-    canonical_username, valid_username, ErrorCode, ProtocolError, USERNAME_RULE,
-};
+use crate::names::{canonical_username, valid_username, USERNAME_RULE};
+use crate::protocol::{ErrorCode, ProtocolError};
 use crate::store::{Store, StoreError};
 use crate::token::{self, TokenError, TokenKey};
 

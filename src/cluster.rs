@@ -29,9 +29,9 @@ use tokio::sync::{watch, Notify};
 
 use crate::app::App;
 use crate::config::ClusterConfig;
+use crate::message::{Body, StoredMessage};
 use crate::metrics::inc;
 use crate::router::StopReason;
-use crate::store::{Body, StoredMessage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

@@ -31,8 +31,9 @@ use tower_http::services::ServeDir;
 
 use crate::app::App;
 use crate::escape::Escaped;
+use crate::names::canonical_username;
 use crate::origins::Origins;
-use crate::protocol::{canonical_username, Dialect, ErrorCode, ProtocolError};
+use crate::protocol::{Dialect, ErrorCode, ProtocolError};
 use crate::session::{self, Greeting, CLOSE_AUTH};
 use crate::web::SecurityHeaders;
 use crate::wire::Wire;

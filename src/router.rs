@@ -9,9 +9,9 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::message::{BlobMeta, StoredMessage};
 use crate::protocol::{Dialect, Fate, KickReason};
 use crate::ranges::SeqRanges;
-use crate::store::{BlobMeta, StoredMessage};
 
 /// Why a session is being stopped from outside its own loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,14 +31,16 @@ use tokio_tungstenite::WebSocketStream;
 use crate::app::App;
 use crate::escape::{Escaped, EscapedOpt};
 use crate::limits::{Rate, TokenBucket};
+use crate::message::{BlobMeta, Body, StoredMessage};
 use crate::metrics::{dec, inc};
+use crate::names::canonical_username;
 use crate::protocol::{
-    self, canonical_or_error, canonical_username, hash, pigeon, seed_json, Dialect, ErrorCode,
-    Event, Fate, KickReason, ProtocolError, Request,
+    self, canonical_or_error, hash, pigeon, seed_json, Dialect, ErrorCode, Event, Fate, KickReason,
+    ProtocolError, Request,
 };
 use crate::ranges::SeqRanges;
 use crate::router::{BlobChunk, Outgoing, SessionHandle, SessionShared, Start, StopReason};
-use crate::store::{BlobMeta, Body, Enqueued, NewMessage, StoreError, StoredMessage};
+use crate::store::{Enqueued, NewMessage, StoreError};
 use crate::transfer::{new_blob_key, ChunkOutcome, Transfers};
 use crate::wire::Wire;
 use bytes::Bytes;
@@ -1001,7 +1003,7 @@ impl Reader {
                 Ok((seq, Fate::Stored, true))
             }
             Err(e) => {
-                let code = e.code();
+                let code = ErrorCode::from(&e);
                 if code == ErrorCode::StoreUnavailable {
                     inc(&self.app.metrics.store_errors);
                     tracing::warn!(user = %msg.sender, error = %e, "enqueue failed");

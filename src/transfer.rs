@@ -13,9 +13,10 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::app::App;
+use crate::message::BlobMeta;
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::router::{BlobChunk, Outgoing, SessionHandle};
-use crate::store::{BlobMeta, BlobWrite, StoreLimits};
+use crate::store::{BlobWrite, StoreLimits};
 
 /// A fresh blob key: 128 random bits from the OS (hex). Unique, and never guessable: a
 /// key names a file that `GET /api/blobs/{key}` serves (to its owners only, but a
@@ -156,7 +157,7 @@ impl Transfers {
                 if let Err(e) =
                     StoreLimits::from_config(&app.config).check(from, usage, total, meta.size)
                 {
-                    return Err(fail(e.code(), e.to_string()));
+                    return Err(fail(ErrorCode::from(&e), e.to_string()));
                 }
             }
             Err(e) => return Err(fail(ErrorCode::StoreUnavailable, e.to_string())),

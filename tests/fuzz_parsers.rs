@@ -21,11 +21,12 @@ use serde_json::{json, Map, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use common::{test_config, Client, Frame, TestServer};
+use pigeon::message::{Body, StoredMessage};
+use pigeon::names::valid_username;
 use pigeon::protocol::{
-    self, check_send, chunk_frame, hash, pigeon as pj, seed_json, split_chunk, valid_username,
-    ErrorCode, Event, Fate, ProtocolError, Request,
+    self, check_send, chunk_frame, hash, pigeon as pj, seed_json, split_chunk, ErrorCode, Event,
+    Fate, ProtocolError, Request,
 };
-use pigeon::store::{Body, StoredMessage};
 
 // ---- strategies ------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pigeon::config::StorageConfig;
-use pigeon::store::{self, BlobMeta, Body, Enqueued, NewMessage, Store, StoreError, StoreLimits};
+use pigeon::message::{BlobMeta, Body};
+use pigeon::store::{self, Enqueued, NewMessage, Store, StoreError, StoreLimits};
 
 /// Where a test's store lives; `open` can be called again to reopen the same data.
 enum Target {

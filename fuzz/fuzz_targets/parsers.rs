@@ -4,10 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pigeon::protocol::{
-    check_send, chunk_frame, hash, pigeon as pj, seed_json, split_chunk, valid_username, Request,
-};
-use pigeon::store::Body;
+use pigeon::protocol::{check_send, chunk_frame, hash, pigeon as pj, seed_json, split_chunk, Request};
+use pigeon::names::{valid_username};
+use pigeon::message::Body;
 use pigeon::token::{self, TokenKey};
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 //! `Out Line`); errors and notices start with `!`, which no username can.
 
 use super::{ErrorCode, Event, ProtocolError, Request};
-use crate::store::Body;
+use crate::message::Body;
 
 pub const SEND_SUCCESS: &str = "send success";
 pub const OUT_LINE: &str = "Out Line";
@@ -79,7 +79,7 @@ pub fn format(event: &Event<'_>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoredMessage;
+    use crate::message::StoredMessage;
 
     #[test]
     fn parses_first_and_last_hash() {

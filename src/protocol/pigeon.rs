@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::{ErrorCode, Event, ProtocolError, Request};
-use crate::store::Body;
+use crate::message::Body;
 
 /// Every field any client frame may carry; which are required depends on `type`.
 #[derive(Deserialize)]
@@ -351,7 +351,7 @@ mod tests {
         assert_eq!(frame_id(r#"{"id":7}"#), None, "not a string id");
         assert_eq!(frame_id("not json"), None);
     }
-    use crate::store::StoredMessage;
+    use crate::message::StoredMessage;
 
     #[test]
     fn parses_each_type() {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ErrorCode, Event, ProtocolError, Request};
-use crate::store::Body;
+use crate::message::Body;
 
 #[derive(Deserialize)]
 struct SeedFrame {
@@ -141,7 +141,7 @@ pub fn format(event: &Event<'_>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoredMessage;
+    use crate::message::StoredMessage;
 
     #[test]
     fn parses_text_and_json_bodies() {

@@ -50,6 +50,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::{Config, StorageConfig};
+use crate::message::{Body, StoredMessage};
 
 /// What the store itself enforces on `enqueue` (0: no cap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,79 +134,6 @@ pub struct Usage {
     pub bytes: u64,
 }
 
-/// What a message carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Body {
-    /// Plain text (hash dialect, seed JSON string `msg`, Pigeon JSON string `body`).
-    Text(String),
-    /// A JSON value other than a string, kept as its compact serialized text.
-    Json(String),
-    /// A binary blob: its `BlobMeta` as JSON text; the bytes live in the store's blob
-    /// storage under `BlobMeta::key`.
-    Blob(String),
-}
-
-impl Body {
-    /// Storage tag: 0 text, 1 JSON, 2 blob.
-    pub fn kind(&self) -> i64 {
-        match self {
-            Body::Text(_) => 0,
-            Body::Json(_) => 1,
-            Body::Blob(_) => 2,
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        match self {
-            Body::Text(s) | Body::Json(s) | Body::Blob(s) => s,
-        }
-    }
-
-    /// Rebuilds a body from its storage tag and text.
-    pub fn from_parts(kind: i64, text: String) -> Body {
-        match kind {
-            1 => Body::Json(text),
-            2 => Body::Blob(text),
-            _ => Body::Text(text),
-        }
-    }
-
-    /// What this body counts against quotas: its stored text, plus the blob's size.
-    pub fn stored_bytes(&self) -> u64 {
-        let blob = self.blob_meta().map_or(0, |m| m.size);
-        (self.as_str().len() as u64).saturating_add(blob)
-    }
-
-    /// The blob's description, when this is a blob.
-    pub fn blob_meta(&self) -> Option<BlobMeta> {
-        match self {
-            Body::Blob(s) => serde_json::from_str(s).ok(),
-            _ => None,
-        }
-    }
-}
-
-/// What the mailbox keeps about a blob; the bytes are in blob storage under `key`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BlobMeta {
-    pub key: String,
-    /// The sender's transfer id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    pub name: String,
-    pub mime: String,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
-}
-
-impl BlobMeta {
-    pub fn to_body(&self) -> Body {
-        // Serializing a struct of strings and numbers cannot fail.
-        Body::Blob(serde_json::to_string(self).unwrap_or_default())
-    }
-}
-
 /// Who may download a stored blob, and how to label it (`GET /api/blobs/{key}`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlobInfo {
@@ -281,17 +209,6 @@ pub fn check_retry(msg: &NewMessage, stored: Option<i64>) -> Result<(), StoreErr
     }
 }
 
-/// A message held in a recipient's mailbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    pub seq: u64,
-    pub sender: String,
-    pub recipient: String,
-    pub client_id: Option<String>,
-    pub body: Body,
-    pub accepted_at: i64,
-}
-
 /// One entry of the account change feed: `user`'s password changed or the account was
 /// deleted (which one, the current account tells).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -345,21 +262,6 @@ pub enum StoreError {
     },
     #[error("the store is full: [limits] store_max_bytes = {limit} reached")]
     StoreFull { limit: u64 },
-}
-
-impl StoreError {
-    /// The wire code a sender is refused with.
-    pub fn code(&self) -> crate::protocol::ErrorCode {
-        use crate::protocol::ErrorCode;
-        match self {
-            StoreError::MailboxFull { .. } => ErrorCode::MailboxFull,
-            StoreError::IdConflict { .. } => ErrorCode::IdConflict,
-            StoreError::NoSuchUser { .. } => ErrorCode::NoSuchUser,
-            StoreError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
-            StoreError::StoreFull { .. } => ErrorCode::StoreFull,
-            _ => ErrorCode::StoreUnavailable,
-        }
-    }
 }
 
 /// The offline mailbox. Implementations are cheap to share (`Arc<dyn Store>`).

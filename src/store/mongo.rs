@@ -68,10 +68,11 @@ use bson::spec::BinarySubtype;
 use bson::Binary;
 
 use super::{
-    AccountChange, BlobInfo, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError,
-    StoreLimits, StoredMessage, Usage,
+    AccountChange, BlobInfo, BlobRead, BlobWrite, Enqueued, NewMessage, Store, StoreError,
+    StoreLimits, Usage,
 };
 use crate::config::StorageConfig;
+use crate::message::{Body, StoredMessage};
 
 /// How long the driver looks for a usable server before an operation fails.
 const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -831,7 +832,7 @@ impl Store for MongoStore {
         let mut out = Vec::new();
         while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
             if let Ok(name) = d.get_str("_id") {
-                if !crate::protocol::valid_username(name) {
+                if !crate::names::valid_username(name) {
                     out.push(name.to_string());
                     if out.len() >= limit {
                         break;

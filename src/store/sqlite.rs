@@ -23,10 +23,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::blob_files::BlobFiles;
 use super::{
-    AccountChange, BlobInfo, BlobRead, BlobWrite, Body, Enqueued, NewMessage, Store, StoreError,
-    StoreLimits, StoredMessage, Usage,
+    AccountChange, BlobInfo, BlobRead, BlobWrite, Enqueued, NewMessage, Store, StoreError,
+    StoreLimits, Usage,
 };
 use crate::config::StorageConfig;
+use crate::message::{Body, StoredMessage};
 
 /// Requests per transaction at most.
 const MAX_BATCH: usize = 512;
@@ -1051,7 +1052,7 @@ fn legacy_user_names(
     let rows = stmt
         .query_map(
             params![
-                crate::protocol::MAX_USERNAME_CHARS as i64,
+                crate::names::MAX_USERNAME_CHARS as i64,
                 to_i64(limit as u64)
             ],
             |r| r.get::<_, String>(0),
