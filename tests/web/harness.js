@@ -34,12 +34,14 @@ export const PASSWORD = 'correct horse battery';
 
 /**
  * One Pigeon server process; restartable on the same port and data dir. `auth` is
- * 'password' (what the shipped config.toml says) or 'open' (PIGEON_AUTH_MODE=open).
+ * 'password' (what the shipped config.toml says) or 'open' (PIGEON_AUTH_MODE=open);
+ * `env` adds environment variables (configuration, e.g. PIGEON_AUTH_ALLOWED_ORIGINS).
  */
 export class PigeonServer {
-  constructor({ auth = 'password' } = {}) {
+  constructor({ auth = 'password', env = {} } = {}) {
     this.dataDir = mkdtempSync(path.join(tmpdir(), 'pigeon-web-'));
     this.auth = auth;
+    this.env = env;
     this.port = 0;
     this.proc = null;
     this.log = '';
@@ -68,7 +70,7 @@ export class PigeonServer {
     this.proc = spawn(pigeonBin, ['serve', '--bind', `127.0.0.1:${this.port}`, '--data-dir', this.dataDir], {
       cwd: repoRoot,
       env: { ...process.env, PIGEON_SERVER_STATIC_DIR: path.join(repoRoot, 'static'), PIGEON_AUTH_MODE: this.auth,
-        RUST_LOG: process.env.RUST_LOG ?? 'warn' },
+        RUST_LOG: process.env.RUST_LOG ?? 'warn', ...this.env },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     const keep = (d) => { this.log = (this.log + d).slice(-20000); };
