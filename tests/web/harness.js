@@ -47,9 +47,16 @@ export class PigeonServer {
     this.log = '';
   }
 
-  /** Creates accounts with the real CLI: `echo PASSWORD | pigeon user add NAME --data-dir DIR`. */
+  /**
+   * Creates accounts with the real CLI: `echo PASSWORD | pigeon user add NAME --data-dir DIR`.
+   * One at a time: several processes creating a fresh database at once can find it locked.
+   */
   async addUsers(names, password = PASSWORD) {
-    await Promise.all(names.map((name) => new Promise((resolve, reject) => {
+    for (const name of names) await this.#addUser(name, password);
+  }
+
+  #addUser(name, password) {
+    return new Promise((resolve, reject) => {
       const p = spawn(pigeonBin, ['user', 'add', name, '--data-dir', this.dataDir], {
         cwd: repoRoot, env: { ...process.env, RUST_LOG: 'warn' }, stdio: ['pipe', 'pipe', 'pipe'],
       });
@@ -59,7 +66,7 @@ export class PigeonServer {
       p.on('error', reject);
       p.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`pigeon user add ${name} failed (${code}): ${out}`))));
       p.stdin.end(password + '\n');
-    })));
+    });
   }
 
   get url() { return `http://127.0.0.1:${this.port}`; }
