@@ -8,7 +8,7 @@
 import { PigeonConnection, canonicalUsername, fetchToken, newMessageId, validUsername } from './protocol.js';
 import { ChatStore } from './store.js';
 import { ChatView } from './ui.js';
-import { putFile, getFile, urlFor, loadUrl, forgetUrls, sha256Hex, streamable, serverLink, chunkSink } from './files.js';
+import { putFile, getFile, urlFor, loadUrl, forgetUrls, sha256Hex, streamable, serverLink, chunkSink, dropStaleParts } from './files.js';
 
 // {user, token?, expiresAt?}: never a password. The token is what reconnects use.
 const SESSION_KEY = 'pigeon:v1:session';
@@ -81,6 +81,7 @@ function startSession({ user, token = null, expiresAt = null }) {
   // Videos and audio the server serves by link: their chunks go straight to IndexedDB.
   const sinkFor = (t) => (withRemote(t).remote ? chunkSink(`${user}/in/${t.from}/${t.id ?? 'k-' + (t.blobKey ?? t.key)}`) : null);
   conn = new PigeonConnection({ user, credentials: token ? { token } : {}, journal: store, sinkFor });
+  dropStaleParts(`${user}/in/`); // before any chunk of this session is written
   conn.addEventListener('state', (e) => onState(e.detail));
   conn.addEventListener('message', (e) => {
     const rec = store.addIncoming(e.detail, { activePeer: visiblePeer() });

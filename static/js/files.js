@@ -43,6 +43,22 @@ export const putFile = (key, blob) => run('readwrite', (s) => s.put(blob, key));
 export const getFile = (key) => run('readonly', (s) => s.get(key)).catch(() => undefined);
 export const deleteFile = (key) => run('readwrite', (s) => s.delete(key)).catch(() => {});
 
+/**
+ * Deletes the chunks of streamed files (see chunkSink) that a page closed mid-file left
+ * under `prefix`; called before a session starts receiving, so none of them is in use.
+ */
+export const dropStaleParts = (prefix) => run('readwrite', (s) => {
+  const req = s.openKeyCursor();
+  req.onsuccess = () => {
+    const c = req.result;
+    if (!c) return;
+    const k = String(c.key);
+    if (k.startsWith(prefix) && k.includes('#part-')) s.delete(c.key);
+    c.continue();
+  };
+  return null;
+}).catch(() => {});
+
 const urls = new Map(); // key -> object URL
 
 /**

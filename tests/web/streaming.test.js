@@ -144,6 +144,16 @@ test('when the link no longer works, the video plays from the copy kept in the b
     assert.match(new URL(first.src).pathname, /^\/api\/blobs\//);
     await b.page.waitForFunction(() => document.querySelector('#messages li.msg[data-dir="in"] a.file-download')?.href.startsWith('blob:'), null, { timeout: 15000 });
 
+    // Chunks a page closed mid-file left behind are cleared at the next start.
+    await b.page.evaluate(() => new Promise((resolve, reject) => {
+      const req = indexedDB.open('pigeon-files');
+      req.onsuccess = () => {
+        const tx = req.result.transaction('blobs', 'readwrite');
+        tx.objectStore('blobs').put(new Blob(['x']), 'tara/in/sven/gone#part-abc-0');
+        tx.oncomplete = resolve;
+        tx.onerror = () => reject(tx.error);
+      };
+    }));
     // As after the link expired, or after the server swept the file: every download fails.
     await b.context.route('**/api/blobs/**', (r) => r.fulfill({ status: 404, contentType: 'application/json', body: '{"error":"not_found"}' }));
     await b.page.reload();
@@ -157,6 +167,7 @@ test('when the link no longer works, the video plays from the copy kept in the b
     const landed = await seekTo(b.page, 3);
     assert.ok(Math.abs(landed - 3) < 0.3, `seeked to ${landed}`);
     assert.equal(await digestInPage(b.page, 'clip.webm'), sha256(clip));
+    assert.deepEqual((await b.page.evaluate(idbKeys)).filter((k) => k.includes('#part-')), [], 'stale chunks removed');
     // The failed load is the browser's own console line; nothing else went wrong.
     assert.deepEqual(b.page.errors.filter((e) => !/Failed to load resource.*404/.test(e)), []);
   } finally {
