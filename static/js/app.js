@@ -2,12 +2,13 @@
 // browser's history (store.js), file bytes (files.js) and the page (ui.js) together, and
 // owns the session lifecycle: sign in (name only on an open server; password → token on
 // a server with accounts), remembered sign-in by token, sign out, "use here" after a kick,
-// and sending and receiving files.
+// and sending and receiving files (a received video or audio plays from the server's link
+// while its copy for this browser is written to IndexedDB chunk by chunk).
 
 import { PigeonConnection, canonicalUsername, fetchToken, newMessageId, validUsername } from './protocol.js';
 import { ChatStore } from './store.js';
 import { ChatView } from './ui.js';
-import { putFile, getFile, urlFor, loadUrl, forgetUrls, sha256Hex } from './files.js';
+import { putFile, getFile, urlFor, loadUrl, forgetUrls, sha256Hex, streamable, serverLink, chunkSink, dropStaleParts } from './files.js';
 
 // {user, token?, expiresAt?}: never a password. The token is what reconnects use.
 const SESSION_KEY = 'pigeon:v1:session';
@@ -77,7 +78,10 @@ function startSession({ user, token = null, expiresAt = null }) {
   usingToken = !!token;
   store = new ChatStore(user);
   store.addEventListener('change', scheduleRender);
-  conn = new PigeonConnection({ user, credentials: token ? { token } : {}, journal: store });
+  // Videos and audio the server serves by link: their chunks go straight to IndexedDB.
+  const sinkFor = (t) => (withRemote(t).remote ? chunkSink(`${user}/in/${t.from}/${t.id ?? 'k-' + (t.blobKey ?? t.key)}`) : null);
+  conn = new PigeonConnection({ user, credentials: token ? { token } : {}, journal: store, sinkFor });
+  dropStaleParts(`${user}/in/`); // before any chunk of this session is written
   conn.addEventListener('state', (e) => onState(e.detail));
   conn.addEventListener('message', (e) => {
     const rec = store.addIncoming(e.detail, { activePeer: visiblePeer() });
@@ -89,7 +93,7 @@ function startSession({ user, token = null, expiresAt = null }) {
   conn.addEventListener('frame', (e) => onOtherFrame(e.detail));
   conn.addEventListener('upload', (e) => ui.setProgress(e.detail.id, e.detail.sent, e.detail.size));
   conn.addEventListener('blob-start', (e) => {
-    if (store.fileStarted(e.detail)) ui.setProgress(e.detail.key, 0, e.detail.size);
+    if (store.fileStarted(withRemote(e.detail))) ui.setProgress(e.detail.key, 0, e.detail.size);
   });
   conn.addEventListener('blob-progress', (e) => ui.setProgress(e.detail.key, e.detail.received, e.detail.size));
   conn.addEventListener('blob', (e) => onFile(e.detail));
@@ -159,8 +163,27 @@ function onOtherFrame(frame) {
   }
 }
 
+/**
+ * A received file with `remote`: the server's link to its bytes ({src, expires}, see
+ * files.js) when it is a video or audio the page plays from the server; otherwise null.
+ */
+function withRemote(t) {
+  const remote = streamable(t.mime) ? serverLink(t.url) : null;
+  return { ...t, remote };
+}
+
 /** A whole file arrived: show it now, keep its bytes, and let it be acked once kept. */
 function onFile(t) {
+  if (t.stored) {
+    // Streamed: it plays from the server's link; its bytes are being joined in IndexedDB.
+    const key = t.storedKey;
+    ui.clearProgress(t.key);
+    const rec = store.fileDone(withRemote(t), key, { activePeer: visiblePeer() });
+    const s = store;
+    t.waitUntil(t.stored.then(() => { loading.delete(key); if (s === store) scheduleRender(); }));
+    if (rec && t.from !== me) document.dispatchEvent(new CustomEvent('pigeon:message', { detail: rec }));
+    return;
+  }
   const key = `${me}/in/${t.from}/${t.id ?? 'seq-' + t.seq}`;
   urlFor(key, t.blob, t.mime);
   ui.clearProgress(t.key);
@@ -255,6 +278,7 @@ ui.on.needFile = (key, mime) => {
   loading.add(key); // stays in: a file missing from IndexedDB is not asked for again
   loadUrl(key, mime).then((u) => { if (u) scheduleRender(); });
 };
+ui.on.mediaFailed = (tkey) => { store?.remoteFailed(tkey); };
 ui.on.draft = (text) => { if (ui.activePeer) store?.setDraft(ui.activePeer, text); };
 ui.on.banner = (action) => {
   if (action === 'retry') conn?.retryNow();

@@ -4,6 +4,9 @@
 // policy: which sender-claimed types are shown inline (raster images, audio, video) and
 // that every other file's object URL is plain bytes (application/octet-stream), so no
 // file a sender chose (SVG, HTML, XML, PDF, ...) ever runs in Pigeon's origin.
+// Received videos and audio are streamed from the server (`GET /api/blobs/{key}`, by the
+// signed link of their `blob_start`) while that link lasts; their bytes are kept here too,
+// a chunk at a time (never whole in memory), for when it has expired (see chunkSink).
 
 const DB_NAME = 'pigeon-files';
 const STORE = 'blobs';
@@ -39,6 +42,22 @@ export const putFile = (key, blob) => run('readwrite', (s) => s.put(blob, key));
 /** The Blob kept under `key`, or undefined. */
 export const getFile = (key) => run('readonly', (s) => s.get(key)).catch(() => undefined);
 export const deleteFile = (key) => run('readwrite', (s) => s.delete(key)).catch(() => {});
+
+/**
+ * Deletes the chunks of streamed files (see chunkSink) that a page closed mid-file left
+ * under `prefix`; called before a session starts receiving, so none of them is in use.
+ */
+export const dropStaleParts = (prefix) => run('readwrite', (s) => {
+  const req = s.openKeyCursor();
+  req.onsuccess = () => {
+    const c = req.result;
+    if (!c) return;
+    const k = String(c.key);
+    if (k.startsWith(prefix) && k.includes('#part-')) s.delete(c.key);
+    c.continue();
+  };
+  return null;
+}).catch(() => {});
 
 const urls = new Map(); // key -> object URL
 
@@ -105,4 +124,83 @@ export function safeMime(mime = '') {
 /** How a file is shown: 'image' | 'video' | 'audio' | 'file' (download only). */
 export function kindOf(mime = '') {
   return PREVIEWED.get(safeMime(mime)) ?? 'file';
+}
+
+// Played from the server by its link: the previewed audio and video types that the server
+// also serves as themselves (src/downloads.rs); the others are played from the local copy.
+const STREAMED = new Set(['video/mp4', 'video/webm', 'video/ogg',
+  'audio/mpeg', 'audio/ogg', 'audio/webm', 'audio/mp4']);
+
+/** True when a received file of this claimed type is played from the server's link. */
+export const streamable = (mime) => STREAMED.has(safeMime(mime));
+
+const BLOB_PATH = /^\/api\/blobs\/[A-Za-z0-9-]{1,128}$/;
+
+/**
+ * The server's signed link of a file (`blob_start`'s `url`) as this page uses it:
+ * {src, expires} with `src` a path on this page's own origin (whatever host the server
+ * wrote into the link: behind a proxy it may not be the one the page came from) and
+ * `expires` in seconds since 1970. Null for anything but a download link.
+ */
+export function serverLink(url, base = globalThis.location?.href) {
+  if (typeof url !== 'string' || url.length > 2048) return null;
+  let u;
+  try { u = new URL(url, base); } catch { return null; }
+  const expires = Number(u.searchParams.get('expires'));
+  if (!BLOB_PATH.test(u.pathname) || !Number.isFinite(expires)) return null;
+  return { src: u.pathname + u.search, expires };
+}
+
+/** How long before its expiry a link is no longer handed to a <video> (a failing one falls back anyway). */
+export const LINK_MARGIN_MS = 30 * 1000;
+
+/** True while a server link is worth using (not known to fail, not about to expire). */
+export const linkUsable = (remote, now = Date.now()) =>
+  !!remote && !remote.failed && remote.expires * 1000 > now + LINK_MARGIN_MS;
+
+/**
+ * Where a streamed file's bytes are kept as they arrive: each chunk is written to
+ * IndexedDB as it comes (a Blob of its own), and `finish` joins them under `key` (Blobs
+ * read back from IndexedDB are on disk: the file is never whole in memory). The
+ * connection (protocol.js) calls write(bytes) per chunk, then finish(mime) or discard().
+ */
+export function chunkSink(key) {
+  let n = 0;
+  let writes = [];
+  // Parts are named per sink: a discarded attempt's late deletes never hit the next one's.
+  const tag = `${Date.now().toString(36)}.${Math.random().toString(36).slice(2, 8)}`;
+  const part = (i) => `${key}#part-${tag}-${i}`;
+  const dropParts = (count) => Promise.all(Array.from({ length: count }, (_, i) => deleteFile(part(i))));
+  return {
+    key,
+    write(bytes) {
+      writes.push(putFile(part(n), new Blob([bytes])));
+      n += 1;
+    },
+    /** Resolves (never rejects) once the whole file is kept under `key`, or could not be. */
+    async finish(mime) {
+      const count = n;
+      try {
+        await Promise.all(writes);
+        const parts = [];
+        for (let i = 0; i < count; i += 1) {
+          const p = await getFile(part(i));
+          if (!p) throw new Error('a chunk is missing');
+          parts.push(p);
+        }
+        await putFile(key, new Blob(parts, { type: mime }));
+        return true;
+      } catch {
+        return false;
+      } finally {
+        writes = [];
+        await dropParts(count);
+      }
+    },
+    discard() {
+      const count = n;
+      Promise.allSettled(writes).then(() => dropParts(count));
+      writes = [];
+    },
+  };
 }

@@ -2,7 +2,8 @@
 // (docs/PROTOCOL.md), logging in (name only, password or token), reconnect with backoff,
 // heartbeat, resending unconfirmed sends with their original id, dropping redelivered
 // messages by seq, cumulative acks, and blob transfers (files: chunked upload with
-// backpressure and pacing, download reassembly). Also the `POST /api/login` call.
+// backpressure and pacing, download reassembly, or handing chunks to a sink the app
+// chooses, e.g. IndexedDB for a video played from the server). Also `POST /api/login`.
 // No DOM and no storage here: the app injects a `journal` (what was already received,
 // what is still unconfirmed) and listens to events.
 
@@ -103,11 +104,14 @@ export function backoffDelay(attempt, { base = 500, max = 15000 } = {}) {
  *  - `frame`   any frame of a type this module does not know (future: presence)
  *  Files (see sendFile):
  *  - `upload`  {id, to, sent, size} — bytes of an upload that left this browser
- *  - `blob-start`    {key, stream, from, to, id, name, mime, size, offline} — a file is coming
+ *  - `blob-start`    {key, stream, from, to, id, name, mime, size, offline, blobKey, url} — a
+ *              file is coming; `url` is the server's signed link to its bytes over HTTP
  *  - `blob-progress` {key, received, size}
- *  - `blob`    {key, seq, from, to, id, name, mime, size, sha256, ts, offline, blob, waitUntil}
- *              — a complete file, each seq at most once; call waitUntil(promise) to hold
- *              back its ack until the promise settles (e.g. it is stored)
+ *  - `blob`    {key, seq, from, to, id, name, mime, size, sha256, ts, offline, blobKey, url,
+ *              blob, stored, storedKey, waitUntil} — a complete file, each seq at most once;
+ *              `blob` holds its bytes, or is null when a sink took them (then `stored` is
+ *              the sink's finish() promise and `storedKey` its key); call waitUntil(promise)
+ *              to hold back its ack until the promise settles (e.g. it is stored)
  *  - `blob-abort`    {key, reason} — a file stopped arriving (`connection_lost` when this
  *              side dropped: the server keeps it and sends it again after reconnecting)
  *
@@ -117,10 +121,14 @@ export function backoffDelay(attempt, { base = 500, max = 15000 } = {}) {
  *
  * `credentials` is {password} or {token} (or nothing, on an open server); it goes into the
  * `login` frame. A refused login ends in state `rejected` with the server's error code.
+ *
+ * `sinkFor(start)` (optional) is asked at each `blob-start` (its detail): it returns null
+ * (the chunks are collected into a Blob here) or a sink {key, write(bytes), finish(mime) →
+ * promise, discard()} that takes each chunk as it arrives, so the file is not held here.
  */
 export class PigeonConnection extends EventTarget {
   constructor({ user, credentials = {}, journal, url = socketUrl(), WebSocketImpl = globalThis.WebSocket,
-    pingEveryMs = 25000, pongTimeoutMs = 10000, backoff = backoffDelay, framesPerSec = 30 } = {}) {
+    pingEveryMs = 25000, pongTimeoutMs = 10000, backoff = backoffDelay, framesPerSec = 30, sinkFor = null } = {}) {
     super();
     this.user = user;
     this.credentials = credentials; // {password} | {token} | {}
@@ -130,6 +138,7 @@ export class PigeonConnection extends EventTarget {
     this.pingEveryMs = pingEveryMs;
     this.pongTimeoutMs = pongTimeoutMs;
     this.backoff = backoff;
+    this.sinkFor = sinkFor;
     this.state = 'closed';
     this.ws = null;
     this.attempt = 0;        // consecutive failed attempts, for backoff
@@ -304,7 +313,8 @@ export class PigeonConnection extends EventTarget {
     const stream = new DataView(data).getUint32(0);
     const d = this.downloads.get(stream);
     if (!d) return;
-    d.chunks.push(new Uint8Array(data, 4));
+    if (d.sink) d.sink.write(new Uint8Array(data, 4));
+    else d.chunks.push(new Uint8Array(data, 4));
     d.received += data.byteLength - 4;
     this.#emit('blob-progress', { key: d.key, received: d.received, size: d.meta.size });
   }
@@ -313,9 +323,22 @@ export class PigeonConnection extends EventTarget {
     if (typeof f.stream !== 'number') return;
     const key = `${f.from}/${f.id ?? 's' + f.stream + '-' + Date.now()}`;
     const meta = { from: f.from, to: f.to, id: f.id ?? null, name: f.name ?? '', mime: f.mime || 'application/octet-stream',
-      size: f.size, sha256: f.sha256 ?? null, offline: !!f.offline };
-    this.downloads.set(f.stream, { key, meta, chunks: [], received: 0 });
+      size: f.size, sha256: f.sha256 ?? null, offline: !!f.offline,
+      blobKey: typeof f.key === 'string' ? f.key : null, url: typeof f.url === 'string' ? f.url : null };
+    this.#dropDownload(f.stream);
+    let sink = null;
+    try { sink = this.sinkFor?.({ key, stream: f.stream, ...meta }) ?? null; } catch { sink = null; }
+    this.downloads.set(f.stream, { key, meta, chunks: [], received: 0, sink });
     this.#emit('blob-start', { key, stream: f.stream, ...meta });
+  }
+
+  /** Forgets an incoming file on `stream` (its sink's chunks too); gives what it was. */
+  #dropDownload(stream) {
+    const d = this.downloads.get(stream);
+    if (!d) return null;
+    this.downloads.delete(stream);
+    d.sink?.discard();
+    return d;
   }
 
   #blobEnd(f) {
@@ -324,14 +347,17 @@ export class PigeonConnection extends EventTarget {
     this.downloads.delete(f.stream);
     const { meta } = d;
     if (d.received !== meta.size) {
+      d.sink?.discard();
       this.#emit('blob-abort', { key: d.key, reason: `size_mismatch (${d.received} of ${meta.size} bytes)` });
       return; // not acked: the server keeps it and offers it again next login
     }
     const msg = { seq: f.seq, ts: f.ts, ...meta, file: { name: meta.name, mime: meta.mime, size: meta.size } };
-    if (this.journal?.isDuplicate(msg)) { this.#takeIn(f.seq); return; }
+    if (this.journal?.isDuplicate(msg)) { d.sink?.discard(); this.#takeIn(f.seq); return; }
     const waits = [];
-    const blob = new Blob(d.chunks, { type: meta.mime });
-    this.#emit('blob', { key: d.key, ...msg, blob, waitUntil: (p) => waits.push(p) });
+    const blob = d.sink ? null : new Blob(d.chunks, { type: meta.mime });
+    const stored = d.sink ? d.sink.finish(meta.mime) : null;
+    this.#emit('blob', { key: d.key, ...msg, blob, stored, storedKey: d.sink?.key ?? null,
+      waitUntil: (p) => waits.push(p) });
     this.#takeIn(f.seq, waits.length ? Promise.allSettled(waits) : null);
   }
 
@@ -388,8 +414,8 @@ export class PigeonConnection extends EventTarget {
         this.#blobEnd(f);
         break;
       case 'blob_abort': {
-        const d = this.downloads.get(f.stream);
-        if (d) { this.downloads.delete(f.stream); this.#emit('blob-abort', { key: d.key, reason: f.reason ?? 'aborted' }); }
+        const d = this.#dropDownload(f.stream);
+        if (d) this.#emit('blob-abort', { key: d.key, reason: f.reason ?? 'aborted' });
         break;
       }
       case 'synced':
@@ -466,7 +492,10 @@ export class PigeonConnection extends EventTarget {
     this.#detach(ws);
     this.#clearTimers();
     // Files half-received on this socket: the server keeps them and sends them again.
-    for (const d of this.downloads.values()) this.#emit('blob-abort', { key: d.key, reason: 'connection_lost' });
+    for (const d of this.downloads.values()) {
+      d.sink?.discard();
+      this.#emit('blob-abort', { key: d.key, reason: 'connection_lost' });
+    }
     this.downloads.clear();
     if (this.stopped) return;
     if (code === CLOSE_KICKED) return this.#kicked();

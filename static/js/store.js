@@ -1,5 +1,6 @@
 // store.js — owns this browser's copy of one user's chats: conversations, messages
-// (text, and file descriptions: the bytes live in IndexedDB, see files.js), unread
+// (text, and file descriptions: the bytes live in IndexedDB, see files.js; a streamed
+// file also keeps the server's link to its bytes, `file.remote` {src, expires}), unread
 // counts, the outbox of unconfirmed sends, and the seqs already taken in.
 // Kept in localStorage (one key per user) so history and unsent messages survive a
 // reload. It is also the `journal` the connection asks about duplicates and resends.
@@ -139,7 +140,10 @@ export class ChatStore extends EventTarget {
     const peer = own ? t.to : t.from;
     const old = this.#findIn(peer, t.key);
     if (old?.file.state === 'done') return null;
-    const file = { name: t.name, mime: t.mime, size: t.size, sha256: t.sha256 ?? null, tkey: t.key, state: 'receiving' };
+    // `remoteReady`: the server already has every byte (a file from the mailbox), so its
+    // link plays while the copy for this browser is still arriving.
+    const file = { name: t.name, mime: t.mime, size: t.size, sha256: t.sha256 ?? null, tkey: t.key, state: 'receiving',
+      remote: t.remote ?? null, remoteReady: !!(t.remote && t.offline) };
     if (old) { old.file = file; this.#changed(peer); return old; }
     const c = this.conversation(peer);
     const rec = { dir: 'in', seq: null, id: t.id ?? null, from: t.from, to: t.to, body: null, file,
@@ -161,7 +165,9 @@ export class ChatStore extends EventTarget {
     if (!rec) rec = this.fileStarted(t);
     const c = this.conversation(peer);
     Object.assign(rec, { seq: t.seq, ts: typeof t.ts === 'number' ? t.ts : Date.now(), offline: !!t.offline });
-    rec.file = { name: t.name, mime: t.mime, size: t.size, sha256: t.sha256 ?? null, key, tkey: t.key, state: 'done' };
+    const remote = t.remote ?? rec.file?.remote ?? null;
+    rec.file = { name: t.name, mime: t.mime, size: t.size, sha256: t.sha256 ?? null, key, tkey: t.key, state: 'done',
+      remote, remoteReady: !!remote };
     // It takes its place in the conversation when its last byte arrived (its seq).
     c.messages.splice(c.messages.indexOf(rec), 1);
     c.messages.push(rec);
@@ -177,6 +183,15 @@ export class ChatStore extends EventTarget {
     for (const c of Object.values(this.convs)) {
       const m = c.messages.find((x) => x.dir === 'in' && x.file?.tkey === t.key && x.file.state !== 'done');
       if (m) { m.file.state = 'aborted'; m.file.reason = reason; this.#changed(c.peer); return m; }
+    }
+    return null;
+  }
+
+  /** The server's link of a received file failed (expired, or its bytes are gone): stop using it. */
+  remoteFailed(tkey) {
+    for (const c of Object.values(this.convs)) {
+      const m = c.messages.find((x) => x.dir === 'in' && x.file?.tkey === tkey);
+      if (m?.file.remote && !m.file.remote.failed) { m.file.remote.failed = true; this.#changed(c.peer); return m; }
     }
     return null;
   }

@@ -6,7 +6,7 @@
 // Message text, names, ids and file names are always put in with textContent (or as
 // attribute values), never as HTML; what a file may show inline is decided in files.js.
 
-import { knownUrl, formatSize, kindOf } from './files.js';
+import { knownUrl, formatSize, kindOf, linkUsable } from './files.js';
 
 const $ = (id) => document.getElementById(id);
 
@@ -82,7 +82,8 @@ const ABORT_TEXT = {
 export class ChatView {
   constructor() {
     // callbacks: signIn, signOut, open, back, newChat, send, retry, banner, draft,
-    // files (File[] picked or dropped), cancelFile (id), needFile (key: load its bytes)
+    // files (File[] picked or dropped), cancelFile (id), needFile (key: load its bytes),
+    // mediaFailed (transfer key: its server link did not play, use the local copy)
     this.on = {};
     this.activePeer = null;
     this.progress = new Map(); // transfer key -> {done, total}
@@ -359,10 +360,14 @@ export class ChatView {
     const tkey = ChatView.transferKey(m);
     box.dataset.fkey = tkey ?? '';
     box.dataset.kind = kindOf(f.mime);
-    const url = f.key ? knownUrl(f.key) : null;
-    if (f.key && !url) this.on.needFile?.(f.key, f.mime);
+    const local = f.key ? knownUrl(f.key) : null;
+    if (f.key && !local) this.on.needFile?.(f.key, f.mime);
     const done = m.dir === 'out' || f.state === 'done';
-    if (url && done) {
+    // A received video or audio plays from the server (Range requests: it streams and
+    // seeks) while its link lasts; files.js only gives `remote` to previewed types.
+    const remote = m.dir === 'in' && f.remoteReady && linkUsable(f.remote) ? f.remote.src : null;
+    const url = remote ?? (done ? local : null);
+    if (url) {
       const kind = kindOf(f.mime);
       let media = this.media.get(url);
       if (!media && kind !== 'file') {
@@ -371,6 +376,10 @@ export class ChatView {
           media.controls = true;
           media.preload = 'metadata';
           if (kind === 'video') media.playsInline = true;
+        }
+        if (url === remote) {
+          // Expired, or the server no longer has it: the copy in this browser takes over.
+          media.addEventListener('error', () => this.on.mediaFailed?.(f.tkey), { once: true });
         }
         media.src = url;
         this.media.set(url, media);
@@ -390,11 +399,13 @@ export class ChatView {
     const info = el('div', 'file-info');
     info.append(el('span', 'file-name', f.name || 'file'), el('span', 'file-size', formatSize(f.size)));
     row.append(info);
-    if (url && done) {
+    const saveUrl = local ?? remote;
+    if (saveUrl && done) {
       // A download, never a page: `download` here, and the URL of anything not previewed
-      // is typed application/octet-stream (files.js), so even opened in a tab it is saved.
+      // is typed application/octet-stream (files.js; the server does the same), so even
+      // opened in a tab it is saved.
       const a = el('a', 'file-download', 'Download');
-      a.href = url;
+      a.href = saveUrl;
       a.download = f.name || 'file';
       a.rel = 'noopener noreferrer';
       row.append(a);

@@ -1,7 +1,7 @@
 // files.test.js — end-to-end tests of files in the web client against a real Pigeon server
 // (password mode) in real headless Chromium: a file arrives byte-identical (SHA-256) with
 // progress shown on both sides and survives a reload; a video made in the browser
-// (MediaRecorder on a canvas) plays inline; an image sent to someone offline arrives at
+// (MediaRecorder on a canvas) plays inline, streamed from the server; an image sent to someone offline arrives at
 // their sign-in as an <img>. Also takes docs/screenshot.png (PIGEON_UPDATE_SCREENSHOT=1).
 
 import { test, before, after } from 'node:test';
@@ -186,7 +186,8 @@ test('a video recorded in the browser plays inline on the other side', async () 
     await openChat(b.page, 'hana');
     const video = b.page.locator('#messages li.msg[data-dir="in"] video.file-video');
     await video.waitFor();
-    assert.match(await video.getAttribute('src'), /^blob:/);
+    // Played from the server by its link (streaming.test.js has the details).
+    assert.match(await video.getAttribute('src'), /^\/api\/blobs\//);
     // It loads: metadata with the recorded size, and it plays (time moves on).
     await b.page.waitForFunction(() => {
       const v = document.querySelector('#messages video.file-video');

@@ -34,20 +34,29 @@ export const PASSWORD = 'correct horse battery';
 
 /**
  * One Pigeon server process; restartable on the same port and data dir. `auth` is
- * 'password' (what the shipped config.toml says) or 'open' (PIGEON_AUTH_MODE=open).
+ * 'password' (what the shipped config.toml says) or 'open' (PIGEON_AUTH_MODE=open);
+ * `env` adds environment variables (configuration, e.g. PIGEON_AUTH_ALLOWED_ORIGINS).
  */
 export class PigeonServer {
-  constructor({ auth = 'password' } = {}) {
+  constructor({ auth = 'password', env = {} } = {}) {
     this.dataDir = mkdtempSync(path.join(tmpdir(), 'pigeon-web-'));
     this.auth = auth;
+    this.env = env;
     this.port = 0;
     this.proc = null;
     this.log = '';
   }
 
-  /** Creates accounts with the real CLI: `echo PASSWORD | pigeon user add NAME --data-dir DIR`. */
+  /**
+   * Creates accounts with the real CLI: `echo PASSWORD | pigeon user add NAME --data-dir DIR`.
+   * One at a time: several processes creating a fresh database at once can find it locked.
+   */
   async addUsers(names, password = PASSWORD) {
-    await Promise.all(names.map((name) => new Promise((resolve, reject) => {
+    for (const name of names) await this.#addUser(name, password);
+  }
+
+  #addUser(name, password) {
+    return new Promise((resolve, reject) => {
       const p = spawn(pigeonBin, ['user', 'add', name, '--data-dir', this.dataDir], {
         cwd: repoRoot, env: { ...process.env, RUST_LOG: 'warn' }, stdio: ['pipe', 'pipe', 'pipe'],
       });
@@ -57,7 +66,7 @@ export class PigeonServer {
       p.on('error', reject);
       p.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`pigeon user add ${name} failed (${code}): ${out}`))));
       p.stdin.end(password + '\n');
-    })));
+    });
   }
 
   get url() { return `http://127.0.0.1:${this.port}`; }
@@ -68,7 +77,7 @@ export class PigeonServer {
     this.proc = spawn(pigeonBin, ['serve', '--bind', `127.0.0.1:${this.port}`, '--data-dir', this.dataDir], {
       cwd: repoRoot,
       env: { ...process.env, PIGEON_SERVER_STATIC_DIR: path.join(repoRoot, 'static'), PIGEON_AUTH_MODE: this.auth,
-        RUST_LOG: process.env.RUST_LOG ?? 'warn' },
+        RUST_LOG: process.env.RUST_LOG ?? 'warn', ...this.env },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     const keep = (d) => { this.log = (this.log + d).slice(-20000); };

@@ -2,7 +2,7 @@
 // (no browser, no server): login frame (name, password, token), dedupe by seq, cumulative
 // acks, resend with the same id, backoff, no reconnect after a kick, an invalid name or a
 // refused login, blob uploads (frame layout, backpressure) and downloads (ack held back
-// until the file is kept).
+// until the file is kept; chunks handed to a sink instead of gathered, for streamed files).
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -28,10 +28,10 @@ class FakeSocket {
 
 const tick = (ms = 0) => new Promise((r) => setTimeout(r, ms));
 
-function setup({ seen = new Set(), outbox = [], credentials = {}, framesPerSec = 30 } = {}) {
+function setup({ seen = new Set(), outbox = [], credentials = {}, framesPerSec = 30, sinkFor = null } = {}) {
   FakeSocket.all = [];
   const journal = { isDuplicate: (m) => seen.has(m.seq), unconfirmed: () => outbox };
-  const conn = new PigeonConnection({ user: 'ann', journal, url: 'ws://x/ws', WebSocketImpl: FakeSocket, backoff: () => 5, credentials, framesPerSec });
+  const conn = new PigeonConnection({ user: 'ann', journal, url: 'ws://x/ws', WebSocketImpl: FakeSocket, backoff: () => 5, credentials, framesPerSec, sinkFor });
   const events = [];
   for (const t of ['state', 'message', 'sent', 'failed', 'synced', 'upload', 'blob-start', 'blob', 'blob-abort']) conn.addEventListener(t, (e) => events.push([t, e.detail]));
   return { conn, events, seen, outbox, sock: () => FakeSocket.all.at(-1) };
@@ -270,5 +270,56 @@ test('a received file is put together from its chunks, and acked only once it is
   sock().recvBinary(6, [1]);
   sock().recv({ type: 'blob_abort', stream: 6, reason: 'sender_gone' });
   assert.deepEqual(events.filter(([t]) => t === 'blob-abort').map(([, d]) => d.reason), ['sender_gone']);
+  conn.stop();
+});
+
+test('a file the app streams goes chunk by chunk to its sink, never into a Blob here', async () => {
+  const sinks = [];
+  const sinkFor = (t) => {
+    if (!t.mime.startsWith('video/')) return null;
+    const sink = { key: `k-${t.id}`, start: t, chunks: [], finished: null, discarded: false,
+      write(b) { this.chunks.push([...b]); },
+      finish(mime) { this.finished = mime; return Promise.resolve(true); },
+      discard() { this.discarded = true; } };
+    sinks.push(sink);
+    return sink;
+  };
+  const { conn, events, sock } = setup({ sinkFor });
+  conn.start();
+  sock().open();
+  sock().recv({ type: 'welcome', user: 'ann', pending: 0 });
+  sock().recv({ type: 'synced' });
+  const url = 'http://x/api/blobs/K1?user=ann&expires=9&sig=s';
+  sock().recv({ type: 'blob_start', stream: 5, from: 'bo', to: 'ann', id: 'v-1', name: 'a.webm', mime: 'video/webm', size: 4, key: 'K1', url, offline: true });
+  const start = events.find(([t]) => t === 'blob-start')[1];
+  assert.equal(start.url, url);
+  assert.equal(start.blobKey, 'K1');
+  assert.equal(sinks[0].start.url, url, 'the sink is chosen knowing the link');
+  sock().recvBinary(5, [1, 2]);
+  sock().recvBinary(5, [3, 4]);
+  let keep;
+  conn.addEventListener('blob', (e) => e.detail.waitUntil(new Promise((r) => { keep = r; })));
+  sock().recv({ type: 'blob_end', stream: 5, seq: 3, ts: 1 });
+  const got = events.find(([t]) => t === 'blob')[1];
+  assert.deepEqual(sinks[0].chunks, [[1, 2], [3, 4]]);
+  assert.equal(got.blob, null, 'no Blob assembled');
+  assert.equal(got.storedKey, 'k-v-1');
+  assert.equal(await got.stored, true);
+  assert.equal(sinks[0].finished, 'video/webm');
+  assert.equal(got.url, url);
+  await tick(100);
+  assert.deepEqual(sock().frames('ack'), [], 'acked only once kept');
+  keep();
+  await tick(100);
+  assert.deepEqual(sock().frames('ack'), [{ type: 'ack', upto: 3 }]);
+
+  // An aborted or cut-off stream discards what its sink wrote; a picture gets no sink.
+  sock().recv({ type: 'blob_start', stream: 6, from: 'bo', to: 'ann', id: 'v-2', name: 'b.webm', mime: 'video/webm', size: 9 });
+  sock().recvBinary(6, [1]);
+  sock().recv({ type: 'blob_abort', stream: 6, reason: 'sender_gone' });
+  sock().recv({ type: 'blob_start', stream: 7, from: 'bo', to: 'ann', id: 'v-3', name: 'c.webm', mime: 'video/webm', size: 9 });
+  sock().drop();
+  assert.deepEqual(sinks.map((s) => s.discarded), [false, true, true]);
+  assert.equal(sinks.length, 3);
   conn.stop();
 });

@@ -1,10 +1,12 @@
 // security.test.js — hostile files against the web client, in real headless Chromium
 // against a real Pigeon server (password mode). A sender on a raw WebSocket (no web
 // client: it claims whatever mime it likes) sends an SVG, an HTML page, an XHTML/XML
-// document and an HTML page labelled image/png, each carrying a script that would mark
+// document, an HTML page labelled image/png and one labelled video/webm (played from the
+// server's link), each carrying a script that would mark
 // the page's storage and send the session token to a listener this test runs. The
 // recipient's page then opens each file in every way the UI offers (the preview link, the
-// download link, each link opened in a new tab, as a middle click would) and the test
+// download link, each link opened in a new tab, as a middle click would, and the server
+// link a <video> played) and the test
 // asserts that no script ran and the listener heard nothing.
 
 import { test, before, after } from 'node:test';
@@ -56,7 +58,12 @@ const hostileFiles = () => [
     text: `<?xml version="1.0"?><html xmlns="http://www.w3.org/1999/xhtml"><body><p>data</p><script><![CDATA[${payload('xml')}]]></script></body></html>` },
   { name: 'photo.png', mime: 'image/png', tag: 'png',
     text: `<!doctype html><p>not a png</p><script>${payload('png')}</script>` },
+  // Played from the server's link (/api/blobs/...) like any received video.
+  { name: 'movie.webm', mime: 'video/webm', tag: 'webm',
+    text: `<!doctype html><p>not a video</p><script>${payload('webm')}</script>` },
 ];
+// Labelled as a type the client previews: handed out as that type, but never as a page.
+const labelledMedia = new Set(['png', 'webm']);
 
 /** The sender: logs in over a raw WebSocket and sends every hostile file to `to`. */
 async function sendHostileFiles(to) {
@@ -95,6 +102,8 @@ for (const order of ['online', 'offline']) {
     const v = await openClient(browser, server);
     const postMessages = [];
     await v.page.exposeFunction('__sawMessage', (m) => postMessages.push(m));
+    const serverLinks = new Set();
+    v.page.on('request', (r) => { if (new URL(r.url()).pathname.startsWith('/api/blobs/')) serverLinks.add(r.url()); });
     try {
       if (order === 'online') await signIn(v.page, victim);
       else await v.page.fill('#signin-name', victim); // not signed in yet: the files are stored
@@ -127,11 +136,18 @@ for (const order of ['online', 'offline']) {
           const tab = await opened(v.context, v.page, () => v.page.evaluate((h) => { window.open(h, '_blank'); }, href));
           popups.push(...tab.pages);
         }
+
         // Anything not previewed is handed out as plain bytes, never as an active type.
         const kind = await item.locator('a.file-download').evaluate(async (a) => (await (await fetch(a.href)).blob()).type);
-        if (f.tag !== 'png') types.push([f.name, kind]);
+        if (!labelledMedia.has(f.tag)) types.push([f.name, kind]);
         // No preview of a sender's active content: no <img>, <object>, <iframe>, <embed> for it.
-        if (f.tag !== 'png') previews.push([f.name, await item.locator('img, object, iframe, embed, svg, video, audio').count()]);
+        if (!labelledMedia.has(f.tag)) previews.push([f.name, await item.locator('img, object, iframe, embed, svg, video, audio').count()]);
+      }
+      // The server links the page played (the "video"), each opened in a tab of its own.
+      assert.ok(serverLinks.size >= 1, 'the labelled video was played from the server');
+      for (const href of serverLinks) {
+        const tab = await opened(v.context, v.page, () => v.page.evaluate((h) => { window.open(h, '_blank'); }, href));
+        popups.push(...tab.pages);
       }
       await sleep(1000);
       assert.deepEqual(heard.map((h) => h.replace(/\?.*/, '')), [], 'nothing reached the attacker\'s listener (the token never left)');
