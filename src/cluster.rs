@@ -334,7 +334,7 @@ impl Cluster {
                     let mut heartbeat = tokio::time::interval(HEARTBEAT);
                     loop {
                         tokio::select! {
-                            _ = crate::server::shutdown_requested(&mut shutdown) => return,
+                            _ = crate::shutdown::shutdown_requested(&mut shutdown) => return,
                             // A ping to our own channel proves both directions work:
                             // no listener means our subscription died unnoticed.
                             _ = heartbeat.tick() => match self.publish(&self.node, &Wire::Ping).await {
@@ -359,7 +359,7 @@ impl Cluster {
                 Err(e) => self.lost("subscribe", &e),
             }
             tokio::select! {
-                _ = crate::server::shutdown_requested(&mut shutdown) => return,
+                _ = crate::shutdown::shutdown_requested(&mut shutdown) => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));

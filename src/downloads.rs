@@ -391,7 +391,7 @@ pub async fn sweep_acked_blobs(app: Arc<App>, mut shutdown: watch::Receiver<bool
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = crate::server::shutdown_requested(&mut shutdown) => return,
+            _ = crate::shutdown::shutdown_requested(&mut shutdown) => return,
         }
         let millis = i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         let cutoff = crate::now_ms().saturating_sub(millis);

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::session::{CLOSE_GOING_AWAY, CLOSE_TOO_BIG};
+use crate::protocol::close;
 
 /// What the reader hands the writer.
 enum Out {
@@ -70,8 +70,8 @@ pub async fn run<S>(
     loop {
         let frame = tokio::select! {
             biased;
-            _ = crate::server::shutdown_requested(&mut shutdown) => {
-                let _ = tx.send(Out::Close(CLOSE_GOING_AWAY, "server shutting down")).await;
+            _ = crate::shutdown::shutdown_requested(&mut shutdown) => {
+                let _ = tx.send(Out::Close(close::GOING_AWAY, "server shutting down")).await;
                 break;
             }
             // The writer gave up (socket broken, write timeout): nothing can be echoed.
@@ -85,7 +85,7 @@ pub async fn run<S>(
             Some(Ok(_)) => continue,
             Some(Err(tungstenite::Error::Capacity(e))) => {
                 tracing::debug!(error = %e, "echo: message too big");
-                let _ = tx.send(Out::Close(CLOSE_TOO_BIG, "message too big")).await;
+                let _ = tx.send(Out::Close(close::TOO_BIG, "message too big")).await;
                 break;
             }
             Some(Err(e)) => {

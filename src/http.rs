@@ -33,8 +33,9 @@ use crate::app::App;
 use crate::escape::Escaped;
 use crate::names::canonical_username;
 use crate::origins::Origins;
+use crate::protocol::close;
 use crate::protocol::{Dialect, ErrorCode, ProtocolError};
-use crate::session::{self, Greeting, CLOSE_AUTH};
+use crate::session::{self, Greeting};
 use crate::web::SecurityHeaders;
 use crate::wire::Wire;
 
@@ -132,7 +133,7 @@ async fn resolve(
     let refused = |error: ProtocolError| Greeting::Refused {
         dialect,
         error,
-        close: CLOSE_AUTH,
+        close: close::AUTH,
     };
     let Some(token) = token else {
         return match claimed {

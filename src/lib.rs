@@ -35,6 +35,7 @@ pub mod revoke;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod store;
 pub mod tls;
 pub mod token;

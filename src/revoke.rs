@@ -36,7 +36,7 @@ pub async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = crate::server::shutdown_requested(&mut shutdown) => return,
+            _ = crate::shutdown::shutdown_requested(&mut shutdown) => return,
         }
         let result = match &mut feed {
             // Nobody is logged in yet at start: earlier changes concern nobody here.

@@ -29,6 +29,7 @@ use crate::limits::{FloodBan, IpConnections, IpSlot};
 use crate::metrics::{dec, inc};
 use crate::origins::Origins;
 use crate::router::Router;
+use crate::shutdown::shutdown_requested;
 use crate::store::{self, StoreError};
 use crate::tls::{self, TlsError};
 use crate::wire::{Counted, Wire};
@@ -279,12 +280,6 @@ async fn serve(
         tracing::warn!("some connections did not finish within the grace period");
     }
     tracing::info!("shut down");
-}
-
-/// Completes once shutdown has been requested (or the server is gone).
-pub async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
-    // An error means the sender is gone: the server is over either way.
-    let _ = rx.wait_for(|s| *s).await.map(|_| ());
 }
 
 /// Accepts the next connection; on errors (EMFILE and friends) backs off and retries.

@@ -35,8 +35,8 @@ use crate::message::{BlobMeta, Body, StoredMessage};
 use crate::metrics::{dec, inc};
 use crate::names::canonical_username;
 use crate::protocol::{
-    self, canonical_or_error, hash, pigeon, seed_json, Dialect, ErrorCode, Event, Fate, KickReason,
-    ProtocolError, Request,
+    self, canonical_or_error, close, hash, pigeon, seed_json, Dialect, ErrorCode, Event, Fate,
+    KickReason, ProtocolError, Request,
 };
 use crate::ranges::SeqRanges;
 use crate::router::{BlobChunk, Outgoing, SessionHandle, SessionShared, Start, StopReason};
@@ -45,17 +45,6 @@ use crate::transfer::{new_blob_key, ChunkOutcome, Transfers};
 use crate::wire::Wire;
 use bytes::Bytes;
 use std::collections::HashMap;
-
-pub const CLOSE_REPLACED: u16 = 4000;
-pub const CLOSE_INVALID_USER: u16 = 4001;
-pub const CLOSE_PROTOCOL_ERROR: u16 = 4002;
-pub const CLOSE_GOING_AWAY: u16 = 1001;
-pub const CLOSE_TOO_BIG: u16 = 1009;
-/// Authentication required or failed (`auth_required`, `bad_credentials`, ...).
-pub const CLOSE_AUTH: u16 = 4003;
-pub const CLOSE_RATE_LIMITED: u16 = 4008;
-pub const CLOSE_TAKEOVER_LOOP: u16 = 4009;
-pub const CLOSE_LOGIN_TIMEOUT: u16 = 4010;
 
 /// The close reason of 1009: the settings that bound a WebSocket message.
 const TOO_BIG_REASON: &str =
@@ -429,10 +418,10 @@ impl Reader {
                         format!("no login within {} s", login_timeout.as_secs()),
                     );
                     let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
-                    self.refuse_and_close(dialect, e, CLOSE_LOGIN_TIMEOUT).await;
+                    self.refuse_and_close(dialect, e, close::LOGIN_TIMEOUT).await;
                     return;
                 }
-                _ = crate::server::shutdown_requested(shutdown) => {
+                _ = crate::shutdown::shutdown_requested(shutdown) => {
                     self.shared.stop(StopReason::Shutdown);
                     return;
                 }
@@ -506,7 +495,7 @@ impl Reader {
         };
         if len > self.app.config.limits.max_message_bytes {
             tracing::debug!(user = ?self.user, len, "message too big");
-            return self.close(CLOSE_TOO_BIG, TOO_BIG_REASON).await;
+            return self.close(close::TOO_BIG, TOO_BIG_REASON).await;
         }
         match frame {
             None => Flow::Close,
@@ -516,7 +505,7 @@ impl Reader {
             Some(Ok(_)) => Flow::Continue,
             Some(Err(tungstenite::Error::Capacity(e))) => {
                 tracing::debug!(user = %crate::OrDash(&self.user), error = %e, "message too big");
-                self.close(CLOSE_TOO_BIG, TOO_BIG_REASON).await
+                self.close(close::TOO_BIG, TOO_BIG_REASON).await
             }
             Some(Err(e))
                 if self
@@ -529,7 +518,7 @@ impl Reader {
                 if let Some(ip) = self.peer {
                     self.app.flood_ban.flooded(ip, Instant::now());
                 }
-                self.close(CLOSE_TOO_BIG, PRELOGIN_TOO_BIG_REASON).await
+                self.close(close::TOO_BIG, PRELOGIN_TOO_BIG_REASON).await
             }
             Some(Err(e)) => {
                 tracing::debug!(user = %crate::OrDash(&self.user), error = %e, "read error");
@@ -815,7 +804,7 @@ impl Reader {
             Ok(user) => user,
             Err(e) if from_url => {
                 self.refuse(dialect, e).await;
-                return self.close(CLOSE_INVALID_USER, "invalid_user").await;
+                return self.close(close::INVALID_USER, "invalid_user").await;
             }
             Err(e) => return self.refuse(dialect, e).await,
         };
@@ -832,7 +821,9 @@ impl Reader {
                     "{user} was taken over too often lately; is another client fighting over this account?"
                 ),
             );
-            return self.refuse_and_close(dialect, e, CLOSE_TAKEOVER_LOOP).await;
+            return self
+                .refuse_and_close(dialect, e, close::TAKEOVER_LOOP)
+                .await;
         }
         let _ = self.shared.dialect.set(dialect);
         self.generation = self.app.router.next_generation();
@@ -1040,7 +1031,7 @@ impl Reader {
         }
         self.errors_in_row += 1;
         if self.errors_in_row >= self.app.config.limits.max_consecutive_errors {
-            return self.close(CLOSE_PROTOCOL_ERROR, "protocol_error").await;
+            return self.close(close::PROTOCOL_ERROR, "protocol_error").await;
         }
         Flow::Continue
     }
@@ -1057,14 +1048,14 @@ impl Reader {
                     ErrorCode::BadCredentials,
                     format!("this connection's token was issued to {me}, not to {user:?}"),
                 );
-                self.refuse_and_close(Dialect::Pigeon, e, CLOSE_AUTH).await
+                self.refuse_and_close(Dialect::Pigeon, e, close::AUTH).await
             }
             None if self.app.auth.required() => {
                 let e = ProtocolError::new(
                     ErrorCode::AuthRequired,
                     "this server needs a password or token: {\"type\":\"login\",\"user\":...,\"password\":...}",
                 );
-                self.refuse_and_close(Dialect::Pigeon, e, CLOSE_AUTH).await
+                self.refuse_and_close(Dialect::Pigeon, e, close::AUTH).await
             }
             None => self.identify(user, Dialect::Pigeon, false).await,
         }
@@ -1105,10 +1096,10 @@ impl Reader {
                         proof.user
                     ),
                 );
-                self.refuse_and_close(Dialect::Pigeon, e, CLOSE_AUTH).await
+                self.refuse_and_close(Dialect::Pigeon, e, close::AUTH).await
             }
             Err(e) => {
-                self.refuse_and_close(Dialect::Pigeon, e.to_protocol(), CLOSE_AUTH)
+                self.refuse_and_close(Dialect::Pigeon, e.to_protocol(), close::AUTH)
                     .await
             }
         }
@@ -1131,7 +1122,7 @@ impl Reader {
                     ErrorCode::AuthRequired,
                     "open /ws?token=... (from POST /api/login) to use the hash dialect",
                 );
-                Some(self.refuse_and_close(Dialect::Hash, e, CLOSE_AUTH).await)
+                Some(self.refuse_and_close(Dialect::Hash, e, close::AUTH).await)
             }
             None => None,
         }
@@ -1177,7 +1168,7 @@ impl Reader {
             if let Some(ip) = self.peer {
                 self.app.flood_ban.flooded(ip, Instant::now());
             }
-            return Some(self.refuse_and_close(dialect, e, CLOSE_RATE_LIMITED).await);
+            return Some(self.refuse_and_close(dialect, e, close::RATE_LIMITED).await);
         }
         Some(self.reply(dialect, &Event::Error(&e)).await)
     }
@@ -1442,7 +1433,7 @@ where
                     let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
                     self.goodbye(
                         Some(KickReason::Replaced),
-                        CLOSE_REPLACED,
+                        close::REPLACED,
                         "session_replaced",
                         wait,
                     )
@@ -1450,12 +1441,12 @@ where
                 }
                 Some(StopReason::Revoked(reason)) => {
                     let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
-                    self.goodbye(Some(reason), CLOSE_AUTH, reason.as_str(), wait)
+                    self.goodbye(Some(reason), close::AUTH, reason.as_str(), wait)
                         .await
                 }
                 Some(StopReason::Shutdown) => {
                     let wait = shutdown_linger(&self.app) / 2;
-                    self.goodbye(None, CLOSE_GOING_AWAY, "server shutting down", wait)
+                    self.goodbye(None, close::GOING_AWAY, "server shutting down", wait)
                         .await
                 }
                 Some(StopReason::Closed) | None => self.flush().await,

@@ -2,6 +2,7 @@
 //! three dialects that put them into text frames. Everything here is pure: parse and
 //! format functions with no I/O, so each dialect is unit-tested on its own.
 
+pub mod close;
 pub mod hash;
 pub mod pigeon;
 pub mod seed_json;
