@@ -309,7 +309,7 @@ impl Auth {
         }
     }
 
-    /// The signature of a download link for blob `key` (see `downloads`).
+    /// The signature of a download link for blob `key` (see `links`).
     pub fn sign_link(&self, key: &str, user: &str, expires_at: u64) -> String {
         self.key.sign_link(key, user, expires_at)
     }

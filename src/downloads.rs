@@ -4,12 +4,11 @@
 //! the server hands out with the file (`?user=&expires=&sig=`, HMAC under the server
 //! secret, valid `[limits] blob_link_secs`). One byte range per request (206, 416), and
 //! a `Content-Type` only for types a browser merely displays; anything else is an
-//! `application/octet-stream` attachment. This module also builds those links, and
-//! sweeps acknowledged blobs once their links have expired.
+//! `application/octet-stream` attachment. The links themselves are built and checked in
+//! `links`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
@@ -17,18 +16,13 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use tokio::sync::watch;
 
-use crate::app::App;
 use crate::http::Ctx;
+use crate::links::{self, LinkError};
 use crate::store::{BlobInfo, BlobRead};
-use crate::token::TokenError;
 
 /// Bytes read from the store per piece of the response body.
 const PIECE: usize = 64 * 1024;
-
-/// Longest `Host` header used to build absolute links.
-const MAX_HOST_BYTES: usize = 255;
 
 /// Types a browser shows without running anything; served with their own type (as
 /// written here, not as the sender wrote it).
@@ -49,48 +43,6 @@ const SAFE_TYPES: [&str; 12] = [
 
 pub fn routes() -> Router<Arc<Ctx>> {
     Router::new().route("/api/blobs/{key}", get(download))
-}
-
-/// `http(s)://host` of an upgrade request, for absolute links in file notices (a
-/// tutorial page on another origin must reach this server). `None` when the `Host`
-/// header is missing or not a plain host name or address.
-pub fn link_base(req: &Request, tls: bool) -> Option<Arc<str>> {
-    let host = req.headers().get(header::HOST)?.to_str().ok()?;
-    let plain = !host.is_empty()
-        && host.len() <= MAX_HOST_BYTES
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
-    if !plain {
-        return None;
-    }
-    let scheme = if tls { "https" } else { "http" };
-    Some(format!("{scheme}://{host}").into())
-}
-
-/// A signed download link for `user` to blob `key`, valid `blob_link_secs` from now;
-/// absolute when `base` is known.
-pub fn link(app: &App, base: Option<&str>, key: &str, user: &str) -> String {
-    let expires = crate::token::now_secs().saturating_add(app.config.limits.blob_link_secs);
-    let sig = app.auth.sign_link(key, user, expires);
-    format!(
-        "{}/api/blobs/{key}?user={}&expires={expires}&sig={sig}",
-        base.unwrap_or(""),
-        percent_encode(user)
-    )
-}
-
-/// RFC 3986 unreserved characters stay, every other byte is `%XX`.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// RFC 8187 `attr-char`s stay (for `filename*=UTF-8''...`), every other byte is `%XX`.
@@ -161,30 +113,18 @@ async fn principal(
     headers: &HeaderMap,
 ) -> Result<String, Response> {
     let app = &ctx.app;
-    if let Some(sig) = query.get("sig") {
-        let (Some(user), Some(expires)) = (
-            query.get("user"),
-            query.get("expires").and_then(|e| e.parse::<u64>().ok()),
-        ) else {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "bad_link",
-                "a signed link needs user, expires and sig",
-            ));
-        };
-        return match app.auth.verify_link(key, user, expires, sig) {
-            Ok(()) => Ok(user.clone()),
-            Err(TokenError::Expired) => Err(refuse(
-                StatusCode::FORBIDDEN,
-                "link_expired",
-                "this download link has expired: open the file from the conversation again",
-            )),
-            Err(_) => Err(refuse(
-                StatusCode::FORBIDDEN,
-                "bad_link",
-                "this download link is not valid",
-            )),
-        };
+    if let Some(checked) = links::verify(&app.auth, key, query) {
+        return checked.map_err(|e| {
+            let (code, message) = match e {
+                LinkError::Incomplete => ("bad_link", "a signed link needs user, expires and sig"),
+                LinkError::Expired => (
+                    "link_expired",
+                    "this download link has expired: open the file from the conversation again",
+                ),
+                LinkError::Invalid => ("bad_link", "this download link is not valid"),
+            };
+            refuse(StatusCode::FORBIDDEN, code, message)
+        });
     }
     let token = query.get("token").cloned().or_else(|| bearer(headers));
     let Some(token) = token else {
@@ -383,26 +323,6 @@ fn pieces(
     })
 }
 
-/// Deletes acknowledged blobs once the links handed out with them have expired:
-/// `blob_link_secs` after the ack, checked every minute (or more often for short lives).
-pub async fn sweep_acked_blobs(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
-    let secs = app.config.limits.blob_link_secs;
-    let every = Duration::from_secs(secs.clamp(1, 60));
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = crate::shutdown::shutdown_requested(&mut shutdown) => return,
-        }
-        let millis = i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let cutoff = crate::now_ms().saturating_sub(millis);
-        match app.store.blob_sweep_acked(cutoff).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(blobs = n, "deleted acknowledged blobs past their links"),
-            Err(e) => tracing::warn!(error = %e, "sweeping acknowledged blobs failed"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,8 +365,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_and_user_names_are_encoded() {
+    fn keys_are_checked() {
         assert!(valid_key("0a1b-2c") && !valid_key("../x") && !valid_key(""));
-        assert_eq!(percent_encode("zoë.b"), "zo%C3%AB.b");
     }
 }

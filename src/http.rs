@@ -252,7 +252,7 @@ fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, req: Request) -> Response {
         (Greeting::Anonymous, true) => Some(ctx.app.config.limits.prelogin_bytes as u64),
         _ => None,
     };
-    let links = crate::downloads::link_base(&req, ctx.app.config.tls.enabled());
+    let links = crate::links::base(req.headers(), ctx.app.config.tls.enabled());
     handshake(ctx, req, ws_config, move |ws, ctx, peer, wire| async move {
         if let (Some(bytes), Some(wire)) = (budget, &wire) {
             wire.limit_reads(bytes);

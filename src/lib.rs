@@ -4,7 +4,7 @@
 //! `http` (routes and the WebSocket upgrade), `session` (one connection's life),
 //! `router` (who is online, take-over), `protocol` (the three wire dialects),
 //! `store` (the offline mailbox), `config`, `metrics`, `client` (the terminal client),
-//! `transfer` (incoming blobs), `downloads` (`GET /api/blobs/{key}`), `cluster` (nodes through Redis), and `echo` (a test-only
+//! `transfer` (incoming blobs), `downloads` (`GET /api/blobs/{key}`), `links` (signed download links), `cluster` (nodes through Redis), and `echo` (a test-only
 //! WebSocket echo for conformance tests). Security: `auth` (passwords, tokens), `token`,
 //! `api` (`/api/login`, `/api/register`), `accounts` (`pigeon user ...`), `revoke` (ending
 //! sessions whose account changed), `limits` (rate, throttles, caps, the hashing pool),
@@ -25,6 +25,7 @@ pub mod echo;
 pub mod escape;
 pub mod http;
 pub mod limits;
+pub mod links;
 pub mod message;
 pub mod metrics;
 pub mod names;

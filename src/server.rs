@@ -196,7 +196,7 @@ async fn serve(
     if app.auth.required() {
         tracker.spawn(crate::revoke::run(app.clone(), shutdown_rx.clone()));
     }
-    tracker.spawn(crate::downloads::sweep_acked_blobs(
+    tracker.spawn(crate::links::sweep_acked_blobs(
         app.clone(),
         shutdown_rx.clone(),
     ));

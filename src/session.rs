@@ -1717,7 +1717,7 @@ where
 
     /// A signed download link to blob `key` for `user`.
     fn link(&self, key: &str, user: &str) -> String {
-        crate::downloads::link(&self.app, self.links.as_deref(), key, user)
+        crate::links::link(&self.app, self.links.as_deref(), key, user)
     }
 
     async fn start(
