@@ -1,7 +1,7 @@
 //! Authentication: argon2 password hashes, signed session tokens (see `token`), the
 //! server secret that signs them, and the failed-login throttle and take-over damper that
-//! every login goes through. `Auth` lives in `App`; HTTP (`api`) and WebSocket (`http`,
-//! `session`) logins both call it.
+//! every login goes through. `Auth` lives in `App`; HTTP (`http::api`) and WebSocket
+//! (`http::upgrade`, `session`) logins both call it.
 
 use std::io::Write;
 use std::net::IpAddr;

@@ -1,26 +1,24 @@
 //! Pigeon: a point-to-point WebSocket messenger with store-and-forward delivery.
 //!
 //! `server::run` serves an already bound listener; everything else hangs off it:
-//! `http` (routes and the WebSocket upgrade), `session` (one connection's life),
-//! `router` (who is online, take-over), `protocol` (the three wire dialects),
-//! `store` (the offline mailbox), `config`, `metrics`, `client` (the terminal client),
-//! `transfer` (incoming blobs), `downloads` (`GET /api/blobs/{key}`), `links` (signed download links), `cluster` (nodes through Redis), and `echo` (a test-only
-//! WebSocket echo for conformance tests). Security: `auth` (passwords, tokens), `token`,
-//! `api` (`/api/login`, `/api/register`), `accounts` (`pigeon user ...`), `revoke` (ending
-//! sessions whose account changed), `limits` (rate, throttles, caps, the hashing pool),
-//! `escape` (client bytes in the log), `tls`, `origins` (which browser pages may connect)
-//! and `web` (the embedded web client and the security headers of every HTTP response).
-//! `wire` counts a connection's bytes and asks the kernel how many the client's TCP
-//! acknowledged.
+//! `http` (routes, the WebSocket upgrade, the account API, downloads, and the test-only
+//! echo of the `echo` feature), `session` (one connection's life), `router` (who is
+//! online, take-over), `protocol` (the three wire dialects), `store` (the offline
+//! mailbox), `config`, `metrics`, `client` (the terminal client), `transfer` (incoming
+//! blobs), `links` (signed download links) and `cluster` (nodes through Redis).
+//! Security: `auth` (passwords, tokens), `token`, `accounts` (`pigeon user ...`),
+//! `revoke` (ending sessions whose account changed), `limits` (rate, throttles, caps, the
+//! hashing pool), `escape` (client bytes in the log), `tls`, `origins` (which browser
+//! pages may connect) and `web` (the embedded web client and the security headers of
+//! every HTTP response). `wire` counts a connection's bytes and asks the kernel how many
+//! the client's TCP acknowledged.
 
 pub mod accounts;
-pub mod api;
 pub mod app;
 pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
-pub mod downloads;
 pub mod echo;
 pub mod escape;
 pub mod http;

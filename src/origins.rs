@@ -3,7 +3,7 @@
 //! listening port, `https` with TLS) and `[auth] allowed_origins`. An `Origin` header is
 //! compared with them exactly — scheme, host and port — and never with the request's
 //! `Host` header, which a DNS-rebinding page controls. Parsing only: the HTTP answers
-//! live in `http.rs`.
+//! live in `http::ctx` (`origin_refusal`).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

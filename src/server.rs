@@ -16,7 +16,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
@@ -24,6 +23,7 @@ use crate::app::App;
 use crate::auth::{Auth, AuthError};
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::http::upgrade::session_websocket_config;
 use crate::http::{self, ConnGuard, Ctx};
 use crate::limits::{FloodBan, IpConnections, IpSlot};
 use crate::metrics::{dec, inc};
@@ -61,31 +61,6 @@ pub enum ServerError {
 fn list_names(names: &[String]) -> String {
     let shown: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
     shown.join(", ")
-}
-
-/// The tungstenite settings every session uses, from `[websocket]` and `[limits]`.
-pub fn websocket_config(config: &Config) -> WebSocketConfig {
-    let ws = &config.websocket;
-    WebSocketConfig::default()
-        .read_buffer_size(ws.read_buffer_bytes)
-        .write_buffer_size(ws.write_buffer_bytes)
-        .max_write_buffer_size(ws.max_write_buffer_bytes.max(ws.write_buffer_bytes + 1))
-        .max_message_size(Some(config.limits.max_message_bytes))
-        .max_frame_size(Some(config.limits.max_message_bytes))
-}
-
-/// The settings of chat sessions: as `websocket_config`, but frames up to
-/// `limits.legacy_binary_max_bytes` are read, so that a tutorial client's file (one raw
-/// binary frame) reaches the session, which holds every other kind of frame to its own
-/// limit (`max_text_bytes`, `max_message_bytes`).
-pub fn session_websocket_config(config: &Config) -> WebSocketConfig {
-    let most = config
-        .limits
-        .max_message_bytes
-        .max(config.limits.legacy_binary_max_bytes);
-    websocket_config(config)
-        .max_message_size(Some(most))
-        .max_frame_size(Some(most))
 }
 
 /// Opens the configured store and serves `listener` until `shutdown` completes.
@@ -299,16 +274,15 @@ async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
 
 /// The answer to every request of a connection above the per-IP cap.
 fn too_many_connections() -> axum::response::Response {
-    use axum::response::IntoResponse;
-    (
-        axum::http::StatusCode::TOO_MANY_REQUESTS,
-        [
-            (axum::http::header::CONTENT_TYPE, "application/json"),
-            (axum::http::header::CONNECTION, "close"),
-        ],
-        r#"{"error":"too_many_connections","message":"too many connections from your address"}"#,
-    )
-        .into_response()
+    use axum::http::{header, HeaderValue, StatusCode};
+    let mut res = http::ctx::error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_connections",
+        "too many connections from your address",
+    );
+    res.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    res
 }
 
 /// Who is at the other end of an accepted socket, and its byte count.
@@ -332,7 +306,7 @@ async fn connection<S>(
     let guard = ConnGuard(Arc::new(permit));
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(guard.clone());
-        // For the WebSocket session this connection may become (`http::handshake`).
+        // For the WebSocket session this connection may become (`http::upgrade::handshake`).
         req.extensions_mut().insert(wire.clone());
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(peer));

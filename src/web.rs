@@ -2,7 +2,7 @@
 //! `build.rs` (so `pigeon serve` works from any directory), each with its Content-Type;
 //! and the security headers every response of the HTTP router carries (a strict
 //! Content-Security-Policy, `nosniff`, no framing, no referrer). Routing and the
-//! `[server] static_dir` override for development are in `http.rs`.
+//! `[server] static_dir` override for development are in `http` (`http/mod.rs`).
 
 use std::sync::Arc;
 

@@ -21,9 +21,10 @@ use serde_json::json;
 
 use crate::auth::{AuthError, Issued};
 use crate::escape::Escaped;
-use crate::http::Ctx;
 use crate::names::{canonical_username, USERNAME_RULE};
 use crate::store::StoreError;
+
+use super::ctx::{error, origin_refusal, Ctx};
 
 /// The account routes; their bodies are read up to `[limits] api_max_body_bytes` (413
 /// beyond, and the address counts toward the flood ban: see `count_oversized`).
@@ -56,17 +57,6 @@ async fn count_oversized(
 struct Credentials {
     user: String,
     password: String,
-}
-
-/// A JSON error response.
-pub fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response {
-    let body = json!({"error": code, "message": message.to_string()});
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
 }
 
 fn auth_error(e: AuthError) -> Response {
@@ -128,7 +118,7 @@ fn refuse_foreign(ctx: &Ctx, headers: &HeaderMap) -> Option<Response> {
             "send the credentials as JSON with Content-Type: application/json",
         ));
     }
-    crate::http::origin_refusal(ctx, headers, "account API request")
+    origin_refusal(ctx, headers, "account API request")
 }
 
 /// The credentials in a request body, or the 400 answer (boxed: a `Response` is large).

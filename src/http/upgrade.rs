@@ -1,11 +1,8 @@
-//! HTTP on the WebSocket port: the upgrade routes (`/ws`, `/web`, `/ws/<user>`,
-//! `/web/<user>`), `/healthz`, `/metrics`, the account API (`api`), file downloads
-//! (`downloads`), the web client at `/` (built in, see `web`, or from
-//! `[server] static_dir`), and, only with `[server] echo_route = true`, the test-only
-//! WebSocket echo at `/echo`. Every response gets the security headers of
-//! `web::SecurityHeaders`. Before an upgrade it checks the `Origin` (see `origins`) and
-//! resolves a token (`?token=` or `Authorization: Bearer`)
-//! into the session's identity.
+//! The WebSocket upgrade routes (`/ws`, `/web`, `/ws/<user>`, `/web/<user>`): who the
+//! client is (`resolve`: the claimed name checked against a `?token=` or `Authorization:
+//! Bearer` token), the RFC 6455 handshake (`handshake`, after the `Origin` check), and the
+//! tungstenite settings of the upgraded socket (`websocket_config`,
+//! `session_websocket_config`). The socket then belongs to `session::run`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,102 +13,69 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::map_response_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::task::TaskTracker;
-use tower_http::services::ServeDir;
 
-use crate::app::App;
-use crate::escape::Escaped;
+use super::ctx::{origin_refusal, request_token, ConnGuard, Ctx};
+use crate::config::Config;
 use crate::names::canonical_username;
-use crate::origins::Origins;
 use crate::protocol::close;
 use crate::protocol::{Dialect, ErrorCode, ProtocolError};
 use crate::session::{self, Greeting};
-use crate::web::SecurityHeaders;
 use crate::wire::Wire;
 
-/// What the HTTP handlers need besides the shared `App`.
-pub struct Ctx {
-    pub app: Arc<App>,
-    pub tracker: TaskTracker,
-    pub shutdown: watch::Receiver<bool>,
-    pub ws_config: WebSocketConfig,
-    /// Which browser pages may open WebSockets and use the account API.
-    pub origins: Origins,
+/// The tungstenite settings every session uses, from `[websocket]` and `[limits]`.
+pub fn websocket_config(config: &Config) -> WebSocketConfig {
+    let ws = &config.websocket;
+    WebSocketConfig::default()
+        .read_buffer_size(ws.read_buffer_bytes)
+        .write_buffer_size(ws.write_buffer_bytes)
+        .max_write_buffer_size(ws.max_write_buffer_bytes.max(ws.write_buffer_bytes + 1))
+        .max_message_size(Some(config.limits.max_message_bytes))
+        .max_frame_size(Some(config.limits.max_message_bytes))
 }
 
-/// Kept alive by a connection, and by the WebSocket session it becomes: holds the
-/// connection-limit permit.
-#[derive(Clone)]
-pub struct ConnGuard(pub Arc<dyn Send + Sync>);
-
-pub fn routes(ctx: Arc<Ctx>) -> Router {
-    let security = Arc::new(SecurityHeaders::new(&ctx.origins));
-    let mut router = Router::new();
-    if ctx.app.config.server.echo_route {
-        tracing::warn!("test-only WebSocket echo route /echo is enabled");
-        router = router.route("/echo", get(upgrade_echo));
-    }
-    router = router
-        .route("/ws", get(upgrade_anonymous))
-        .route("/web", get(upgrade_anonymous))
-        .route("/ws/{user}", get(upgrade_named))
-        .route("/web/{user}", get(upgrade_named))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .merge(crate::api::routes(ctx.clone()))
-        .merge(crate::downloads::routes());
-    let static_dir = &ctx.app.config.server.static_dir;
-    router = match static_dir.as_os_str().is_empty() {
-        true => router.fallback(crate::web::embedded),
-        false => router.fallback_service(ServeDir::new(static_dir)),
-    };
-    router
-        .layer(map_response_with_state(security, crate::web::add_headers))
-        .with_state(ctx)
+/// The settings of chat sessions: as `websocket_config`, but frames up to
+/// `limits.legacy_binary_max_bytes` are read, so that a tutorial client's file (one raw
+/// binary frame) reaches the session, which holds every other kind of frame to its own
+/// limit (`max_text_bytes`, `max_message_bytes`).
+pub fn session_websocket_config(config: &Config) -> WebSocketConfig {
+    let most = config
+        .limits
+        .max_message_bytes
+        .max(config.limits.legacy_binary_max_bytes);
+    websocket_config(config)
+        .max_message_size(Some(most))
+        .max_frame_size(Some(most))
 }
 
-async fn upgrade_anonymous(
+/// `/ws`, `/web`: Pigeon JSON (or the hash dialect), the user from `?user=`, a token, or
+/// a login frame later.
+pub async fn upgrade_anonymous(
     State(ctx): State<Arc<Ctx>>,
     Query(query): Query<HashMap<String, String>>,
     req: Request,
 ) -> Response {
-    let token = request_token(&query, &req);
+    let token = request_token(&query, req.headers());
     let claimed = query.get("user").cloned();
     let greeting = resolve(&ctx, claimed, Dialect::Pigeon, token, peer_ip(&req)).await;
     upgrade(ctx, greeting, req)
 }
 
-async fn upgrade_named(
+/// `/ws/<user>`, `/web/<user>`: the seed JSON dialect (or the hash dialect) as `user`.
+pub async fn upgrade_named(
     State(ctx): State<Arc<Ctx>>,
     Path(user): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     req: Request,
 ) -> Response {
-    let token = request_token(&query, &req);
+    let token = request_token(&query, req.headers());
     let greeting = resolve(&ctx, Some(user), Dialect::SeedJson, token, peer_ip(&req)).await;
     upgrade(ctx, greeting, req)
-}
-
-/// A session token from `?token=` or an `Authorization: Bearer` header.
-fn request_token(query: &HashMap<String, String>, req: &Request) -> Option<String> {
-    if let Some(t) = query.get("token") {
-        return Some(t.clone());
-    }
-    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_string())
 }
 
 fn peer_ip(req: &Request) -> Option<IpAddr> {
@@ -175,42 +139,12 @@ async fn resolve(
     }
 }
 
-/// The refusal (403, saying which setting allows it) of a browser request whose `Origin`
-/// is not one of `ctx.origins`; `None` lets it through, as it does requests without an
-/// `Origin` (non-browser clients).
-pub fn origin_refusal(ctx: &Ctx, headers: &HeaderMap, what: &str) -> Option<Response> {
-    let origin = headers.get(header::ORIGIN)?;
-    // Not visible ASCII: no browser sends that, and it must not reach the log raw.
-    let origin = origin.to_str().unwrap_or("<not ASCII>");
-    if ctx.origins.allows(origin) {
-        return None;
-    }
-    let shown: String = origin.chars().take(200).collect();
-    tracing::warn!(
-        origin = %Escaped(origin),
-        "{what} from a page at origin {shown:?} refused: to allow that page, add the origin to \
-         [auth] allowed_origins in the config file or to PIGEON_AUTH_ALLOWED_ORIGINS \
-         (comma-separated), or set [server] public_url if it is this server's own address; \
-         allowed now: {}",
-        ctx.origins.describe()
-    );
-    Some(
-        (
-            StatusCode::FORBIDDEN,
-            format!(
-                "a page at origin {shown:?} may not use this server; the operator can allow it in \
-             [auth] allowed_origins (environment: PIGEON_AUTH_ALLOWED_ORIGINS, comma-separated)\n"
-            ),
-        )
-            .into_response(),
-    )
-}
-
-async fn upgrade_echo(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
+/// `/echo` (test only): the same handshake and settings, then `echo::run`.
+pub async fn upgrade_echo(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
     let limits = &ctx.app.config.limits;
     let queue = limits.session_queue;
     let write_timeout = Duration::from_secs(limits.write_timeout_secs);
-    let ws_config = crate::server::websocket_config(&ctx.app.config);
+    let ws_config = websocket_config(&ctx.app.config);
     handshake(ctx, req, ws_config, move |ws, ctx, _peer, _wire| {
         crate::echo::run(ws, queue, write_timeout, ctx.shutdown.clone())
     })
@@ -244,7 +178,7 @@ fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, req: Request) -> Response {
     };
     let ws_config = match legacy_possible {
         true => ctx.ws_config,
-        false => crate::server::websocket_config(&ctx.app.config),
+        false => websocket_config(&ctx.app.config),
     };
     // In password mode a socket without a token can only log in: it may send no more
     // than a login's worth of bytes until it has (`limits.prelogin_bytes`).
@@ -345,44 +279,4 @@ where
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     res
-}
-
-async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
-    let mut body = serde_json::json!({
-        "status": "ok",
-        "store": ctx.app.store.backend(),
-        "online": ctx.app.router.online_count(),
-        "auth": ctx.app.config.auth.mode,
-    });
-    if let Some(c) = &ctx.app.cluster {
-        body["node"] = c.node().into();
-        if c.is_degraded() {
-            body["status"] = "degraded".into();
-            body["cluster"] = "redis unreachable: serving local users only".into();
-        }
-    }
-    // A store that refuses writes (disk full, read-only) means every send fails: that is
-    // not healthy, and a load balancer should hear it (503).
-    let mut status = StatusCode::OK;
-    if let Err(e) = ctx.app.store.check_writable().await {
-        status = StatusCode::SERVICE_UNAVAILABLE;
-        body["status"] = "degraded".into();
-        body["store_error"] = e.to_string().into();
-    }
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
-}
-
-async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ctx.app
-            .metrics
-            .render(ctx.app.router.online_count(), ctx.app.cluster.as_deref()),
-    )
-        .into_response()
 }

@@ -17,7 +17,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 
-use crate::http::Ctx;
+use super::ctx::{error, request_token, Ctx};
 use crate::links::{self, LinkError};
 use crate::store::{BlobInfo, BlobRead};
 
@@ -89,7 +89,7 @@ fn harden(mut res: Response) -> Response {
 }
 
 fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
-    let mut res = crate::api::error(status, code, message);
+    let mut res = error(status, code, message);
     if status == StatusCode::UNAUTHORIZED {
         res.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -126,7 +126,7 @@ async fn principal(
             refuse(StatusCode::FORBIDDEN, code, message)
         });
     }
-    let token = query.get("token").cloned().or_else(|| bearer(headers));
+    let token = request_token(query, headers);
     let Some(token) = token else {
         return Err(refuse(
             StatusCode::UNAUTHORIZED,
@@ -145,14 +145,6 @@ async fn principal(
             Err(refuse(status, p.code.as_str(), &p.message))
         }
     }
-}
-
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_string())
 }
 
 /// What a `Range` header asks of a blob of `size` bytes.
