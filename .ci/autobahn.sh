@@ -4,7 +4,9 @@
 # whose behavior is not OK / NON-STRICT / INFORMATIONAL / UNIMPLEMENTED.
 #
 # Usage: bash .ci/autobahn.sh [PATH_TO_PIGEON_BINARY]
-#   Without an argument it builds a debug binary (CARGO_TARGET_DIR is honoured).
+#   The binary must be built with the cargo feature `echo` (the one `cargo test` builds
+#   is; `cargo build --release` leaves /echo out and refuses echo_route). Without an
+#   argument it builds a debug binary with it (CARGO_TARGET_DIR is honoured).
 # Needs: Python 2.7 (autobahntestsuite is Python 2 code; the pyenv 2.7.18 of the image,
 #   or AUTOBAHN_PYTHON=/path/to/python2.7), python3, network access to PyPI on first run.
 #   The virtualenv is cached in .venv-autobahn; the report is left in
@@ -65,8 +67,8 @@ WSTEST=$VENV/bin/wstest
 if [ $# -ge 1 ]; then
     PIGEON=$(realpath "$1")
 else
-    echo "== autobahn: building pigeon (debug)"
-    cargo build --bin pigeon
+    echo "== autobahn: building pigeon (debug, --features echo)"
+    cargo build --bin pigeon --features echo
     PIGEON=${CARGO_TARGET_DIR:-$ROOT/target}/debug/pigeon
 fi
 [ -x "$PIGEON" ] || { echo "autobahn: no pigeon binary at $PIGEON" >&2; exit 2; }

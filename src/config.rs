@@ -66,7 +66,8 @@ pub struct ServerConfig {
     /// the TLS handshake) before the connection is closed.
     pub header_timeout_secs: u64,
     /// Test-only: serve `GET /echo`, a WebSocket that echoes every text and binary
-    /// message, for WebSocket conformance tests (Autobahn). Never enable in production.
+    /// message, for WebSocket conformance tests (Autobahn). Needs a build with the cargo
+    /// feature `echo` (the tests' build; refused otherwise). Never enable in production.
     pub echo_route: bool,
 }
 
@@ -564,6 +565,9 @@ impl Config {
         // the echo route): the writer would fail and the session die.
         if self.websocket.max_write_buffer_bytes <= l.max_message_bytes + 14 {
             return bad("websocket.max_write_buffer_bytes must be above limits.max_message_bytes (plus 14 bytes of frame header)");
+        }
+        if self.server.echo_route && !cfg!(feature = "echo") {
+            return bad("server.echo_route needs a build with the test-only echo route (cargo build --features echo; cargo test turns it on)");
         }
         if self.server.header_timeout_secs == 0 {
             return bad("server.header_timeout_secs must be positive");

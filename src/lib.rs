@@ -19,7 +19,6 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
-pub mod echo;
 pub mod escape;
 pub mod http;
 pub mod limits;

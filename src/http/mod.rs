@@ -9,12 +9,14 @@
 //! - `api`: the account API (`/api/login`, `/api/register`).
 //! - `downloads`: `GET /api/blobs/{key}` (the links themselves are `crate::links`).
 //! - `status`: `/healthz` and `/metrics`.
-//! - `echo`: only with `[server] echo_route = true`, the test-only WebSocket echo at
-//!   `/echo`.
+//! - `echo`: the test-only WebSocket echo at `/echo`, compiled only with the cargo
+//!   feature `echo` and served only with `[server] echo_route = true`.
 
 pub mod api;
 pub mod ctx;
 pub mod downloads;
+#[cfg(feature = "echo")]
+mod echo;
 pub mod status;
 pub mod upgrade;
 
@@ -29,14 +31,10 @@ pub use ctx::{ConnGuard, Ctx};
 
 use crate::web::SecurityHeaders;
 
+/// Every route of the server, with the security headers and the web client as fallback.
 pub fn routes(ctx: Arc<Ctx>) -> Router {
     let security = Arc::new(SecurityHeaders::new(&ctx.origins));
-    let mut router = Router::new();
-    if ctx.app.config.server.echo_route {
-        tracing::warn!("test-only WebSocket echo route /echo is enabled");
-        router = router.route("/echo", get(upgrade::upgrade_echo));
-    }
-    router = router
+    let router = Router::new()
         .route("/ws", get(upgrade::upgrade_anonymous))
         .route("/web", get(upgrade::upgrade_anonymous))
         .route("/ws/{user}", get(upgrade::upgrade_named))
@@ -45,8 +43,10 @@ pub fn routes(ctx: Arc<Ctx>) -> Router {
         .route("/metrics", get(status::metrics))
         .merge(api::routes(ctx.clone()))
         .merge(downloads::routes());
+    #[cfg(feature = "echo")]
+    let router = echo::route(router, &ctx);
     let static_dir = &ctx.app.config.server.static_dir;
-    router = match static_dir.as_os_str().is_empty() {
+    let router = match static_dir.as_os_str().is_empty() {
         true => router.fallback(crate::web::embedded),
         false => router.fallback_service(ServeDir::new(static_dir)),
     };

@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
@@ -139,17 +138,6 @@ async fn resolve(
     }
 }
 
-/// `/echo` (test only): the same handshake and settings, then `echo::run`.
-pub async fn upgrade_echo(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
-    let limits = &ctx.app.config.limits;
-    let queue = limits.session_queue;
-    let write_timeout = Duration::from_secs(limits.write_timeout_secs);
-    let ws_config = websocket_config(&ctx.app.config);
-    handshake(ctx, req, ws_config, move |ws, ctx, _peer, _wire| {
-        crate::echo::run(ws, queue, write_timeout, ctx.shutdown.clone())
-    })
-}
-
 fn bad_request(msg: &'static str) -> Response {
     (StatusCode::BAD_REQUEST, msg).into_response()
 }
@@ -205,13 +193,13 @@ fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, req: Request) -> Response {
 }
 
 /// The upgraded socket every WebSocket route gets.
-type Ws = WebSocketStream<TokioIo<Upgraded>>;
+pub(super) type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Checks the upgrade request, answers 101 and runs `serve` on the upgraded socket (with
 /// the server's tungstenite settings) in a tracked task that holds the connection permit.
 /// `serve` also gets the client's address and the connection's byte count (`Wire`, put
 /// into the request by `server::connection`).
-fn handshake<F, Fut>(
+pub(super) fn handshake<F, Fut>(
     ctx: Arc<Ctx>,
     mut req: Request,
     ws_config: WebSocketConfig,

@@ -1,11 +1,18 @@
-//! Test-only WebSocket echo (`GET /echo`, only with `[server] echo_route = true`): every
-//! text and binary message comes back unchanged. It exists so that a WebSocket
-//! conformance suite (Autobahn|Testsuite, see `.ci/autobahn.sh`) exercises the same
-//! tungstenite settings and the same shape as real sessions: a reader, and a writer task
-//! that owns the sink and is fed through a bounded channel.
+//! Test-only WebSocket echo (`GET /echo`): compiled only with the cargo feature `echo`
+//! (which the integration tests turn on, see `Cargo.toml`), served only with
+//! `[server] echo_route = true`. Every text and binary message comes back unchanged. It
+//! exists so that a WebSocket conformance suite (Autobahn|Testsuite, see
+//! `.ci/autobahn.sh`) exercises the same upgrade, the same tungstenite settings and the
+//! same shape as real sessions: a reader, and a writer task that owns the sink and is fed
+//! through a bounded channel.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::{Request, State};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
@@ -14,7 +21,29 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use super::ctx::Ctx;
+use super::upgrade::{handshake, websocket_config};
 use crate::protocol::close;
+
+/// `router` with `/echo` when `[server] echo_route` is on.
+pub fn route(router: Router<Arc<Ctx>>, ctx: &Ctx) -> Router<Arc<Ctx>> {
+    if !ctx.app.config.server.echo_route {
+        return router;
+    }
+    tracing::warn!("test-only WebSocket echo route /echo is enabled");
+    router.route("/echo", get(upgrade))
+}
+
+/// `/echo`: the handshake and settings of every WebSocket route, then `run`.
+async fn upgrade(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
+    let limits = &ctx.app.config.limits;
+    let queue = limits.session_queue;
+    let write_timeout = Duration::from_secs(limits.write_timeout_secs);
+    let ws_config = websocket_config(&ctx.app.config);
+    handshake(ctx, req, ws_config, move |ws, ctx, _peer, _wire| {
+        run(ws, queue, write_timeout, ctx.shutdown.clone())
+    })
+}
 
 /// What the reader hands the writer.
 enum Out {
@@ -23,7 +52,7 @@ enum Out {
 }
 
 /// Echoes until the peer closes, the socket fails, or the server shuts down.
-pub async fn run<S>(
+async fn run<S>(
     ws: WebSocketStream<S>,
     queue: usize,
     write_timeout: Duration,
