@@ -13,6 +13,8 @@
 //! identifies only a session whose token (in the URL) names its sender. Abuse limits
 //! live here too: the frame rate bucket, the login timeout, and take-over damping.
 
+pub mod handle;
+
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -39,11 +41,11 @@ use crate::protocol::{
     KickReason, ProtocolError, Request,
 };
 use crate::ranges::SeqRanges;
-use crate::router::{BlobChunk, Outgoing, SessionHandle, SessionShared, Start, StopReason};
 use crate::store::{Enqueued, NewMessage, StoreError};
 use crate::transfer::{new_blob_key, ChunkOutcome, Transfers};
 use crate::wire::Wire;
 use bytes::Bytes;
+use handle::{BlobChunk, KickWait, Outgoing, SessionHandle, SessionShared, Start, StopReason};
 use std::collections::HashMap;
 
 /// The close reason of 1009: the settings that bound a WebSocket message.
@@ -1726,7 +1728,7 @@ where
         dialect: Dialect,
         generation: u64,
         replaced: Option<Arc<SessionShared>>,
-        replaced_remote: Option<crate::cluster::KickWait>,
+        replaced_remote: Option<KickWait>,
     ) -> Result<(), Exit> {
         let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
         let user_for_log = user.clone();
