@@ -20,6 +20,7 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod delivery;
 pub mod downloads;
 pub mod echo;
 pub mod escape;

@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::app::App;
+use crate::delivery;
 use crate::escape::{Escaped, EscapedOpt};
 use crate::limits::{Rate, TokenBucket};
 use crate::message::{BlobMeta, Body, StoredMessage};
@@ -41,7 +42,7 @@ use crate::protocol::{
     KickReason, ProtocolError, Request,
 };
 use crate::ranges::SeqRanges;
-use crate::store::{Enqueued, NewMessage, StoreError};
+use crate::store::{NewMessage, StoreError};
 use crate::transfer::{new_blob_key, ChunkOutcome, Transfers};
 use crate::wire::Wire;
 use bytes::Bytes;
@@ -899,10 +900,13 @@ impl Reader {
         }
         let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
         let batch = std::mem::take(&mut self.pending);
-        let results = self.app.store.enqueue_many(batch.clone()).await;
-        for (msg, result) in batch.into_iter().zip(results) {
-            let (id, to) = (msg.client_id.clone(), msg.recipient.clone());
-            let flow = match self.route(msg, result).await {
+        let keys: Vec<(Option<String>, String)> = batch
+            .iter()
+            .map(|m| (m.client_id.clone(), m.recipient.clone()))
+            .collect();
+        let results = delivery::accept_many(&self.app, batch).await;
+        for ((id, to), result) in keys.into_iter().zip(results) {
+            let flow = match result {
                 Ok(accepted) => {
                     self.answer_sent(dialect, id.as_deref(), &to, accepted)
                         .await
@@ -935,7 +939,7 @@ impl Reader {
         self.reply(dialect, &sent).await
     }
 
-    /// Accepts one message: store first, then route. Returns (seq, fate, duplicate).
+    /// Accepts one message (`delivery::accept`). Returns (seq, fate, duplicate).
     async fn accept(
         &mut self,
         user: &str,
@@ -956,56 +960,7 @@ impl Reader {
             body,
             accepted_at: crate::now_ms(),
         };
-        let result = self.app.store.enqueue(msg.clone()).await;
-        self.route(msg, result).await
-    }
-
-    /// After the store answered for `msg`: hands a new message to its recipient.
-    async fn route(
-        &mut self,
-        msg: NewMessage,
-        stored: Result<Enqueued, StoreError>,
-    ) -> Result<(u64, Fate, bool), ProtocolError> {
-        match stored {
-            Ok(Enqueued::New { seq }) => {
-                let stored = Arc::new(StoredMessage {
-                    seq,
-                    sender: msg.sender,
-                    recipient: msg.recipient,
-                    client_id: msg.client_id,
-                    body: msg.body,
-                    accepted_at: msg.accepted_at,
-                });
-                let fate = match &self.app.cluster {
-                    Some(c) if !self.app.router.is_online(&stored.recipient) => {
-                        match c.forward(&stored).await {
-                            true => Fate::Delivered,
-                            false => Fate::Stored,
-                        }
-                    }
-                    _ => self.app.router.deliver(stored),
-                };
-                match fate {
-                    Fate::Delivered => inc(&self.app.metrics.messages_delivered),
-                    Fate::Stored => inc(&self.app.metrics.messages_stored),
-                }
-                Ok((seq, fate, false))
-            }
-            Ok(Enqueued::Duplicate { seq }) => {
-                inc(&self.app.metrics.messages_duplicate);
-                Ok((seq, Fate::Stored, true))
-            }
-            Err(e) => {
-                let code = ErrorCode::from(&e);
-                if code == ErrorCode::StoreUnavailable {
-                    inc(&self.app.metrics.store_errors);
-                    tracing::warn!(user = %msg.sender, error = %e, "enqueue failed");
-                }
-                Err(ProtocolError::new(code, e.to_string())
-                    .with_id(msg.client_id)
-                    .with_to(Some(msg.recipient)))
-            }
-        }
+        delivery::accept(&self.app, msg).await
     }
 
     async fn reply(&mut self, dialect: Dialect, event: &Event<'_>) -> Flow {
