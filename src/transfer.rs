@@ -102,10 +102,6 @@ pub struct Transfers {
 }
 
 impl Transfers {
-    pub fn len(&self) -> usize {
-        self.by_stream.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.by_stream.is_empty()
     }
