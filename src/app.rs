@@ -14,8 +14,8 @@ use crate::store::Store;
 pub struct App {
     pub config: Config,
     pub store: Arc<dyn Store>,
-    pub router: Router,
-    pub metrics: Metrics,
+    pub router: Arc<Router>,
+    pub metrics: Arc<Metrics>,
     /// Presence and routing across nodes, in cluster mode.
     pub cluster: Option<Arc<Cluster>>,
     pub auth: Auth,

@@ -20,18 +20,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
-use crate::app::App;
 use crate::config::ClusterConfig;
 use crate::message::{Body, StoredMessage};
-use crate::metrics::inc;
-use crate::router::StopReason;
+use crate::metrics::{inc, ClusterFigures, Metrics};
+use crate::router::Router;
+use crate::session::handle::{KickWait, KickWaiters, StopReason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -101,7 +100,7 @@ pub struct Cluster {
     /// The subscription made at start-up, until `run` takes it over.
     first_subscription: std::sync::Mutex<Option<redis::aio::PubSub>>,
     /// Take-overs waiting for a remote session to finish, by (user, its generation).
-    waiting: DashMap<(String, u64), Arc<Notify>>,
+    waiting: Arc<KickWaiters>,
     degraded: AtomicBool,
     pub forwarded_out: AtomicU64,
     pub forwarded_in: AtomicU64,
@@ -174,7 +173,7 @@ impl Cluster {
             client,
             conn,
             first_subscription: std::sync::Mutex::new(Some(pubsub)),
-            waiting: DashMap::new(),
+            waiting: Arc::default(),
             degraded: AtomicBool::new(false),
             forwarded_out: AtomicU64::new(0),
             forwarded_in: AtomicU64::new(0),
@@ -184,6 +183,16 @@ impl Cluster {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The node's counters for `/metrics`.
+    pub fn figures(&self) -> ClusterFigures {
+        ClusterFigures {
+            forwarded_out: self.forwarded_out.load(Ordering::Relaxed),
+            forwarded_in: self.forwarded_in.load(Ordering::Relaxed),
+            presence_conflicts: self.presence_conflicts.load(Ordering::Relaxed),
+            degraded: self.is_degraded(),
+        }
     }
 
     pub fn is_degraded(&self) -> bool {
@@ -236,11 +245,7 @@ impl Cluster {
         };
         // Nobody subscribed: the node is gone, there is nothing to wait for.
         let listening = self.publish(&owner.node, &msg).await > 0;
-        KickWait {
-            cluster: self.clone(),
-            key,
-            notify: listening.then_some(notify),
-        }
+        KickWait::new(self.waiting.clone(), key, listening.then_some(notify))
     }
 
     /// Gives up presence of `user` if this session still holds it.
@@ -307,8 +312,15 @@ impl Cluster {
         }
     }
 
-    /// Listens on this node's channel until shutdown, reconnecting to Redis as needed.
-    pub async fn run(self: Arc<Self>, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    /// Listens on this node's channel until shutdown, reconnecting to Redis as needed:
+    /// forwarded messages go to `router`'s sessions, take-overs count in `metrics`.
+    pub async fn run(
+        self: Arc<Self>,
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let node = Node { router, metrics };
         let mut backoff = Duration::from_millis(100);
         loop {
             let first = self
@@ -328,7 +340,7 @@ impl Cluster {
             };
             match subscribed {
                 Ok(mut pubsub) => {
-                    self.recover(&app).await;
+                    self.recover(&node).await;
                     backoff = Duration::from_millis(100);
                     let mut messages = pubsub.on_message();
                     let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -339,12 +351,12 @@ impl Cluster {
                             // no listener means our subscription died unnoticed.
                             _ = heartbeat.tick() => match self.publish(&self.node, &Wire::Ping).await {
                                 0 => break,
-                                _ => self.recover(&app).await,
+                                _ => self.recover(&node).await,
                             },
                             m = messages.next() => match m {
                                 Some(m) => {
                                     let payload: String = m.get_payload().unwrap_or_default();
-                                    self.handle(&app, &payload).await;
+                                    self.handle(&node, &payload).await;
                                 }
                                 None => break,
                             }
@@ -367,7 +379,7 @@ impl Cluster {
     }
 
     /// Leaves the degraded state, if in it: re-claims every local session.
-    async fn recover(self: &Arc<Self>, app: &Arc<App>) {
+    async fn recover(self: &Arc<Self>, app: &Node) {
         if !self.degraded.swap(false, Ordering::Relaxed) {
             return;
         }
@@ -380,7 +392,7 @@ impl Cluster {
         }
     }
 
-    async fn handle(self: &Arc<Self>, app: &Arc<App>, payload: &str) {
+    async fn handle(self: &Arc<Self>, app: &Node, payload: &str) {
         let msg: Wire = match serde_json::from_str(payload) {
             Ok(m) => m,
             Err(e) => {
@@ -444,33 +456,10 @@ impl Cluster {
     }
 }
 
-/// A remote take-over in progress: wait for the replaced session to finish.
-pub struct KickWait {
-    cluster: Arc<Cluster>,
-    key: (String, u64),
-    notify: Option<Arc<Notify>>,
-}
-
-impl std::fmt::Debug for KickWait {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KickWait").field("key", &self.key).finish()
-    }
-}
-
-impl KickWait {
-    pub async fn wait(self, timeout: Duration) {
-        if let Some(n) = &self.notify {
-            if tokio::time::timeout(timeout, n.notified()).await.is_err() {
-                tracing::warn!(user = %self.key.0, "remote session did not finish in time");
-            }
-        }
-    }
-}
-
-impl Drop for KickWait {
-    fn drop(&mut self) {
-        self.cluster.waiting.remove(&self.key);
-    }
+/// What the listener acts on: this node's sessions and counters.
+struct Node {
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
 }
 
 #[cfg(test)]

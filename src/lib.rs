@@ -19,6 +19,7 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod delivery;
 pub mod escape;
 pub mod http;
 pub mod limits;

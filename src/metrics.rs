@@ -27,7 +27,7 @@ pub fn dec(c: &AtomicU64) {
 }
 
 impl Metrics {
-    pub fn render(&self, online: usize, cluster: Option<&crate::cluster::Cluster>) -> String {
+    pub fn render(&self, online: usize, cluster: Option<ClusterFigures>) -> String {
         let rows: [(&str, &str, &str, &AtomicU64); 11] = [
             (
                 "pigeon_connections_total",
@@ -109,36 +109,45 @@ impl Metrics {
             "# HELP pigeon_users_online Users with a live session.\n# TYPE pigeon_users_online gauge\npigeon_users_online {online}"
         );
         if let Some(c) = cluster {
-            let rows: [(&str, &str, &AtomicU64); 3] = [
+            let rows: [(&str, &str, u64); 3] = [
                 (
                     "pigeon_cluster_forwarded_out_total",
                     "Messages handed to another node.",
-                    &c.forwarded_out,
+                    c.forwarded_out,
                 ),
                 (
                     "pigeon_cluster_forwarded_in_total",
                     "Messages received from another node.",
-                    &c.forwarded_in,
+                    c.forwarded_in,
                 ),
                 (
                     "pigeon_cluster_presence_conflicts_total",
                     "Logins that replaced a session on another node.",
-                    &c.presence_conflicts,
+                    c.presence_conflicts,
                 ),
             ];
             for (name, help, value) in rows {
                 let _ = writeln!(
                     out,
-                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                    value.load(Ordering::Relaxed)
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
                 );
             }
             let _ = writeln!(
                 out,
                 "# HELP pigeon_cluster_degraded 1 while Redis is unreachable.\n# TYPE pigeon_cluster_degraded gauge\npigeon_cluster_degraded {}",
-                u8::from(c.is_degraded())
+                u8::from(c.degraded)
             );
         }
         out
     }
+}
+
+/// A cluster node's own figures, as `/metrics` shows them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClusterFigures {
+    pub forwarded_out: u64,
+    pub forwarded_in: u64,
+    pub presence_conflicts: u64,
+    /// Redis is unreachable.
+    pub degraded: bool,
 }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::app::App;
 use crate::auth::credential_stamp;
 use crate::protocol::KickReason;
-use crate::router::StopReason;
+use crate::session::handle::StopReason;
 use crate::store::StoreError;
 
 /// Changes at most read per poll.

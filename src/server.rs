@@ -103,8 +103,8 @@ pub async fn run(
         flood_ban,
         config,
         store,
-        router: Router::new(),
-        metrics: Default::default(),
+        router: Arc::new(Router::new()),
+        metrics: Arc::default(),
         cluster,
         auth,
     });
@@ -166,7 +166,7 @@ async fn serve(
     });
     let routes = http::routes(ctx);
     if let Some(cluster) = app.cluster.clone() {
-        tracker.spawn(cluster.run(app.clone(), shutdown_rx.clone()));
+        tracker.spawn(cluster.run(app.router.clone(), app.metrics.clone(), shutdown_rx.clone()));
     }
     if app.auth.required() {
         tracker.spawn(crate::revoke::run(app.clone(), shutdown_rx.clone()));

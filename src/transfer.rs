@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::app::App;
 use crate::message::BlobMeta;
 use crate::protocol::{ErrorCode, ProtocolError};
-use crate::router::{BlobChunk, Outgoing, SessionHandle};
+use crate::session::handle::{BlobChunk, Outgoing, SessionHandle};
 use crate::store::{BlobWrite, StoreLimits};
 
 /// A fresh blob key: 128 random bits from the OS (hex). Unique, and never guessable: a
@@ -102,10 +102,6 @@ pub struct Transfers {
 }
 
 impl Transfers {
-    pub fn len(&self) -> usize {
-        self.by_stream.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.by_stream.is_empty()
     }

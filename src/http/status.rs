@@ -42,9 +42,13 @@ pub async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
 pub async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ctx.app
-            .metrics
-            .render(ctx.app.router.online_count(), ctx.app.cluster.as_deref()),
+        ctx.app.metrics.render(
+            ctx.app.router.online_count(),
+            ctx.app
+                .cluster
+                .as_deref()
+                .map(crate::cluster::Cluster::figures),
+        ),
     )
         .into_response()
 }

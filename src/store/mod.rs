@@ -29,9 +29,9 @@
 //!   expired. A blob without one is deleted with its message.
 //!
 //! Accounts (`[auth] mode = "password"`) live in the store too: a user name (canonical,
-//! `protocol::canonical_username`) and its argon2 PHC hash string, never a password. The
-//! account methods have default implementations that refuse with `StoreError::Backend`,
-//! so a backend without accounts still serves open mode.
+//! `names::canonical_username`) and its argon2 PHC hash string, never a password. Every
+//! backend implements the whole trait (blobs, accounts, quotas): only derived methods
+//! (`enqueue_many`, `ack`, `user_exists`, `check_writable`) have defaults.
 //!
 //! Account changes are visible to every process sharing the store: `set_password_hash`
 //! and `delete_user` append the user to a change feed (`account_changes`, numbered in
@@ -230,14 +230,6 @@ pub enum Enqueued {
     Duplicate { seq: u64 },
 }
 
-impl Enqueued {
-    pub fn seq(self) -> u64 {
-        match self {
-            Enqueued::New { seq } | Enqueued::Duplicate { seq } => seq,
-        }
-    }
-}
-
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("mailbox of {recipient} is full ({limit} messages)")]
@@ -313,86 +305,39 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Starts storing a blob under `key` (a fresh, unique key).
-    async fn blob_writer(&self, key: &str) -> Result<Box<dyn BlobWrite>, StoreError> {
-        let _ = key;
-        Err(StoreError::Backend(format!(
-            "blobs are not supported by the {} backend yet",
-            self.backend()
-        )))
-    }
+    async fn blob_writer(&self, key: &str) -> Result<Box<dyn BlobWrite>, StoreError>;
 
     /// Deletes a finished blob that no message refers to (a duplicate, a failed enqueue).
-    async fn blob_remove(&self, key: &str) {
-        let _ = key;
-    }
+    async fn blob_remove(&self, key: &str);
 
     /// Opens a finished blob.
-    async fn blob_reader(&self, key: &str) -> Result<Box<dyn BlobRead>, StoreError> {
-        let _ = key;
-        Err(StoreError::Backend(format!(
-            "blobs are not supported by the {} backend yet",
-            self.backend()
-        )))
-    }
+    async fn blob_reader(&self, key: &str) -> Result<Box<dyn BlobRead>, StoreError>;
 
     /// Opens a finished blob at byte `offset`. Backends seek; this default reads and
     /// drops the bytes before it, a buffer at a time.
-    async fn blob_reader_at(
-        &self,
-        key: &str,
-        offset: u64,
-    ) -> Result<Box<dyn BlobRead>, StoreError> {
-        let mut r = self.blob_reader(key).await?;
-        let mut skip = offset;
-        let mut buf = vec![0u8; 64 * 1024];
-        while skip > 0 {
-            let want = usize::try_from(skip).unwrap_or(usize::MAX).min(buf.len());
-            match r.read(&mut buf[..want]).await? {
-                0 => break,
-                n => skip -= n as u64,
-            }
-        }
-        Ok(r)
-    }
+    async fn blob_reader_at(&self, key: &str, offset: u64)
+        -> Result<Box<dyn BlobRead>, StoreError>;
 
     /// Records who may download a finished blob (before its message is enqueued).
-    async fn blob_set_info(&self, key: &str, info: &BlobInfo) -> Result<(), StoreError> {
-        let _ = (key, info);
-        Ok(())
-    }
+    async fn blob_set_info(&self, key: &str, info: &BlobInfo) -> Result<(), StoreError>;
 
     /// Who may download a blob; `None` when it is gone (or has no info).
-    async fn blob_info(&self, key: &str) -> Result<Option<BlobInfo>, StoreError> {
-        let _ = key;
-        Ok(None)
-    }
+    async fn blob_info(&self, key: &str) -> Result<Option<BlobInfo>, StoreError>;
 
     /// Deletes the blobs whose message was acknowledged before `acked_before` (Unix ms);
     /// returns how many.
-    async fn blob_sweep_acked(&self, acked_before: i64) -> Result<usize, StoreError> {
-        let _ = acked_before;
-        Ok(0)
-    }
+    async fn blob_sweep_acked(&self, acked_before: i64) -> Result<usize, StoreError>;
     /// Creates an account; `StoreError::UserExists` when the name is taken.
-    async fn create_user(&self, user: &str, password_hash: &str) -> Result<(), StoreError> {
-        let _ = (user, password_hash);
-        Err(accounts_unsupported(self.backend()))
-    }
+    async fn create_user(&self, user: &str, password_hash: &str) -> Result<(), StoreError>;
 
     /// Deletes an account by its exact stored name, with its mailbox (messages and blob
     /// bytes) and its remembered client ids, and records the change in the feed; false
     /// (and nothing deleted) when there was no such account.
-    async fn delete_user(&self, user: &str) -> Result<bool, StoreError> {
-        let _ = user;
-        Err(accounts_unsupported(self.backend()))
-    }
+    async fn delete_user(&self, user: &str) -> Result<bool, StoreError>;
 
     /// Replaces an account's password hash and records the change in the feed; false
     /// when there is no such account.
-    async fn set_password_hash(&self, user: &str, password_hash: &str) -> Result<bool, StoreError> {
-        let _ = (user, password_hash);
-        Err(accounts_unsupported(self.backend()))
-    }
+    async fn set_password_hash(&self, user: &str, password_hash: &str) -> Result<bool, StoreError>;
 
     /// Whether an account named `user` exists (password mode's recipient check).
     async fn user_exists(&self, user: &str) -> Result<bool, StoreError> {
@@ -401,46 +346,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// What `sender` has waiting in mailboxes and the bytes all mailboxes hold, as far
     /// as quotas are accounted (zeros when they are not).
-    async fn usage(&self, sender: &str) -> Result<(Usage, u64), StoreError> {
-        let _ = sender;
-        Ok((Usage::default(), 0))
-    }
+    async fn usage(&self, sender: &str) -> Result<(Usage, u64), StoreError>;
 
     /// The account's password hash (a PHC string), or `None` when there is no account.
-    async fn password_hash(&self, user: &str) -> Result<Option<String>, StoreError> {
-        let _ = user;
-        Err(accounts_unsupported(self.backend()))
-    }
+    async fn password_hash(&self, user: &str) -> Result<Option<String>, StoreError>;
 
     /// Up to `limit` account changes with `seq > after`, in seq order.
     async fn account_changes(
         &self,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<AccountChange>, StoreError> {
-        let _ = (after, limit);
-        Ok(Vec::new())
-    }
+    ) -> Result<Vec<AccountChange>, StoreError>;
 
     /// The highest account change seq handed out so far (0 when none): where a reader
     /// that has no sessions to care about yet starts.
-    async fn account_change_cursor(&self) -> Result<u64, StoreError> {
-        Ok(0)
-    }
+    async fn account_change_cursor(&self) -> Result<u64, StoreError>;
 
     /// Up to `limit` stored account names that are not canonical (written before names
     /// were canonicalized: `Alice`, `Zoë`); the server refuses to start while any exist.
-    async fn legacy_user_names(&self, limit: usize) -> Result<Vec<String>, StoreError> {
-        let _ = limit;
-        Ok(Vec::new())
-    }
-}
-
-/// What the default account methods answer.
-pub fn accounts_unsupported(backend: &str) -> StoreError {
-    StoreError::Backend(format!(
-        "accounts are not supported by the {backend} backend"
-    ))
+    async fn legacy_user_names(&self, limit: usize) -> Result<Vec<String>, StoreError>;
 }
 
 /// Opens the backend the configuration names, with only a mailbox cap.

@@ -301,13 +301,31 @@ fn open_connection(
         | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
     conn.busy_timeout(busy_timeout).map_err(unavailable)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(unavailable)?;
+    switch_to_wal(&conn, busy_timeout).map_err(unavailable)?;
     conn.pragma_update(None, "synchronous", synchronous)
         .map_err(unavailable)?;
     conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_SAFETY_PAGES)
         .map_err(unavailable)?;
     Ok(conn)
+}
+
+/// Puts the database in WAL mode. The first switch of a fresh database takes an
+/// exclusive lock, and SQLite answers a second process doing the same at that moment
+/// with "database is locked" at once, without waiting in its busy handler (several
+/// `pigeon user add` at once on a new data directory did): retry within `busy_timeout`.
+fn switch_to_wal(conn: &Connection, busy_timeout: Duration) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + busy_timeout;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Creates the tables, or brings an older database up to `SCHEMA_VERSION`, in one
