@@ -9,7 +9,7 @@
 //! arrives out of order it reads the gap from it. It never sends a seq twice in a session.
 //!
 //! Authentication (`[auth] mode = "password"`): identities from the URL arrive already
-//! checked (`http::resolve`); a login frame carries a password or token; a hash frame
+//! checked (`http::upgrade::resolve`); a login frame carries a password or token; a hash frame
 //! identifies only a session whose token (in the URL) names its sender. Abuse limits
 //! live here too: the frame rate bucket, the login timeout, and take-over damping.
 //!
