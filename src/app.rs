@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::auth::Auth;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::limits::FloodBan;
+use crate::limits::{FloodBan, RegisterLimit};
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::store::Store;
@@ -21,4 +21,6 @@ pub struct App {
     pub auth: Auth,
     /// IP addresses whose connections are dropped on accept for flooding.
     pub flood_ban: FloodBan,
+    /// Self-registrations per IP address (`[limits] register_per_ip`).
+    pub register_limit: RegisterLimit,
 }

@@ -248,6 +248,11 @@ pub struct LimitsConfig {
     /// proxy, where every client has the proxy's address).
     pub flood_ban_after: u32,
     pub flood_ban_secs: u64,
+    /// Self-registrations (`[auth] allow_register`) one IP address may make within
+    /// `register_window_secs`; more get 429 `too_many_registrations` before any hashing.
+    /// 0 turns the cap off (behind a reverse proxy every client has its address).
+    pub register_per_ip: u32,
+    pub register_window_secs: u64,
     /// Connections (HTTP and WebSocket) one IP address may hold open at once; more are
     /// answered with HTTP 429. 0 means no cap.
     pub max_connections_per_ip: usize,
@@ -333,6 +338,8 @@ impl Default for LimitsConfig {
             ping_burst: 20,
             flood_ban_after: 5,
             flood_ban_secs: 60,
+            register_per_ip: 5,
+            register_window_secs: 3600,
             max_connections_per_ip: 256,
             login_timeout_secs: 10,
             login_max_failures: 5,
@@ -643,6 +650,9 @@ impl Config {
         }
         if l.login_throttle_max_keys < 100 || l.api_max_body_bytes < 1024 {
             return bad("limits.login_throttle_max_keys must be at least 100 and api_max_body_bytes at least 1024");
+        }
+        if l.register_per_ip > 0 && l.register_window_secs == 0 {
+            return bad("limits.register_window_secs must be positive when register_per_ip is");
         }
         if l.prelogin_bytes < 4096 {
             return bad("limits.prelogin_bytes must be at least 4096 (a login frame with the longest password fits)");

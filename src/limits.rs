@@ -94,6 +94,40 @@ impl Window {
         (e.len(), e.front().copied())
     }
 
+    /// Records an event of `key` if fewer than `max` fell within `window` before `now`,
+    /// counting and recording under one lock (parallel callers cannot all slip under
+    /// the limit); otherwise returns when the oldest of them leaves the window.
+    fn try_record(
+        &self,
+        key: &str,
+        window: Duration,
+        now: Instant,
+        max: usize,
+    ) -> Result<(), Duration> {
+        if self.events.len() >= SWEEP_AT {
+            self.events.retain(|_, e| {
+                e.back()
+                    .is_some_and(|t| now.saturating_duration_since(*t) < window)
+            });
+        }
+        let mut e = self.events.entry(key.to_string()).or_default();
+        while e
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= window)
+        {
+            e.pop_front();
+        }
+        match e.front() {
+            Some(oldest) if e.len() >= max => {
+                Err(window.saturating_sub(now.saturating_duration_since(*oldest)))
+            }
+            _ => {
+                e.push_back(now);
+                Ok(())
+            }
+        }
+    }
+
     fn record(&self, key: &str, window: Duration, now: Instant, keep: usize) {
         if self.events.len() >= SWEEP_AT {
             self.events.retain(|_, e| {
@@ -605,6 +639,38 @@ impl FloodBan {
     }
 }
 
+/// Self-registrations (`POST /api/register`) per IP address: at most `max` within
+/// `window`. Each one costs a password hash and an account that stays; without a cap
+/// one client could fill the accounts table. `max` 0 turns it off. The map holds one
+/// entry per address that registered within the window: at most as many as the hashing
+/// pool can hash in that time.
+#[derive(Debug)]
+pub struct RegisterLimit {
+    max: usize,
+    window: Duration,
+    registrations: Window,
+}
+
+impl RegisterLimit {
+    pub fn new(max: u32, window: Duration) -> RegisterLimit {
+        RegisterLimit {
+            max: max as usize,
+            window,
+            registrations: Window::default(),
+        }
+    }
+
+    /// Takes one of `ip`'s registrations (before any hashing); `Err` says how long until
+    /// the next is allowed.
+    pub fn reserve(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        if self.max == 0 {
+            return Ok(());
+        }
+        self.registrations
+            .try_record(&ip.to_string(), self.window, now, self.max)
+    }
+}
+
 /// Open connections per IP address.
 #[derive(Debug, Default)]
 pub struct IpConnections {
@@ -855,5 +921,20 @@ mod tests {
         drop(a);
         let (_c, n) = c.open(ip);
         assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn register_limit_holds_per_address_and_frees_with_time() {
+        let w = Duration::from_secs(60);
+        let limit = RegisterLimit::new(2, w);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        assert!(limit.reserve(a, t0).is_ok());
+        assert!(limit.reserve(a, t0 + Duration::from_secs(10)).is_ok());
+        let wait = limit.reserve(a, t0 + Duration::from_secs(20)).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(40));
+        assert!(limit.reserve(b, t0 + Duration::from_secs(20)).is_ok());
+        assert!(limit.reserve(a, t0 + Duration::from_secs(61)).is_ok());
+        assert!(RegisterLimit::new(0, w).reserve(a, t0).is_ok());
     }
 }

@@ -25,7 +25,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::upgrade::session_websocket_config;
 use crate::http::{self, ConnGuard, Ctx};
-use crate::limits::{FloodBan, IpConnections, IpSlot};
+use crate::limits::{FloodBan, IpConnections, IpSlot, RegisterLimit};
 use crate::metrics::{dec, inc};
 use crate::origins::Origins;
 use crate::router::Router;
@@ -99,8 +99,13 @@ pub async fn run(
         config.limits.flood_ban_after,
         Duration::from_secs(config.limits.flood_ban_secs),
     );
+    let register_limit = RegisterLimit::new(
+        config.limits.register_per_ip,
+        Duration::from_secs(config.limits.register_window_secs),
+    );
     let app = Arc::new(App {
         flood_ban,
+        register_limit,
         config,
         store,
         router: Arc::new(Router::new()),

@@ -616,3 +616,53 @@ fn parallel_user_adds_on_a_fresh_store_all_succeed() {
         }
     }
 }
+
+/// Self-registration is capped per address (`[limits] register_per_ip`), also when the
+/// requests arrive all at once: the cap is taken before any hashing. Other addresses
+/// still register.
+#[tokio::test]
+async fn registrations_are_capped_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = password_config(dir.path());
+    cfg.limits.register_per_ip = 3;
+    let srv = TestServer::start(cfg).await;
+    let addr = srv.addr;
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            tokio::spawn(async move {
+                let body = json!({"user": format!("reg{i}"), "password": "long enough pw"});
+                http(addr, "POST", "/api/register", &body.to_string()).await
+            })
+        })
+        .collect();
+    let mut answers = std::collections::BTreeMap::new();
+    for t in tasks {
+        let (status, v) = t.await.unwrap();
+        *answers
+            .entry((status, v["error"].as_str().unwrap_or("").to_string()))
+            .or_insert(0) += 1;
+    }
+    let created = answers.get(&(201, String::new())).copied().unwrap_or(0);
+    let capped = answers
+        .get(&(429, "too_many_registrations".to_string()))
+        .copied()
+        .unwrap_or(0);
+    assert_eq!((created, capped), (3, 5), "{answers:?}");
+
+    // Another address is not affected.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    let body = json!({"user": "elsewhere", "password": "long enough pw"}).to_string();
+    let req = format!(
+        "POST /api/register HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 201"), "{out}");
+    srv.stop().await;
+}

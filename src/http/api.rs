@@ -208,6 +208,22 @@ async fn register(
             format!("a password must have at least {min} characters"),
         );
     }
+    // Reserved before the hash is computed (and kept: every attempt that gets this far
+    // costs a hash), so parallel requests cannot all slip under the cap.
+    if let Err(wait) = app.register_limit.reserve(peer.ip(), Instant::now()) {
+        let secs = wait.as_secs().max(1);
+        let mut res = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_registrations",
+            format!(
+                "at most {} registrations per address within {} s ([limits] register_per_ip); try again in {secs} s",
+                app.config.limits.register_per_ip, app.config.limits.register_window_secs
+            ),
+        );
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return res;
+    }
     let hash = match app.auth.hash_new_password(&c.password).await {
         Ok(h) => h,
         Err(e) => return auth_error(e),
