@@ -79,19 +79,34 @@ struct Window {
     events: DashMap<String, VecDeque<Instant>>,
 }
 
+/// Drops the events (oldest first) that are `window` old or older at `now`.
+fn forget_older(events: &mut VecDeque<Instant>, window: Duration, now: Instant) {
+    while events
+        .front()
+        .is_some_and(|t| now.saturating_duration_since(*t) >= window)
+    {
+        events.pop_front();
+    }
+}
+
 impl Window {
     /// Events of `key` within `window` before `now` (forgetting older ones).
     fn count(&self, key: &str, window: Duration, now: Instant) -> (usize, Option<Instant>) {
         let Some(mut e) = self.events.get_mut(key) else {
             return (0, None);
         };
-        while e
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= window)
-        {
-            e.pop_front();
-        }
+        forget_older(&mut e, window, now);
         (e.len(), e.front().copied())
+    }
+
+    /// Past `SWEEP_AT` keys, drops the keys with no event within `window`.
+    fn sweep(&self, window: Duration, now: Instant) {
+        if self.events.len() >= SWEEP_AT {
+            self.events.retain(|_, e| {
+                e.back()
+                    .is_some_and(|t| now.saturating_duration_since(*t) < window)
+            });
+        }
     }
 
     /// Records an event of `key` if fewer than `max` fell within `window` before `now`,
@@ -104,19 +119,9 @@ impl Window {
         now: Instant,
         max: usize,
     ) -> Result<(), Duration> {
-        if self.events.len() >= SWEEP_AT {
-            self.events.retain(|_, e| {
-                e.back()
-                    .is_some_and(|t| now.saturating_duration_since(*t) < window)
-            });
-        }
+        self.sweep(window, now);
         let mut e = self.events.entry(key.to_string()).or_default();
-        while e
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= window)
-        {
-            e.pop_front();
-        }
+        forget_older(&mut e, window, now);
         match e.front() {
             Some(oldest) if e.len() >= max => {
                 Err(window.saturating_sub(now.saturating_duration_since(*oldest)))
@@ -129,12 +134,7 @@ impl Window {
     }
 
     fn record(&self, key: &str, window: Duration, now: Instant, keep: usize) {
-        if self.events.len() >= SWEEP_AT {
-            self.events.retain(|_, e| {
-                e.back()
-                    .is_some_and(|t| now.saturating_duration_since(*t) < window)
-            });
-        }
+        self.sweep(window, now);
         let mut e = self.events.entry(key.to_string()).or_default();
         e.push_back(now);
         while e.len() > keep {

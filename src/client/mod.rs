@@ -746,19 +746,16 @@ impl Chat {
 
     /// Streams a file the server accepted, showing progress.
     async fn upload(&mut self, id: &str, stream: u64, sink: &mut Sink) -> Option<End> {
-        let Some((path, name, size)) =
-            self.pending
-                .iter()
-                .find(|p| p.id == id)
-                .and_then(|p| match &p.what {
-                    Outgoing::File {
-                        path, name, size, ..
-                    } => Some((path.clone(), visible(name), *size)),
-                    Outgoing::Text(_) => None,
-                })
-        else {
-            return None;
-        };
+        let (path, name, size) = self
+            .pending
+            .iter()
+            .find(|p| p.id == id)
+            .and_then(|p| match &p.what {
+                Outgoing::File {
+                    path, name, size, ..
+                } => Some((path.clone(), visible(name), *size)),
+                Outgoing::Text(_) => None,
+            })?;
         let Ok(stream) = u32::try_from(stream) else {
             return None;
         };
