@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::auth::Auth;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::delivery::write_behind::WriteBehind;
 use crate::limits::{FloodBan, RegisterLimit};
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -23,4 +24,6 @@ pub struct App {
     pub flood_ban: FloodBan,
     /// Self-registrations per IP address (`[limits] register_per_ip`).
     pub register_limit: RegisterLimit,
+    /// The write-behind task, when this server has the live path (`delivery`).
+    pub write_behind: Option<WriteBehind>,
 }

@@ -112,6 +112,11 @@ pub struct StorageConfig {
     /// Stored messages (and their blobs) expire this many seconds after acceptance; 0
     /// keeps them until acknowledged. MongoDB: a TTL index; SQLite: a background sweep.
     pub offline_ttl_secs: u64,
+    /// The write-behind fast path (SQLite, not in cluster mode): a
+    /// message to a user online on this server goes to their session at once and is
+    /// written only if still unacknowledged this many milliseconds later; the sender's
+    /// answer waits for the acknowledgement or that write. 0 writes every message first.
+    pub write_behind_ms: u64,
 }
 
 impl Default for StorageConfig {
@@ -126,6 +131,7 @@ impl Default for StorageConfig {
             mongodb_database: "pigeon".into(),
             mongodb_write_concern: "majority".into(),
             offline_ttl_secs: 0,
+            write_behind_ms: 2,
         }
     }
 }

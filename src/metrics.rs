@@ -16,10 +16,18 @@ pub struct Metrics {
     pub takeovers: AtomicU64,
     pub errors: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Live messages the write-behind stored (not acknowledged in time).
+    pub messages_written_behind: AtomicU64,
+    /// Live messages acknowledged before the write-behind came: never written.
+    pub messages_acked_unwritten: AtomicU64,
 }
 
 pub fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
 }
 
 pub fn dec(c: &AtomicU64) {
@@ -28,7 +36,7 @@ pub fn dec(c: &AtomicU64) {
 
 impl Metrics {
     pub fn render(&self, online: usize, cluster: Option<ClusterFigures>) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 11] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 13] = [
             (
                 "pigeon_connections_total",
                 "counter",
@@ -64,6 +72,18 @@ impl Metrics {
                 "counter",
                 "Messages stored for an offline or lagging recipient.",
                 &self.messages_stored,
+            ),
+            (
+                "pigeon_messages_written_behind_total",
+                "counter",
+                "Live messages stored by the write-behind: not acknowledged within storage.write_behind_ms.",
+                &self.messages_written_behind,
+            ),
+            (
+                "pigeon_messages_acked_unwritten_total",
+                "counter",
+                "Live messages acknowledged before the write-behind: never written to the store.",
+                &self.messages_acked_unwritten,
             ),
             (
                 "pigeon_messages_flushed_total",

@@ -58,6 +58,12 @@ pub enum ServerError {
     Origin(#[from] crate::origins::OriginError),
 }
 
+/// Whether messages to users online here take the live path (`delivery`): only where
+/// this process is the store's one writer.
+fn live_path(config: &Config, store: &dyn store::Store, clustered: bool) -> bool {
+    config.storage.write_behind_ms > 0 && !clustered && store.live_seqs().is_some()
+}
+
 fn list_names(names: &[String]) -> String {
     let shown: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
     shown.join(", ")
@@ -103,13 +109,22 @@ pub async fn run(
         config.limits.register_per_ip,
         Duration::from_secs(config.limits.register_window_secs),
     );
+    let metrics: Arc<crate::metrics::Metrics> = Arc::default();
+    let write_behind = live_path(&config, &*store, cluster.is_some()).then(|| {
+        crate::delivery::write_behind::WriteBehind::start(
+            store.clone(),
+            metrics.clone(),
+            Duration::from_millis(config.storage.write_behind_ms),
+        )
+    });
     let app = Arc::new(App {
+        write_behind,
         flood_ban,
         register_limit,
         config,
         store,
         router: Arc::new(Router::new()),
-        metrics: Arc::default(),
+        metrics,
         cluster,
         auth,
     });

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::delivery::live::LiveMailbox;
 use crate::message::{BlobMeta, StoredMessage};
 use crate::protocol::{Dialect, KickReason};
 use crate::ranges::SeqRanges;
@@ -90,6 +91,8 @@ pub struct SessionShared {
     pub dialect: std::sync::OnceLock<Dialect>,
     /// Bytes of live blob chunks that may be queued for this session's writer.
     pub blob_budget: Arc<Semaphore>,
+    /// The user's mailbox while this session owns it (the live path, `delivery`).
+    pub live: Arc<LiveMailbox>,
     stop: watch::Sender<Option<StopReason>>,
     done: watch::Sender<bool>,
 }
@@ -102,6 +105,7 @@ impl SessionShared {
             blob_budget: Arc::new(Semaphore::new(blob_budget)),
             dialect: std::sync::OnceLock::new(),
             unacked_senders: Default::default(),
+            live: Arc::default(),
             stop: watch::channel(None).0,
             done: watch::channel(false).0,
         })

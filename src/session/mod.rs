@@ -227,6 +227,9 @@ pub async fn run<S>(
         settle(acks, &app, &shared, user, &mut stream, &mut drain, until).await;
     }
     if let Some(user) = &reader.user {
+        // What the user did not acknowledge is stored before the session counts as done
+        // (a session taking over flushes it from the mailbox).
+        crate::delivery::release(&app, user, &shared.live).await;
         app.router.unregister(user, reader.generation);
         if let Some(c) = &app.cluster {
             c.release(user, reader.generation).await;

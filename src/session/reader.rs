@@ -326,7 +326,8 @@ impl Reader {
                     self.errors_in_row = 0;
                     return Flow::Continue;
                 };
-                if let Err(e) = self.app.store.ack_ranges(&user, &ranges).await {
+                if let Err(e) = delivery::acked(&self.app, &user, &self.shared.live, &ranges).await
+                {
                     self.shared.restore_unacked(&ranges);
                     inc(&self.app.metrics.store_errors);
                     tracing::warn!(%user, error = %e, "ack failed");

@@ -35,6 +35,8 @@ const ACK_POLL_MAX: Duration = Duration::from_millis(100);
 /// ...or after each write batch while this many wait, whichever comes first (and when the
 /// session ends). One `SIOCOUTQ` call per check, never one per message.
 const ACK_BATCH: u64 = 64;
+/// How soon a legacy session asks its TCP again while live messages wait for it.
+const LIVE_ACK_POLL: Duration = Duration::from_millis(1);
 
 /// Completes once the session is replaced or the server shuts down.
 pub(super) async fn cut_short(stop: &mut watch::Receiver<Option<StopReason>>) {
@@ -162,7 +164,7 @@ pub(super) async fn record_tcp_acks(
     let Some(&(_, highest)) = ranges.last() else {
         return true;
     };
-    match app.store.ack_ranges(user, ranges).await {
+    match crate::delivery::acked(app, user, &shared.live, ranges).await {
         Ok(_) => {
             app.router.receipts(user, shared, highest);
             true
@@ -327,9 +329,11 @@ where
                 // Legacy dialects: record what the client's TCP acknowledged once things
                 // are quiet, rather than one syscall and store round trip per flush.
                 _ = tokio::time::sleep(self.ack_wait), if self.ack_due() => {
-                    self.ack_wait = match self.ack_written().await {
-                        true => ACK_DELAY,
-                        false => (self.ack_wait * 2).min(ACK_POLL_MAX),
+                    let recorded = self.ack_written().await;
+                    self.ack_wait = match (self.live_waiting(), recorded) {
+                        (true, _) => LIVE_ACK_POLL,
+                        (false, true) => ACK_DELAY,
+                        (false, false) => (self.ack_wait * 2).min(ACK_POLL_MAX),
                     };
                     continue;
                 }
@@ -347,10 +351,20 @@ where
                 self.catch_up(false).await?;
             }
             self.flush().await?;
-            if self.unacked_writes >= ACK_BATCH {
+            // Live messages wait for their acknowledgement to be spared the store write
+            // (and their senders for their answer): ask the kernel at once.
+            if self.unacked_writes >= ACK_BATCH || self.live_waiting() {
                 self.ack_written().await;
+                if self.live_waiting() {
+                    self.ack_wait = LIVE_ACK_POLL;
+                }
             }
         }
+    }
+
+    /// A legacy session wrote live messages its TCP has not confirmed yet.
+    fn live_waiting(&self) -> bool {
+        self.dialect.acks_on_write() && self.tcp_acks.pending() && self.shared.live.waiting()
     }
 
     /// Written messages a legacy session has not recorded as received yet.
@@ -563,6 +577,9 @@ where
             }
         }
         self.dialect = dialect;
+        // The live path: from here on this session hands out the user's seqs; the
+        // flush below covers every one the store handed out before.
+        let claimed = crate::delivery::claim(&self.app, &user, &self.shared.live).await;
         if dialect == Dialect::Pigeon {
             let pending = self.app.store.pending(&user).await.unwrap_or(0);
             let welcome = Event::Welcome {
@@ -574,6 +591,10 @@ where
         }
         self.user = Some(user);
         self.catch_up(true).await?;
+        if let Some(base) = claimed {
+            // Seqs up to `base` that are not in the mailbox were acknowledged already.
+            self.last_sent = self.last_sent.max(base);
+        }
         if dialect == Dialect::Pigeon {
             self.write_event(&Event::Synced).await?;
         }
@@ -598,6 +619,18 @@ where
                 }
             };
             let n = msgs.len();
+            // Live messages not written to the store yet belong in the same order.
+            let upto = match n < batch {
+                true => u64::MAX,
+                false => msgs.last().map_or(u64::MAX, |m| m.seq),
+            };
+            let live = self.shared.live.between(self.last_sent, upto);
+            let mut msgs: Vec<Arc<StoredMessage>> = msgs.into_iter().map(Arc::new).collect();
+            if !live.is_empty() {
+                msgs.extend(live);
+                msgs.sort_by_key(|m| m.seq);
+                msgs.dedup_by_key(|m| m.seq);
+            }
             for m in &msgs {
                 if self.written.contains(m.seq) {
                     continue;

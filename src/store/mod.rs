@@ -201,9 +201,18 @@ impl NewMessage {
 /// retry (`Ok`) or a different message under a reused id (`IdConflict`). Entries written
 /// before fingerprints existed (`None`) count as retries.
 pub fn check_retry(msg: &NewMessage, stored: Option<i64>) -> Result<(), StoreError> {
-    match (stored, msg.fingerprint()) {
+    check_fingerprint(msg.client_id.as_deref(), msg.fingerprint(), stored)
+}
+
+/// `check_retry` for a message whose fingerprint is `new`.
+pub fn check_fingerprint(
+    id: Option<&str>,
+    new: Option<i64>,
+    stored: Option<i64>,
+) -> Result<(), StoreError> {
+    match (stored, new) {
         (Some(a), Some(b)) if a != b => Err(StoreError::IdConflict {
-            id: msg.client_id.clone().unwrap_or_default(),
+            id: id.unwrap_or_default().to_string(),
         }),
         _ => Ok(()),
     }
@@ -254,6 +263,57 @@ pub enum StoreError {
     },
     #[error("the store is full: [limits] store_max_bytes = {limit} reached")]
     StoreFull { limit: u64 },
+    /// `recipient`'s seqs are handed out by its live session right now (`LiveSeqs::claim`):
+    /// the caller hands the message to that session instead (`delivery` retries).
+    #[error("the mailbox of {recipient} is owned by its live session")]
+    Owned { recipient: String },
+}
+
+/// A message whose seq its recipient's live session handed out (`LiveSeqs`).
+#[derive(Debug, Clone)]
+pub struct LiveMessage {
+    pub msg: Arc<StoredMessage>,
+    /// `NewMessage::fingerprint` when it carries a client id (a retry is recognised).
+    pub fingerprint: Option<i64>,
+    /// Not routed yet: a sender quota or the store cap refuses it (storing nothing).
+    /// Otherwise (the write-behind of a message already delivered) it is stored anyway
+    /// and its sender reported in `PutOutcome::over_quota`.
+    pub refusable: bool,
+}
+
+/// What `LiveSeqs::put` did: one answer per message, and the senders whose stored
+/// messages now pass a quota (`""`: the store cap).
+#[derive(Debug, Default)]
+pub struct PutOutcome {
+    pub answers: Vec<Result<Enqueued, StoreError>>,
+    pub over_quota: Vec<String>,
+}
+
+/// The write-behind fast path (`delivery::live`): while a recipient has a live session on
+/// this process, that session hands out its seqs from memory, from a block reserved here,
+/// and its messages are written only if they are still unacknowledged when their batch
+/// commits. Only backends with one writer process offer it (`Store::live_seqs`).
+#[async_trait]
+pub trait LiveSeqs: Send + Sync {
+    /// Reserves the seqs after the recipient's last one up to `block` more (durably: a
+    /// crash leaves a gap, never a reused seq) and marks the mailbox owned: until
+    /// `release`, `enqueue` for it answers `StoreError::Owned`. Returns the last seq
+    /// handed out before and how many messages the mailbox holds.
+    async fn claim(&self, recipient: &str, block: u64) -> Result<(u64, u64), StoreError>;
+
+    /// Moves the reservation of an owned mailbox up to `upto`.
+    async fn reserve(&self, recipient: &str, upto: u64) -> Result<(), StoreError>;
+
+    /// Ends the ownership: the last seq handed out was `last` (the reservation shrinks
+    /// back to it, so a clean hand-back leaves no gap). The mailbox is no longer owned
+    /// even when the write fails.
+    async fn release(&self, recipient: &str, last: u64);
+
+    /// Stores messages with the seqs their sessions gave them, in one transaction: like
+    /// `enqueue` (a retried client id is `Duplicate`, a reused one `IdConflict`, quotas
+    /// for `refusable` ones) but without allocating a seq or checking the mailbox cap
+    /// (the owner counts that).
+    async fn put(&self, msgs: Vec<LiveMessage>) -> PutOutcome;
 }
 
 /// The offline mailbox. Implementations are cheap to share (`Arc<dyn Store>`).
@@ -296,6 +356,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name for logs and metrics ("sqlite", "mongodb").
     fn backend(&self) -> &'static str;
+
+    /// The write-behind fast path, for backends whose process is the only writer (SQLite).
+    /// Backends shared by several processes (MongoDB) keep every seq in the store.
+    fn live_seqs(&self) -> Option<&dyn LiveSeqs> {
+        None
+    }
 
     /// Whether the store can take writes right now (`/healthz`): an error when, say, the
     /// disk is full or the data directory read-only. Backends without a cheap check

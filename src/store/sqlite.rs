@@ -14,6 +14,7 @@
 //! With `offline_ttl_secs > 0` a timer thread asks the store thread to sweep expired
 //! messages (and their blob files) every `sweep_every(ttl)`.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -23,8 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::blob_files::BlobFiles;
 use super::{
-    AccountChange, BlobInfo, BlobRead, BlobWrite, Enqueued, NewMessage, Store, StoreError,
-    StoreLimits, Usage,
+    AccountChange, BlobInfo, BlobRead, BlobWrite, Enqueued, LiveMessage, LiveSeqs, NewMessage,
+    PutOutcome, Store, StoreError, StoreLimits, Usage,
 };
 use crate::config::StorageConfig;
 use crate::message::{Body, StoredMessage};
@@ -179,6 +180,34 @@ enum Request {
     },
     /// Delete expired messages (from the timer thread; nobody waits for an answer).
     Sweep,
+    /// Messages with seqs their recipient's live session handed out (`LiveSeqs::put`).
+    Put(Vec<LiveMessage>, Reply<PutOutcome>),
+    /// The ownership requests of `LiveSeqs`; each runs in a transaction of its own, in
+    /// order with the batches around it, so the owned set changes only after a commit.
+    Claim {
+        recipient: String,
+        block: u64,
+        reply: Reply<(u64, u64)>,
+    },
+    Reserve {
+        recipient: String,
+        upto: u64,
+        reply: Reply<()>,
+    },
+    Release {
+        recipient: String,
+        last: u64,
+        reply: Reply<()>,
+    },
+}
+
+impl Request {
+    fn is_ownership(&self) -> bool {
+        matches!(
+            self,
+            Request::Claim { .. } | Request::Reserve { .. } | Request::Release { .. }
+        )
+    }
 }
 
 /// Handle to the store thread. Dropping the last handle stops the thread.
@@ -237,6 +266,7 @@ impl SqliteStore {
             dedupe_window_ms: (cfg.dedupe_window_secs as i64).saturating_mul(1000),
             offline_ttl_ms,
             last_prune: Instant::now() - PRUNE_EVERY,
+            owned: HashSet::new(),
         };
         // Checkpoints (copying the WAL into the database, with an fsync) run on a thread
         // of their own, so the store thread never stalls on them; SQLite's own
@@ -485,6 +515,10 @@ impl Store for SqliteStore {
             .await
     }
 
+    fn live_seqs(&self) -> Option<&dyn LiveSeqs> {
+        Some(self)
+    }
+
     fn backend(&self) -> &'static str {
         "sqlite"
     }
@@ -597,6 +631,55 @@ impl Store for SqliteStore {
 }
 
 /// Keys of the blobs the mailbox still refers to.
+#[async_trait]
+impl LiveSeqs for SqliteStore {
+    async fn claim(&self, recipient: &str, block: u64) -> Result<(u64, u64), StoreError> {
+        let recipient = recipient.to_string();
+        self.call(|reply| Request::Claim {
+            recipient,
+            block,
+            reply,
+        })
+        .await
+    }
+
+    async fn reserve(&self, recipient: &str, upto: u64) -> Result<(), StoreError> {
+        let recipient = recipient.to_string();
+        self.call(|reply| Request::Reserve {
+            recipient,
+            upto,
+            reply,
+        })
+        .await
+    }
+
+    async fn release(&self, recipient: &str, last: u64) {
+        let recipient = recipient.to_string();
+        let released = self
+            .call(|reply| Request::Release {
+                recipient: recipient.clone(),
+                last,
+                reply,
+            })
+            .await;
+        if let Err(e) = released {
+            // The reservation stays: the next seq leaves a gap, none is reused.
+            tracing::warn!(user = %crate::escape::Escaped(&recipient), error = %e, "handing back the reserved seqs failed");
+        }
+    }
+
+    async fn put(&self, msgs: Vec<LiveMessage>) -> PutOutcome {
+        let n = msgs.len();
+        match self.call(|reply| Request::Put(msgs, reply)).await {
+            Ok(out) => out,
+            Err(e) => PutOutcome {
+                answers: (0..n).map(|_| Err(e.clone())).collect(),
+                over_quota: Vec::new(),
+            },
+        }
+    }
+}
+
 fn referenced_blobs(conn: &Connection) -> Result<std::collections::HashSet<String>, StoreError> {
     let mut stmt = conn
         .prepare("SELECT body FROM message WHERE kind = 2")
@@ -619,11 +702,15 @@ struct Worker {
     dedupe_window_ms: i64,
     offline_ttl_ms: i64,
     last_prune: Instant,
+    /// Mailboxes whose seqs a live session hands out (`LiveSeqs::claim`): `enqueue`
+    /// refuses them with `StoreError::Owned`. In memory only: after a crash nobody owns.
+    owned: HashSet<String>,
 }
 
 /// A request's answer, held until its transaction commits.
 enum Answer {
     Enqueue(Result<Vec<Result<Enqueued, StoreError>>, StoreError>),
+    Put(Result<PutOutcome, StoreError>),
     Fetch(Result<Vec<StoredMessage>, StoreError>),
     Count(Result<u64, StoreError>),
     Unit(Result<(), StoreError>),
@@ -637,10 +724,26 @@ enum Answer {
 impl Worker {
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = rx.blocking_recv() {
+        let mut carried: Option<Request> = None;
+        loop {
+            let first = match carried.take() {
+                Some(r) => r,
+                None => match rx.blocking_recv() {
+                    Some(r) => r,
+                    None => break,
+                },
+            };
+            if first.is_ownership() {
+                self.ownership(first);
+                continue;
+            }
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
+                    Ok(r) if r.is_ownership() => {
+                        carried = Some(r);
+                        break;
+                    }
                     Ok(r) => batch.push(r),
                     Err(_) => break,
                 }
@@ -656,6 +759,64 @@ impl Worker {
             }
             self.prune_if_due();
         }
+    }
+
+    /// Runs one ownership request in a transaction of its own; the owned set changes
+    /// once it committed (a release always ends the ownership).
+    fn ownership(&mut self, req: Request) {
+        match req {
+            Request::Claim {
+                recipient,
+                block,
+                reply,
+            } => {
+                let claimed = self.own_tx(|tx| {
+                    let (base, held) = mailbox_row(tx, &recipient)?;
+                    set_last_seq(tx, &recipient, base.saturating_add(block))?;
+                    Ok((base, held))
+                });
+                if claimed.is_ok() {
+                    self.owned.insert(recipient);
+                }
+                let _ = reply.send(claimed);
+            }
+            Request::Reserve {
+                recipient,
+                upto,
+                reply,
+            } => {
+                let _ = reply.send(self.own_tx(|tx| {
+                    let (last, _) = mailbox_row(tx, &recipient)?;
+                    set_last_seq(tx, &recipient, last.max(upto))
+                }));
+            }
+            Request::Release {
+                recipient,
+                last,
+                reply,
+            } => {
+                self.owned.remove(&recipient);
+                let _ = reply.send(self.own_tx(|tx| set_last_seq(tx, &recipient, last)));
+            }
+            other => fail_request(
+                other,
+                StoreError::Backend("not an ownership request".into()),
+            ),
+        }
+    }
+
+    /// Runs `f` in a write transaction of its own and commits it.
+    fn own_tx<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        let out = f(&tx)?;
+        tx.commit().map_err(sql)?;
+        Ok(out)
     }
 
     /// Runs `batch` in one transaction; on an SQL error inside it, rolls back and runs
@@ -718,8 +879,9 @@ impl Worker {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| TxError::Begin(sql(e)))?;
-        let (answers, dead_blobs) = run_requests(&tx, batch, &self.limits, self.dedupe_window_ms)
-            .map_err(TxError::Statement)?;
+        let (answers, dead_blobs) =
+            run_requests(&tx, batch, &self.limits, self.dedupe_window_ms, &self.owned)
+                .map_err(TxError::Statement)?;
         tx.commit().map_err(|e| TxError::Statement(sql(e)))?;
         let now = crate::now_ms();
         for key in dead_blobs {
@@ -813,14 +975,41 @@ fn run_requests(
     batch: &[Request],
     limits: &StoreLimits,
     dedupe_window_ms: i64,
+    owned: &HashSet<String>,
 ) -> Result<(Vec<Answer>, Vec<String>), StoreError> {
     let mut answers = Vec::with_capacity(batch.len());
     let mut dead_blobs = Vec::new();
     for req in batch {
         let answer = match req {
+            Request::Put(msgs, _) => {
+                let mut out = PutOutcome::default();
+                for m in msgs {
+                    match put(tx, m, limits, dedupe_window_ms) {
+                        Err(
+                            e @ (StoreError::IdConflict { .. }
+                            | StoreError::QuotaExceeded { .. }
+                            | StoreError::StoreFull { .. }),
+                        ) => out.answers.push(Err(e)),
+                        Ok((done, over)) => {
+                            if over && !out.over_quota.contains(&m.msg.sender) {
+                                out.over_quota.push(m.msg.sender.clone());
+                            }
+                            out.answers.push(Ok(done));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Answer::Put(Ok(out))
+            }
             Request::Enqueue(msgs, _) => {
                 let mut each = Vec::with_capacity(msgs.len());
                 for msg in msgs {
+                    if owned.contains(&msg.recipient) {
+                        each.push(Err(StoreError::Owned {
+                            recipient: msg.recipient.clone(),
+                        }));
+                        continue;
+                    }
                     match enqueue(tx, msg, limits, dedupe_window_ms) {
                         // A refusal is an answer, not a failed transaction.
                         Err(
@@ -890,7 +1079,10 @@ fn run_requests(
                 Answer::Usage(Ok((mine, total.bytes)))
             }
             // Taken out of every batch before it runs (`Worker::run`).
-            Request::Sweep => Answer::Unit(Ok(())),
+            Request::Sweep
+            | Request::Claim { .. }
+            | Request::Reserve { .. }
+            | Request::Release { .. } => Answer::Unit(Ok(())),
         };
         answers.push(answer);
     }
@@ -917,6 +1109,9 @@ fn answer_request(req: Request, answer: Answer) {
     // A caller that went away no longer needs its answer; ignoring the send is right.
     match (req, answer) {
         (Request::Enqueue(_, reply), Answer::Enqueue(a)) => {
+            let _ = reply.send(a);
+        }
+        (Request::Put(_, reply), Answer::Put(a)) => {
             let _ = reply.send(a);
         }
         (Request::Fetch { reply, .. }, Answer::Fetch(a)) => {
@@ -954,6 +1149,15 @@ fn answer_request(req: Request, answer: Answer) {
 fn fail_request(req: Request, e: StoreError) {
     match req {
         Request::Enqueue(_, reply) => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Put(_, reply) => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Claim { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Reserve { reply, .. } | Request::Release { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         Request::Fetch { reply, .. } => {
@@ -1253,6 +1457,123 @@ fn enqueue(
         .map_err(sql)?;
     }
     Ok(Enqueued::New { seq: seq as u64 })
+}
+
+/// The recipient's (last_seq, pending), zeros when it has no mailbox row yet.
+fn mailbox_row(tx: &rusqlite::Transaction<'_>, recipient: &str) -> Result<(u64, u64), StoreError> {
+    let row: Option<(i64, i64)> = tx
+        .prepare_cached("SELECT last_seq, pending FROM mailbox WHERE recipient = ?1")
+        .and_then(|mut s| {
+            s.query_row(params![recipient], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(sql)?;
+    let (last, held) = row.unwrap_or((0, 0));
+    Ok((last.max(0) as u64, held.max(0) as u64))
+}
+
+fn set_last_seq(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: &str,
+    last: u64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO mailbox (recipient, last_seq, pending) VALUES (?1, ?2, 0)
+         ON CONFLICT (recipient) DO UPDATE SET last_seq = ?2",
+    )
+    .and_then(|mut s| s.execute(params![recipient, to_i64(last)]))
+    .map_err(sql)?;
+    Ok(())
+}
+
+/// Stores a message under the seq its live session gave it (`LiveSeqs::put`). Written
+/// twice (a session's end and a write-behind batch both had it) it is stored once.
+/// The flag: stored although it passes a quota (not `refusable`).
+fn put(
+    tx: &rusqlite::Transaction<'_>,
+    live: &LiveMessage,
+    limits: &StoreLimits,
+    dedupe_window_ms: i64,
+) -> Result<(Enqueued, bool), StoreError> {
+    let msg = &live.msg;
+    if let Some(id) = &msg.client_id {
+        let seen: Option<(i64, Option<i64>)> = tx
+            .prepare_cached(
+                "SELECT seq, fingerprint FROM client_id
+                 WHERE sender = ?1 AND client_id = ?2 AND accepted_at >= ?3",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![msg.sender, id, msg.accepted_at - dedupe_window_ms],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+            })
+            .map_err(sql)?;
+        if let Some((seq, fingerprint)) = seen {
+            super::check_fingerprint(Some(id), live.fingerprint, fingerprint)?;
+            return Ok((Enqueued::Duplicate { seq: seq as u64 }, false));
+        }
+    }
+    let bytes = msg.body.stored_bytes();
+    let mut over = false;
+    if limits.quotas() {
+        let (mine, total) = (usage_of(tx, &msg.sender)?, usage_of(tx, TOTAL)?);
+        if let Err(e) = limits.check(&msg.sender, mine, total.bytes, bytes) {
+            if live.refusable {
+                return Err(e);
+            }
+            over = true;
+        }
+    }
+    let inserted = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO message
+             (recipient, seq, sender, client_id, kind, body, accepted_at, bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                msg.recipient,
+                to_i64(msg.seq),
+                msg.sender,
+                msg.client_id,
+                msg.body.kind(),
+                msg.body.as_str(),
+                msg.accepted_at,
+                to_i64(bytes)
+            ])
+        })
+        .map_err(sql)?;
+    if inserted == 0 {
+        return Ok((Enqueued::New { seq: msg.seq }, false));
+    }
+    add_usage(tx, &msg.sender, 1, to_i64(bytes))?;
+    add_usage(tx, TOTAL, 1, to_i64(bytes))?;
+    tx.prepare_cached(
+        "INSERT INTO mailbox (recipient, last_seq, pending) VALUES (?1, ?2, 1)
+         ON CONFLICT (recipient) DO UPDATE SET pending = pending + 1,
+             last_seq = max(last_seq, ?2)",
+    )
+    .and_then(|mut s| s.execute(params![msg.recipient, to_i64(msg.seq)]))
+    .map_err(sql)?;
+    if let Some(id) = &msg.client_id {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO client_id (sender, client_id, seq, accepted_at, fingerprint)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                msg.sender,
+                id,
+                to_i64(msg.seq),
+                msg.accepted_at,
+                live.fingerprint
+            ])
+        })
+        .map_err(sql)?;
+    }
+    Ok((Enqueued::New { seq: msg.seq }, over))
 }
 
 fn fetch(

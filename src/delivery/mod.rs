@@ -1,0 +1,410 @@
+//! Delivery: a message's way from its sender's session to its recipient, and the way
+//! back of the recipient's acknowledgements. Sessions hand their sends here; nothing else
+//! decides where a message goes.
+//!
+//! Two ways, chosen per message:
+//! - **Live** (`live.rs`, the write-behind fast path): the recipient has a session on
+//!   this server that owns its mailbox. The message gets its seq from that session's
+//!   memory and goes to its queue at once; it is written to the store only if the
+//!   recipient has not acknowledged it within `[storage] write_behind_ms`
+//!   (`write_behind.rs`). The sender hears `delivered` once it is acknowledged or
+//!   written. Messages that must be remembered before they are routed (a client id,
+//!   whose retries must be recognised after a crash; a blob) take a seq there too but
+//!   are written first.
+//! - **Store first**: everyone else (recipient offline or on another node, cluster mode,
+//!   MongoDB, sender quotas on). The store accepts the message (its seq, retries, quotas,
+//!   durability); then it goes to the recipient's live session on this node, to the node
+//!   that holds the recipient's session, or nowhere: it waits for the next login.
+
+pub mod live;
+pub mod write_behind;
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::app::App;
+use crate::message::{Body, StoredMessage};
+use crate::metrics::{add, inc};
+use crate::protocol::{ErrorCode, Fate, ProtocolError};
+use crate::session::handle::{Outgoing, SessionHandle};
+use crate::store::{Enqueued, LiveMessage, NewMessage, StoreError};
+use live::{LiveMailbox, Refusal};
+
+/// A sender's answer for one message: (seq, fate, duplicate), or why it was refused.
+pub type Accepted = Result<(u64, Fate, bool), ProtocolError>;
+
+/// How long a send waits for a mailbox that is changing hands (a session ending or
+/// starting) before it gives up with `store_unavailable`.
+const OWNER_WAIT: Duration = Duration::from_secs(10);
+
+/// A message's way, decided in order; answers are awaited after.
+enum Way {
+    /// On the live path: its seq, and the answer that comes once it is safe.
+    Live(u64, oneshot::Receiver<Result<Fate, StoreError>>),
+    /// Index into the batch that goes to the store.
+    Store(usize),
+    Done(Accepted),
+}
+
+/// Accepts a session's sends, in order, and routes each: the live ones at once, the
+/// others in one store round trip.
+pub async fn accept_many(app: &App, batch: Vec<NewMessage>) -> Vec<Accepted> {
+    let mut ways = Vec::with_capacity(batch.len());
+    let mut to_store = Vec::new();
+    // Once a recipient's message went to the store, the rest of the batch for it does
+    // too, so that a mailbox changing hands mid-batch cannot reorder them.
+    let mut via_store: HashSet<String> = HashSet::new();
+    for msg in batch {
+        let msg = match via_store.contains(&msg.recipient) {
+            true => msg,
+            false => match try_live(app, msg).await {
+                Ok(way) => {
+                    ways.push(way);
+                    continue;
+                }
+                Err(msg) => msg,
+            },
+        };
+        via_store.insert(msg.recipient.clone());
+        ways.push(Way::Store(to_store.len()));
+        to_store.push(msg);
+    }
+    let mut stored: Vec<Option<Accepted>> = Vec::new();
+    if !to_store.is_empty() {
+        let results = app.store.enqueue_many(to_store.clone()).await;
+        for (msg, result) in to_store.into_iter().zip(results) {
+            stored.push(Some(match result {
+                Err(StoreError::Owned { .. }) => accept_owned(app, msg).await,
+                other => route(app, msg, other).await,
+            }));
+        }
+    }
+    let mut answers = Vec::with_capacity(ways.len());
+    for way in ways {
+        answers.push(match way {
+            Way::Live(seq, rx) => live_answer(seq, rx).await,
+            Way::Store(i) => stored
+                .get_mut(i)
+                .and_then(Option::take)
+                .unwrap_or_else(|| Err(unavailable("no answer from the store"))),
+            Way::Done(a) => a,
+        });
+    }
+    answers
+}
+
+/// Accepts one message.
+pub async fn accept(app: &App, msg: NewMessage) -> Accepted {
+    accept_many(app, vec![msg])
+        .await
+        .pop()
+        .unwrap_or_else(|| Err(unavailable("no answer")))
+}
+
+/// The store refused `msg` because its recipient's session owns the mailbox: it starts
+/// or ends right now. Tries the live path and the store again until one takes it.
+async fn accept_owned(app: &App, mut msg: NewMessage) -> Accepted {
+    let deadline = Instant::now() + OWNER_WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        msg = match try_live(app, msg).await {
+            Ok(Way::Live(seq, rx)) => return live_answer(seq, rx).await,
+            Ok(Way::Done(a)) => return a,
+            Ok(Way::Store(_)) => return Err(unavailable("unexpected way")),
+            Err(msg) => msg,
+        };
+        match app.store.enqueue(msg.clone()).await {
+            Err(StoreError::Owned { .. }) if Instant::now() < deadline => continue,
+            other => return route(app, msg, other).await,
+        }
+    }
+}
+
+async fn live_answer(seq: u64, rx: oneshot::Receiver<Result<Fate, StoreError>>) -> Accepted {
+    match rx.await {
+        Ok(Ok(fate)) => Ok((seq, fate, false)),
+        Ok(Err(e)) => Err(ProtocolError::new(ErrorCode::from(&e), e.to_string())),
+        Err(_) => Err(unavailable("the message could not be stored")),
+    }
+}
+
+fn unavailable(why: &str) -> ProtocolError {
+    ProtocolError::new(ErrorCode::StoreUnavailable, why.to_string())
+}
+
+fn stored_message(seq: u64, msg: &NewMessage) -> StoredMessage {
+    StoredMessage {
+        seq,
+        sender: msg.sender.clone(),
+        recipient: msg.recipient.clone(),
+        client_id: msg.client_id.clone(),
+        body: msg.body.clone(),
+        accepted_at: msg.accepted_at,
+    }
+}
+
+/// The live path, when the recipient's session here owns its mailbox; gives the
+/// message back otherwise.
+async fn try_live(app: &App, msg: NewMessage) -> Result<Way, NewMessage> {
+    let Some(wb) = &app.write_behind else {
+        return Err(msg);
+    };
+    let Some(handle) = app.router.session(&msg.recipient) else {
+        return Err(msg);
+    };
+    let live = handle.shared.live.clone();
+    let mailbox_max = app.config.limits.mailbox_max;
+    // Messages whose retries must be recognised even after a crash, and blobs, are
+    // written before they are routed.
+    // So are those of a sender who went over a quota, where it can still refuse them.
+    let write_first = msg.client_id.is_some()
+        || matches!(msg.body, Body::Blob(_))
+        || wb.over_quota().contains(&msg.sender);
+    loop {
+        let taken = match write_first {
+            true => live.allocate(mailbox_max).map(|seq| (seq, None)),
+            false => live
+                .deliver(
+                    mailbox_max,
+                    |seq| Arc::new(stored_message(seq, &msg)),
+                    |m| push(&handle, m),
+                )
+                .map(|d| {
+                    if d.schedule {
+                        wb.schedule(live.clone());
+                    }
+                    match d.fate {
+                        Fate::Delivered => inc(&app.metrics.messages_delivered),
+                        Fate::Stored => inc(&app.metrics.messages_stored),
+                    }
+                    (d.seq, Some(d.answer))
+                }),
+        };
+        match taken {
+            Ok((seq, Some(rx))) => return Ok(Way::Live(seq, rx)),
+            Ok((seq, None)) => {
+                let accepted = write_then_route(app, &handle, &live, seq, msg).await;
+                return Ok(Way::Done(accepted));
+            }
+            Err(Refusal::NotOwned) => return Err(msg),
+            Err(Refusal::MailboxFull) => {
+                let e = StoreError::MailboxFull {
+                    recipient: msg.recipient.clone(),
+                    limit: mailbox_max,
+                };
+                return Ok(Way::Done(Err(refusal(&msg, &e))));
+            }
+            Err(Refusal::Exhausted(upto)) => {
+                let reserved = match app.store.live_seqs() {
+                    Some(s) => s.reserve(&msg.recipient, upto).await,
+                    None => Err(StoreError::Backend("no write-behind in this store".into())),
+                };
+                match reserved {
+                    Ok(()) => live.extended(upto),
+                    Err(e) => return Ok(Way::Done(Err(refusal(&msg, &e)))),
+                }
+            }
+        }
+    }
+}
+
+/// Hands a live message to the recipient's queue; false when it is full (the message
+/// is left to the session's catch-up: `lagging`) or closed (to the session's end).
+fn push(handle: &SessionHandle, msg: Arc<StoredMessage>) -> bool {
+    match handle.tx.try_send(Outgoing::Deliver(msg)) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            handle.shared.lagging.store(true, Ordering::Release);
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// A live-path message that is written first (client id, blob), under the seq `seq`
+/// its recipient's session gave it.
+async fn write_then_route(
+    app: &App,
+    handle: &SessionHandle,
+    live: &LiveMailbox,
+    seq: u64,
+    msg: NewMessage,
+) -> Accepted {
+    let stored = Arc::new(stored_message(seq, &msg));
+    let entry = LiveMessage {
+        msg: stored.clone(),
+        fingerprint: msg.fingerprint(),
+        refusable: true,
+    };
+    let result = match app.store.live_seqs() {
+        Some(s) => s.put(vec![entry]).await.answers.pop(),
+        None => None,
+    }
+    .unwrap_or_else(|| Err(StoreError::Backend("no write-behind in this store".into())));
+    match result {
+        Ok(Enqueued::New { .. }) => {
+            if let Some(wb) = &app.write_behind {
+                wb.over_quota().clear(&msg.sender);
+            }
+            let fate = match push(handle, stored) {
+                true => Fate::Delivered,
+                false => Fate::Stored,
+            };
+            match fate {
+                Fate::Delivered => inc(&app.metrics.messages_delivered),
+                Fate::Stored => inc(&app.metrics.messages_stored),
+            }
+            Ok((seq, fate, false))
+        }
+        Ok(Enqueued::Duplicate { seq: first }) => {
+            live.refused(seq);
+            inc(&app.metrics.messages_duplicate);
+            Ok((first, Fate::Stored, true))
+        }
+        Err(e) => {
+            live.refused(seq);
+            Err(refusal(&msg, &e))
+        }
+    }
+}
+
+/// After the store answered for `msg`: hands a new message to its recipient.
+async fn route(app: &App, msg: NewMessage, stored: Result<Enqueued, StoreError>) -> Accepted {
+    match stored {
+        Ok(Enqueued::New { seq }) => {
+            let stored = Arc::new(StoredMessage {
+                seq,
+                sender: msg.sender,
+                recipient: msg.recipient,
+                client_id: msg.client_id,
+                body: msg.body,
+                accepted_at: msg.accepted_at,
+            });
+            let fate = match &app.cluster {
+                Some(c) if !app.router.is_online(&stored.recipient) => {
+                    match c.forward(&stored).await {
+                        true => Fate::Delivered,
+                        false => Fate::Stored,
+                    }
+                }
+                _ => app.router.deliver(stored),
+            };
+            match fate {
+                Fate::Delivered => inc(&app.metrics.messages_delivered),
+                Fate::Stored => inc(&app.metrics.messages_stored),
+            }
+            Ok((seq, fate, false))
+        }
+        Ok(Enqueued::Duplicate { seq }) => {
+            inc(&app.metrics.messages_duplicate);
+            Ok((seq, Fate::Stored, true))
+        }
+        Err(e) => Err(refusal(&msg, &e)),
+    }
+}
+
+/// The error frame for a refused message.
+fn refusal(msg: &NewMessage, e: &StoreError) -> ProtocolError {
+    let code = ErrorCode::from(e);
+    if code == ErrorCode::StoreUnavailable {
+        tracing::warn!(user = %msg.sender, error = %e, "enqueue failed");
+    }
+    ProtocolError::new(code, e.to_string())
+        .with_id(msg.client_id.clone())
+        .with_to(Some(msg.recipient.clone()))
+}
+
+/// `user` acknowledged the seqs `ranges`: live messages among them are never written
+/// (their senders hear `delivered`), the rest is deleted from the store. Returns how
+/// many messages that covered.
+pub async fn acked(
+    app: &App,
+    user: &str,
+    live: &LiveMailbox,
+    ranges: &[(u64, u64)],
+) -> Result<u64, StoreError> {
+    let (rest, unwritten) = live.acked(ranges);
+    add(&app.metrics.messages_acked_unwritten, unwritten);
+    if rest.is_empty() {
+        return Ok(unwritten);
+    }
+    let n = app.store.ack_ranges(user, &rest).await?;
+    live.forget(n);
+    Ok(n + unwritten)
+}
+
+/// `user`'s session starts delivering: it takes over the mailbox's seqs when this
+/// server has the live path. Returns the last seq the store handed out before (the
+/// session's mailbox flush covers everything up to it).
+pub async fn claim(app: &App, user: &str, live: &LiveMailbox) -> Option<u64> {
+    app.write_behind.as_ref()?;
+    let seqs = app.store.live_seqs()?;
+    match seqs.claim(user, live::BLOCK).await {
+        Ok((base, held)) => {
+            live.open(base, held, live::BLOCK);
+            Some(base)
+        }
+        Err(e) => {
+            // The session still works, on the store-first way.
+            inc(&app.metrics.store_errors);
+            tracing::warn!(user = %crate::escape::Escaped(user), error = %e, "claiming the mailbox failed");
+            None
+        }
+    }
+}
+
+/// Tries before a session's end gives up writing its uncommitted messages.
+const RELEASE_TRIES: u32 = 5;
+
+/// `user`'s session ends: what it still holds uncommitted is written, then the mailbox
+/// goes back to the store. Senders still waiting hear `delivered`, or the error when
+/// the store refused every try (their messages are then lost, and they know it).
+pub async fn release(app: &App, user: &str, live: &LiveMailbox) {
+    let Some((entries, last)) = live.close() else {
+        return;
+    };
+    let Some(seqs) = app.store.live_seqs() else {
+        return;
+    };
+    if !entries.is_empty() {
+        let batch: Vec<LiveMessage> = entries
+            .iter()
+            .map(|(msg, _)| LiveMessage {
+                msg: msg.clone(),
+                fingerprint: None,
+                refusable: false,
+            })
+            .collect();
+        add(&app.metrics.messages_written_behind, batch.len() as u64);
+        let mut outcome = Err(StoreError::Unavailable("not tried".into()));
+        for attempt in 0..RELEASE_TRIES {
+            let out = seqs.put(batch.clone()).await;
+            if let Some(wb) = &app.write_behind {
+                wb.over_quota().add(out.over_quota);
+            }
+            outcome = out
+                .answers
+                .into_iter()
+                .find(|r| r.is_err())
+                .map_or(Ok(()), |r| r.map(|_| ()));
+            if outcome.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
+        if let Err(e) = &outcome {
+            inc(&app.metrics.store_errors);
+            tracing::error!(user = %crate::escape::Escaped(user), error = %e, messages = entries.len(), "messages of an ending session could not be stored; their senders are told");
+        }
+        for (_, answer) in entries {
+            if let Some((a, fate)) = answer {
+                let _ = a.send(outcome.clone().map(|()| fate));
+            }
+        }
+    }
+    seqs.release(user, last).await;
+}

@@ -1,0 +1,290 @@
+//! The live path (issue 15): a message to a user online on this server goes to their
+//! session at once and is written to the store only if they have not acknowledged it
+//! within `[storage] write_behind_ms`. What the tests pin down:
+//! - acknowledged first: never written (the store stays empty, the metrics say so), and
+//!   the sender still hears `delivered` (legacy dialects: once the client's TCP
+//!   acknowledged the bytes);
+//! - not acknowledged: the recipient gets everything at the next login, same seqs, in
+//!   order, and the mailbox's seqs go on without a gap;
+//! - `kill -9` while messages are on the live path loses nothing a sender was told about.
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use common::{free_port, http_get, test_config, Client, Frame, ServerProcess, TestServer};
+use serde_json::{json, Value};
+
+/// A counter from `/metrics`.
+async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+    let page = http_get(addr, "/metrics").await;
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+/// Messages in the SQLite store and the mailbox's last seq for `user`.
+fn store_rows(dir: &Path, user: &str) -> (i64, i64) {
+    let db = rusqlite::Connection::open(dir.join("pigeon.db")).unwrap();
+    let rows: i64 = db
+        .query_row(
+            "SELECT count(*) FROM message WHERE recipient = ?1",
+            [user],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let last: i64 = db
+        .query_row(
+            "SELECT coalesce(max(last_seq), 0) FROM mailbox WHERE recipient = ?1",
+            [user],
+            |r| r.get(0),
+        )
+        .unwrap_or(0);
+    (rows, last)
+}
+
+/// The next frame of `type` (others, such as receipts, are passed over).
+async fn next_of(c: &mut Client, kind: &str) -> Value {
+    loop {
+        let v = c.json().await;
+        if v["type"] == kind {
+            return v;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_acknowledged_first_are_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    // Far longer than an acknowledgement takes: only acks can answer the senders.
+    cfg.storage.write_behind_ms = 60_000;
+    let srv = TestServer::start(cfg).await;
+    let base = format!("ws://{}", srv.addr);
+    let (mut bob, _) = Client::pigeon(&base, "bob").await;
+    let (mut alice, _) = Client::pigeon(&base, "alice").await;
+    for i in 0..10u64 {
+        alice
+            .send_json(json!({"type":"send","to":"bob","body":format!("m{i}")}))
+            .await;
+        let m = next_of(&mut bob, "msg").await;
+        assert_eq!(m["seq"], i + 1, "{m}");
+        assert_eq!(m["body"], format!("m{i}"));
+        bob.ack(i + 1).await;
+        let sent = tokio::time::timeout(Duration::from_secs(5), next_of(&mut alice, "sent"))
+            .await
+            .expect("the sender is answered by the acknowledgement, not the write");
+        assert_eq!(sent["seq"], i + 1, "{sent}");
+        assert_eq!(sent["status"], "delivered", "{sent}");
+    }
+    // A legacy (hash) recipient acknowledges with its TCP.
+    let mut hank = Client::connect(&format!("{base}/ws")).await;
+    hank.text("hank#hi#nobody").await;
+    for i in 0..5 {
+        alice
+            .send_json(json!({"type":"send","to":"hank","body":format!("h{i}")}))
+            .await;
+        // (passing over the answers to hank's own first frame)
+        let mut got = hank.recv().await;
+        while !got.starts_with("alice#") {
+            got = hank.recv().await;
+        }
+        assert_eq!(got, format!("alice#h{i}#hank"));
+        let sent = tokio::time::timeout(Duration::from_secs(5), next_of(&mut alice, "sent"))
+            .await
+            .expect("a hash recipient's TCP acknowledgement answers the sender");
+        assert_eq!(sent["status"], "delivered", "{sent}");
+    }
+    assert_eq!(
+        metric(srv.addr, "pigeon_messages_acked_unwritten_total").await,
+        15
+    );
+    assert_eq!(
+        metric(srv.addr, "pigeon_messages_written_behind_total").await,
+        0
+    );
+    bob.close().await;
+    hank.close().await;
+    alice.close().await;
+    srv.stop().await;
+    // Nothing was written; the seqs handed out were given back exactly (no gap).
+    assert_eq!(store_rows(dir.path(), "bob"), (0, 10));
+    assert_eq!(store_rows(dir.path(), "hank"), (0, 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_who_leaves_without_acknowledging_gets_everything_next_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.storage.write_behind_ms = 60_000;
+    let srv = TestServer::start(cfg).await;
+    let base = format!("ws://{}", srv.addr);
+    let (mut bob, _) = Client::pigeon(&base, "bob").await;
+    let (mut alice, _) = Client::pigeon(&base, "alice").await;
+    for i in 0..10 {
+        alice
+            .send_json(json!({"type":"send","to":"bob","body":format!("m{i}")}))
+            .await;
+    }
+    // bob sees the first and leaves without acknowledging it: it is written at the
+    // session's end (long before the write-behind would), the rest is stored as for
+    // anyone offline, under the next seqs.
+    assert_eq!(next_of(&mut bob, "msg").await["seq"], 1);
+    bob.close().await;
+    for i in 0..10u64 {
+        let sent = tokio::time::timeout(Duration::from_secs(5), next_of(&mut alice, "sent"))
+            .await
+            .expect("answered at the recipient's session end");
+        assert_eq!(sent["seq"], i + 1, "{sent}");
+    }
+    let (mut bob, flushed) = Client::pigeon(&base, "bob").await;
+    let seqs: Vec<u64> = flushed.iter().filter_map(|v| v["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>(), "{flushed:?}");
+    let bodies: Vec<&str> = flushed.iter().filter_map(|v| v["body"].as_str()).collect();
+    let expected: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, expected);
+    bob.ack(10).await;
+    // The seqs go on where they were, live again.
+    alice
+        .send_json(json!({"type":"send","to":"bob","body":"next"}))
+        .await;
+    assert_eq!(next_of(&mut bob, "msg").await["seq"], 11);
+    bob.ack(11).await;
+    assert_eq!(next_of(&mut alice, "sent").await["seq"], 11);
+    // A take-over while a live message is unacknowledged: the second session gets it.
+    alice
+        .send_json(json!({"type":"send","to":"bob","body":"t"}))
+        .await;
+    assert_eq!(next_of(&mut bob, "msg").await["seq"], 12);
+    let (mut bob2, flushed) = Client::pigeon(&base, "bob").await;
+    let seqs: Vec<u64> = flushed.iter().filter_map(|v| v["seq"].as_u64()).collect();
+    assert_eq!(seqs, [12], "{flushed:?}");
+    let sent = tokio::time::timeout(Duration::from_secs(5), next_of(&mut alice, "sent"))
+        .await
+        .expect("answered at the replaced session's end");
+    assert_eq!(sent["seq"], 12, "{sent}");
+    bob2.ack(12).await;
+    bob2.ping().await;
+    alice.close().await;
+    bob2.close().await;
+    drop(bob);
+    srv.stop().await;
+    assert_eq!(store_rows(dir.path(), "bob"), (0, 12));
+}
+
+/// A frame a recipient saw: (sender, body).
+fn hash_message(t: &str) -> Option<(String, String)> {
+    let (from, rest) = t.split_once('#')?;
+    let (body, _) = rest.rsplit_once('#')?;
+    Some((from.to_string(), body.to_string()))
+}
+
+/// Sends `from#{from}-{i}#to` one at a time until the socket ends; returns the bodies
+/// answered `send success` (the server was told it delivered them).
+async fn hash_sender(base: String, from: String, to: String) -> Vec<String> {
+    let mut c = Client::connect(&format!("{base}/ws")).await;
+    let mut told = Vec::new();
+    for i in 0.. {
+        let body = format!("{from}-{i}");
+        if c.try_send(tokio_tungstenite::tungstenite::Message::text(format!(
+            "{from}#{body}#{to}"
+        )))
+        .await
+        .is_err()
+        {
+            return told;
+        }
+        loop {
+            match c.next_or_close().await {
+                Ok(Frame::Text(t)) if t == "send success" => {
+                    told.push(body);
+                    break;
+                }
+                Ok(Frame::Text(t)) if t == "Out Line" => {}
+                Ok(_) => {}
+                Err(_) => return told,
+            }
+        }
+    }
+    told
+}
+
+/// Reads a hash recipient's messages until the socket ends.
+async fn hash_reader(mut c: Client) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    while let Ok(f) = c.next_or_close().await {
+        if let Frame::Text(t) = f {
+            got.extend(hash_message(&t));
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_on_the_live_path_loses_nothing_a_sender_was_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // A write-behind long enough that many messages are still only in memory when the
+    // kill lands, and short enough that some are written.
+    let env = [("PIGEON_STORAGE_WRITE_BEHIND_MS", "30")];
+    let mut told: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut got: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for (round, run_ms) in [700u64, 1300, 400].into_iter().enumerate() {
+        let mut srv = ServerProcess::spawn(dir.path(), port, &env).await;
+        let base = format!("ws://{}", srv.addr);
+        let mut readers = Vec::new();
+        for r in ["rae", "rob"] {
+            let mut c = Client::connect(&format!("{base}/ws")).await;
+            c.text(format!("{r}#hi#nobody")).await;
+            readers.push((r, tokio::spawn(hash_reader(c))));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut senders = Vec::new();
+        for (s, r) in [("sam", "rae"), ("sue", "rob"), ("sid", "rae")] {
+            let from = format!("{s}{round}");
+            senders.push(tokio::spawn(hash_sender(base.clone(), from, r.to_string())));
+        }
+        tokio::time::sleep(Duration::from_millis(run_ms)).await;
+        srv.kill9();
+        for s in senders {
+            for body in s.await.unwrap() {
+                told.entry("any".into()).or_default().insert(body);
+            }
+        }
+        for (r, h) in readers {
+            for (_, body) in h.await.unwrap() {
+                got.entry(r.into()).or_default().insert(body);
+            }
+        }
+    }
+    // After the last kill: log in once more and read what waits.
+    let mut srv = ServerProcess::spawn(dir.path(), port, &[]).await;
+    let base = format!("ws://{}", srv.addr);
+    for r in ["rae", "rob"] {
+        let mut c = Client::connect(&format!("{base}/ws")).await;
+        c.text(format!("{r}#hi#nobody")).await;
+        while let Some(t) = c.try_recv(Duration::from_millis(1500)).await {
+            if let Some((_, body)) = hash_message(&t) {
+                got.entry(r.into()).or_default().insert(body);
+            }
+        }
+        c.close().await;
+    }
+    srv.terminate();
+    let told = told.remove("any").unwrap_or_default();
+    let all: BTreeSet<String> = got.values().flatten().cloned().collect();
+    assert!(
+        told.len() > 50,
+        "too little traffic to mean anything: {}",
+        told.len()
+    );
+    let lost: Vec<&String> = told.iter().filter(|b| !all.contains(*b)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} lost: {:?}",
+        lost.len(),
+        told.len(),
+        lost
+    );
+}
