@@ -115,8 +115,8 @@ impl Spool {
         tokio::task::spawn_blocking(move || drain(shared, work, handle));
     }
 
-    /// Waits until everything queued is written (or, cancelled, dropped). `None` if a
-    /// job panicked with the writer (the start-up sweep deletes the partial file).
+    /// Waits until everything queued is written (or, cancelled, dropped). `None` only
+    /// if the writer is gone, which `JobGuard` prevents even when a job panics.
     pub async fn close(self) -> Option<Spooled> {
         loop {
             let stopped = self.shared.idle.notified();
