@@ -568,8 +568,8 @@ impl Config {
                 "limits.legacy_binary_max_bytes must be between 1 and limits.max_blob_bytes",
             );
         }
-        if l.blob_spool_bytes == 0 {
-            return bad("limits.blob_spool_bytes must be positive");
+        if l.blob_spool_bytes == 0 || l.blob_spool_bytes as u64 > u64::from(u32::MAX) {
+            return bad("limits.blob_spool_bytes must be between 1 and 4294967295");
         }
         if l.blob_relay_bytes < l.max_message_bytes {
             return bad("limits.blob_relay_bytes must be at least limits.max_message_bytes");
