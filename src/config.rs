@@ -229,6 +229,9 @@ pub struct LimitsConfig {
     pub max_transfers: usize,
     /// Blob bytes queued to one recipient's socket before the sender waits (backpressure).
     pub blob_relay_bytes: usize,
+    /// Blob bytes one session has received and not yet written to blob storage (and
+    /// hashed): beyond it the sender waits (a disk slower than the socket).
+    pub blob_spool_bytes: usize,
     /// Payload bytes per binary frame when the server streams a stored blob.
     pub blob_chunk_bytes: usize,
     /// A socket that accepts no bytes for this long is dropped (a client that never reads).
@@ -335,6 +338,7 @@ impl Default for LimitsConfig {
             max_blob_bytes: 256 * 1024 * 1024,
             max_transfers: 4,
             blob_relay_bytes: 4 * 1024 * 1024,
+            blob_spool_bytes: 2 * 1024 * 1024,
             blob_chunk_bytes: 256 * 1024,
             write_timeout_secs: 30,
             rate_per_sec: 0,
@@ -569,6 +573,9 @@ impl Config {
             return bad(
                 "limits.legacy_binary_max_bytes must be between 1 and limits.max_blob_bytes",
             );
+        }
+        if l.blob_spool_bytes == 0 || l.blob_spool_bytes as u64 > u64::from(u32::MAX) {
+            return bad("limits.blob_spool_bytes must be between 1 and 4294967295");
         }
         if l.blob_relay_bytes < l.max_message_bytes {
             return bad("limits.blob_relay_bytes must be at least limits.max_message_bytes");

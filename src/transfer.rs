@@ -3,6 +3,15 @@
 //! relayed live to that session under the recipient's byte budget, so a slow recipient
 //! slows the sender instead of growing memory. A finished blob becomes an ordinary
 //! mailbox message (`Body::Blob`), delivered and acknowledged like any other.
+//!
+//! A chunk is a pipeline, not a sequence: the session task hands the received buffer
+//! (shared, never copied) to the transfer's spool (`spool`: written and hashed on a
+//! blocking thread) and to the relay, and goes back to reading the socket. The bytes
+//! queued for spools are bounded per session (`limits.blob_spool_bytes`); a storage
+//! error is reported at the next chunk or at the end, and the hash is checked only
+//! after the last byte is written.
+
+mod spool;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,13 +19,15 @@ use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use crate::app::App;
 use crate::message::BlobMeta;
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::session::handle::{BlobChunk, Outgoing, SessionHandle};
-use crate::store::{BlobWrite, StoreLimits};
+use crate::store::StoreLimits;
+
+use spool::Spool;
 
 /// A fresh blob key: 128 random bits from the OS (hex). Unique, and never guessable: a
 /// key names a file that `GET /api/blobs/{key}` serves (to its owners only, but a
@@ -59,10 +70,8 @@ struct Transfer {
     meta: Arc<BlobMeta>,
     key: Arc<str>,
     received: u64,
-    writer: Box<dyn BlobWrite>,
-    /// Only when the sender announced a sha256 to check (hashing costs ~40% of a
-    /// transfer's CPU).
-    hasher: Option<Sha256>,
+    /// Writes and hashes the chunks, in order, off the session task.
+    spool: Spool,
     /// The recipient's session the bytes are relayed to, while it keeps up.
     relay: Option<SessionHandle>,
     /// When the last chunk (or the announce) arrived: `blob_idle_secs` counts from here.
@@ -99,6 +108,9 @@ pub enum ChunkOutcome {
 pub struct Transfers {
     by_stream: HashMap<u32, Transfer>,
     next_stream: u32,
+    /// Bytes received and not yet written to blob storage, over all of this session's
+    /// transfers (`limits.blob_spool_bytes`); made at the first announce.
+    spool_budget: Option<Arc<Semaphore>>,
 }
 
 impl Transfers {
@@ -175,7 +187,9 @@ impl Transfers {
             .await
             .map_err(|e| fail(ErrorCode::StoreUnavailable, e.to_string()))?;
         meta.key = key.clone();
-        let hasher = meta.sha256.as_ref().map(|_| Sha256::new());
+        let spool = Spool::start(writer, meta.sha256.is_some());
+        self.spool_budget
+            .get_or_insert_with(|| Arc::new(Semaphore::new(limits.blob_spool_bytes)));
         let meta = Arc::new(meta);
         let mut relay = app.router.session(&to);
         if let Some(r) = &relay {
@@ -199,8 +213,7 @@ impl Transfers {
                 meta,
                 key: key.into(),
                 received: 0,
-                writer,
-                hasher,
+                spool,
                 relay,
                 last_chunk: Instant::now(),
             },
@@ -208,13 +221,15 @@ impl Transfers {
         Ok(stream)
     }
 
-    /// Takes one chunk for `stream`: spools it, hashes it, relays it.
+    /// Takes one chunk for `stream`: queues it for its spool worker (which writes and
+    /// hashes it) and relays it, the same buffer to both.
     pub async fn chunk(
         &mut self,
         app: &App,
         stream: u32,
         data: Bytes,
     ) -> Result<ChunkOutcome, ProtocolError> {
+        let budget = self.spool_budget.clone();
         let Some(t) = self.by_stream.get_mut(&stream) else {
             return Err(ProtocolError::new(
                 ErrorCode::UnknownStream,
@@ -235,13 +250,24 @@ impl Transfers {
             self.abort(stream, "overflow").await;
             return Err(e);
         }
-        if let Err(e) = t.writer.write(&data).await {
-            tracing::warn!(error = %e, "blob spool write failed");
-            self.abort(stream, "store_unavailable").await;
-            return Err(ProtocolError::new(ErrorCode::StoreUnavailable, e.to_string()).with_id(id));
-        }
-        if let Some(h) = t.hasher.as_mut() {
-            h.update(&data);
+        // The spool's budget is reserved before the chunk is queued: a disk slower than
+        // the socket slows the sender down instead of growing memory.
+        let spool_bytes = app.config.limits.blob_spool_bytes;
+        let want = u32::try_from(data.len().min(spool_bytes)).unwrap_or(u32::MAX);
+        let permit = match budget {
+            Some(b) => b.acquire_many_owned(want).await.ok(),
+            None => None,
+        };
+        let queued = match permit {
+            Some(permit) if !t.spool.failed() => {
+                t.spool.push(data.clone(), permit);
+                true
+            }
+            _ => false,
+        };
+        if !queued {
+            let e = self.fail(stream).await;
+            return Err(ProtocolError::new(ErrorCode::StoreUnavailable, e).with_id(id));
         }
         t.received += data.len() as u64;
         if let Some(r) = &t.relay {
@@ -271,8 +297,26 @@ impl Transfers {
         })
     }
 
-    /// Finishes a complete transfer: durable bytes, checked hash. The caller enqueues
-    /// the mailbox message (and removes the blob if that fails).
+    /// Ends a transfer whose spool failed: the live recipient told (`store_unavailable`),
+    /// the partial bytes deleted. Returns what went wrong, for the sender.
+    async fn fail(&mut self, stream: u32) -> String {
+        let Some(t) = self.by_stream.remove(&stream) else {
+            return "no such transfer".into();
+        };
+        relay_abort(&t.relay, &t.key, "store_unavailable").await;
+        match t.spool.close().await {
+            Some(done) => {
+                done.writer.discard().await;
+                done.error
+                    .map_or_else(|| "blob storage failed".into(), |e| e.to_string())
+            }
+            None => "blob storage failed".into(),
+        }
+    }
+
+    /// Finishes a complete transfer: every byte written, the hash checked, the bytes
+    /// durable. The caller enqueues the mailbox message (and removes the blob if that
+    /// fails).
     pub async fn finish(&mut self, app: &App, stream: u32) -> Result<Completed, ProtocolError> {
         let Some(t) = self.by_stream.remove(&stream) else {
             return Err(ProtocolError::new(
@@ -284,21 +328,26 @@ impl Transfers {
             to,
             meta,
             key,
-            writer,
-            hasher,
+            spool,
             relay,
             ..
         } = t;
         let id = meta.id.clone();
-        if let (Some(expected), Some(hasher)) = (&meta.sha256, hasher) {
-            let digest: String = hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+        let unavailable = |e: String| ProtocolError::new(ErrorCode::StoreUnavailable, e);
+        let Some(done) = spool.close().await else {
+            relay_abort(&relay, &key, "store_unavailable").await;
+            return Err(unavailable("blob storage failed".into()).with_id(id));
+        };
+        if let Some(e) = done.error {
+            relay_abort(&relay, &key, "store_unavailable").await;
+            done.writer.discard().await;
+            return Err(unavailable(e.to_string()).with_id(id));
+        }
+        if let Some(expected) = &meta.sha256 {
+            let digest = done.digest.unwrap_or_default();
             if *expected != digest {
                 relay_abort(&relay, &key, "checksum_mismatch").await;
-                writer.discard().await;
+                done.writer.discard().await;
                 return Err(ProtocolError::new(
                     ErrorCode::ChecksumMismatch,
                     format!("sha256 of the received bytes is {digest}, not {expected}"),
@@ -306,10 +355,10 @@ impl Transfers {
                 .with_id(id));
             }
         }
-        if let Err(e) = writer.finish().await {
+        if let Err(e) = done.writer.finish().await {
             relay_abort(&relay, &key, "store_unavailable").await;
             app.store.blob_remove(&key).await;
-            return Err(ProtocolError::new(ErrorCode::StoreUnavailable, e.to_string()).with_id(id));
+            return Err(unavailable(e.to_string()).with_id(id));
         }
         Ok(Completed {
             to,
@@ -325,7 +374,7 @@ impl Transfers {
             return false;
         };
         relay_abort(&t.relay, &t.key, reason).await;
-        t.writer.discard().await;
+        t.spool.discard().await;
         true
     }
 

@@ -42,7 +42,8 @@ impl Wire {
     }
 
     /// From now on, at most about `bytes` more may be read (one read of the reader's
-    /// buffer may overshoot it); then reads fail with `ReadBudgetSpent`.
+    /// buffer may overshoot it, and so may bytes `Counted` read ahead before the
+    /// budget was set: at most `READ_AHEAD`); then reads fail with `ReadBudgetSpent`.
     pub fn limit_reads(&self, bytes: u64) {
         let read = self.read.load(Ordering::Acquire);
         self.read_limit
@@ -97,6 +98,35 @@ fn unacked_bytes(_fd: RawFd) -> Option<u64> {
 pub struct Counted<S> {
     inner: S,
     wire: Arc<Wire>,
+    /// Bytes read from the socket ahead of the reader, while a burst lasts.
+    ahead: Option<Box<Ahead>>,
+    /// The last read filled the reader's buffer: more bytes are probably waiting.
+    streaming: bool,
+}
+
+/// Read-ahead, so that a reader with a small buffer (tungstenite reads at most
+/// `[websocket] read_buffer_bytes`, 4 KiB, per call whatever the frame) costs one
+/// `recv` per `READ_AHEAD` bytes of a large frame (a blob chunk) instead of one per 4
+/// KiB. It exists only while a burst lasts: made when a read filled the reader's buffer
+/// and no read budget applies (a connection before login never gets one), freed when a
+/// read finds the socket empty, so an idle connection holds none.
+struct Ahead {
+    data: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+/// Bytes one read-ahead `recv` may take.
+const READ_AHEAD: usize = 64 * 1024;
+
+impl Ahead {
+    /// Copies what the reader has room for; whether anything is left.
+    fn serve(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        let n = buf.remaining().min(self.end - self.start);
+        buf.put_slice(&self.data[self.start..self.start + n]);
+        self.start += n;
+        self.start < self.end
+    }
 }
 
 impl<S: std::os::fd::AsRawFd> Counted<S> {
@@ -107,7 +137,12 @@ impl<S: std::os::fd::AsRawFd> Counted<S> {
             read: AtomicU64::new(0),
             read_limit: AtomicU64::new(u64::MAX),
         });
-        Counted { inner, wire }
+        Counted {
+            inner,
+            wire,
+            ahead: None,
+            streaming: false,
+        }
     }
 }
 
@@ -135,11 +170,51 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
                 ReadBudgetSpent,
             )));
         }
+        let this = &mut *self;
+        if let Some(ahead) = this.ahead.as_mut() {
+            if ahead.start < ahead.end {
+                ahead.serve(buf);
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let unlimited = this.wire.read_limit.load(Ordering::Acquire) == u64::MAX;
+        if this.streaming && unlimited && buf.remaining() < READ_AHEAD / 2 {
+            let ahead = this.ahead.get_or_insert_with(|| {
+                Box::new(Ahead {
+                    data: vec![0; READ_AHEAD].into_boxed_slice(),
+                    start: 0,
+                    end: 0,
+                })
+            });
+            let mut into = ReadBuf::new(&mut ahead.data);
+            return match Pin::new(&mut this.inner).poll_read(cx, &mut into) {
+                Poll::Ready(Ok(())) => {
+                    let n = into.filled().len();
+                    this.wire.read.fetch_add(n as u64, Ordering::AcqRel);
+                    ahead.start = 0;
+                    ahead.end = n;
+                    ahead.serve(buf);
+                    if n == 0 {
+                        this.streaming = false; // end of stream
+                        this.ahead = None;
+                    }
+                    Poll::Ready(Ok(()))
+                }
+                other => {
+                    // Nothing waiting (or an error): the burst is over.
+                    this.streaming = false;
+                    this.ahead = None;
+                    other
+                }
+            };
+        }
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             let n = buf.filled().len().saturating_sub(before);
-            self.wire.read.fetch_add(n as u64, Ordering::AcqRel);
+            this.wire.read.fetch_add(n as u64, Ordering::AcqRel);
+            this.streaming = n > 0 && buf.remaining() == 0;
+            this.ahead = None;
         }
         r
     }

@@ -407,3 +407,127 @@ async fn stalled_transfer_times_out_and_frees_its_spool_file() {
     assert_eq!(bob.json().await["body"], "still here");
     srv.stop().await;
 }
+
+/// A blob is written and hashed off the session task while the next chunks arrive and
+/// are relayed: a wrong `sha256` is still refused once every byte is in, the recipient
+/// gets `blob_abort`, nothing is left on disk or in the mailbox, and a retry of the same
+/// id with the right hash arrives byte-exact (nothing of the first attempt leaks in).
+#[tokio::test]
+async fn wrong_sha256_is_refused_after_a_pipelined_transfer_and_the_retry_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(config(dir.path())).await;
+    let base = format!("ws://{}", srv.addr);
+    let (mut bob, _) = Client::pigeon(&base, "bob").await;
+    let (mut alice, _) = Client::pigeon(&base, "alice").await;
+    let data = pattern(6 * 1024 * 1024 + 5, 9);
+
+    let mut frame = json!({"type":"blob","id":"p1","to":"bob","size":data.len(),"sha256":sha(b"not these bytes")});
+    frame["name"] = json!("p.bin");
+    alice.send_json(frame).await;
+    let v = alice.json().await;
+    assert_eq!(v["type"], "blob_accepted", "{v}");
+    let s = v["stream"].as_u64().unwrap() as u32;
+    let sender = tokio::spawn(async move {
+        send_chunks(&mut alice, s, &data, 256 * 1024).await;
+        let answer = alice.json().await;
+        (alice, answer, data)
+    });
+    let (start, bytes, end) = receive_blob(&mut bob).await;
+    let (mut alice, answer, data) = sender.await.unwrap();
+    assert_eq!(
+        (answer["code"].as_str(), answer["id"].as_str()),
+        (Some("checksum_mismatch"), Some("p1")),
+        "{answer}"
+    );
+    assert_eq!(start["id"], "p1");
+    assert!(bytes.len() <= data.len());
+    assert_eq!(
+        (end["type"].as_str(), end["reason"].as_str()),
+        (Some("blob_abort"), Some("checksum_mismatch"))
+    );
+    alice.ping().await;
+    assert!(
+        blob_files(dir.path()).is_empty(),
+        "a refused blob leaves nothing behind: {:?}",
+        blob_files(dir.path())
+    );
+
+    // The same id again, with the right hash.
+    let s = announce(&mut alice, "p1", "bob", &data, true).await;
+    let sender = tokio::spawn(async move {
+        send_chunks(&mut alice, s, &data, 256 * 1024).await;
+        let sent = alice.json().await;
+        (alice, sent, data)
+    });
+    let (start, bytes, end) = receive_blob(&mut bob).await;
+    let (_alice, sent, data) = sender.await.unwrap();
+    assert_eq!(sent["type"], "sent", "{sent}");
+    assert_eq!(sent["status"], "delivered");
+    assert_eq!(start["id"], "p1");
+    assert!(bytes == data, "relayed bytes differ");
+    assert_eq!(end["type"], "blob_end");
+    assert_eq!(
+        blob_files(dir.path()).len(),
+        1,
+        "{:?}",
+        blob_files(dir.path())
+    );
+    bob.ack(end["seq"].as_u64().unwrap()).await;
+    bob.ping().await;
+    let (_bob2, flushed) = Client::pigeon(&base, "bob").await;
+    assert!(flushed.is_empty(), "{flushed:?}");
+    srv.stop().await;
+}
+
+/// `limits.blob_spool_bytes` far below a chunk: each chunk then takes the whole budget,
+/// so two transfers on one session take turns; both still arrive byte-exact and hashed,
+/// nothing waits forever.
+#[tokio::test]
+async fn a_spool_budget_below_a_chunk_still_moves_every_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.blob_spool_bytes = 1000;
+    let srv = TestServer::start(cfg).await;
+    let base = format!("ws://{}", srv.addr);
+    let (mut bob, _) = Client::pigeon(&base, "bob").await;
+    let (mut carol, _) = Client::pigeon(&base, "carol").await;
+    let (mut alice, _) = Client::pigeon(&base, "alice").await;
+    let one = pattern(1024 * 1024 + 3, 11);
+    let two = pattern(700_001, 12);
+    let s1 = announce(&mut alice, "one", "bob", &one, true).await;
+    let s2 = announce(&mut alice, "two", "carol", &two, true).await;
+    let (a, b) = (one.clone(), two.clone());
+    let sender = tokio::spawn(async move {
+        // Interleaved: both transfers share the session's budget.
+        let (mut i, mut j) = (a.chunks(64 * 1024), b.chunks(50_000));
+        loop {
+            let (x, y) = (i.next(), j.next());
+            if x.is_none() && y.is_none() {
+                break;
+            }
+            for (s, part) in [(s1, x), (s2, y)] {
+                if let Some(part) = part {
+                    let mut f = s.to_be_bytes().to_vec();
+                    f.extend_from_slice(part);
+                    alice.binary(f).await;
+                }
+            }
+        }
+        let answers = [alice.json().await, alice.json().await];
+        (alice, answers)
+    });
+    let (b1, c1) = tokio::join!(receive_blob(&mut bob), receive_blob(&mut carol));
+    let (_alice, answers) = sender.await.unwrap();
+    for a in &answers {
+        assert_eq!(
+            (a["type"].as_str(), a["status"].as_str()),
+            (Some("sent"), Some("delivered")),
+            "{a}"
+        );
+    }
+    assert!(b1.1 == one, "bob's bytes differ");
+    assert!(c1.1 == two, "carol's bytes differ");
+    assert_eq!(b1.2["type"], "blob_end");
+    assert_eq!(c1.2["type"], "blob_end");
+    srv.stop().await;
+}

@@ -154,6 +154,9 @@ async fn blob_run(cli: &Cli, peer: Peer) -> Result<(Figure, String)> {
     }
     let env = [
         ("PIGEON_LIMITS_MAX_BLOB_BYTES", size.to_string()),
+        // The sender's quota counts what waits in mailboxes: a blob of the default quota's
+        // size plus anything else would be refused, so the quota is twice the blob.
+        ("PIGEON_LIMITS_SENDER_QUOTA_BYTES", (2 * size).to_string()),
         (
             "PIGEON_LIMITS_MAX_MESSAGE_BYTES",
             (chunk + 4).max(1024 * 1024).to_string(),

@@ -475,11 +475,14 @@ impl Reader {
         let key = new_blob_key();
         let stored = async {
             let mut w = self.app.store.blob_writer(&key).await?;
-            for piece in data.chunks(LEGACY_SPOOL_PIECE) {
-                if let Err(e) = w.write(piece).await {
+            let mut at = 0;
+            while at < data.len() {
+                let end = (at + LEGACY_SPOOL_PIECE).min(data.len());
+                if let Err(e) = w.write_bytes(data.slice(at..end)).await {
                     w.discard().await;
                     return Err(e);
                 }
+                at = end;
             }
             w.finish().await
         };

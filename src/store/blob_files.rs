@@ -6,10 +6,13 @@
 //! `sweep_acked` deletes.
 
 use std::collections::HashSet;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
 
 use tokio::io::AsyncSeekExt;
 
@@ -143,16 +146,17 @@ impl BlobFiles {
     pub async fn writer(&self, key: &str) -> Result<Box<dyn BlobWrite>, StoreError> {
         let done = self.path(key)?;
         let part = done.with_extension("part");
-        let mut opts = tokio::fs::OpenOptions::new();
+        let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create(true).truncate(true);
         #[cfg(unix)]
-        opts.mode(0o600);
-        let file = opts
-            .open(&part)
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let at = part.clone();
+        let file = tokio::task::spawn_blocking(move || opts.open(&at))
             .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
             .map_err(|e| io("cannot create", &part, e))?;
         Ok(Box::new(FileWriter {
-            file,
+            file: Arc::new(file),
             part,
             done,
             sync: self.sync,
@@ -199,32 +203,52 @@ impl BlobFiles {
     }
 }
 
+/// A blob file being written: each chunk goes to a blocking thread with the buffer it
+/// arrived in (no copy into an intermediate buffer, unlike `tokio::fs::File`).
 struct FileWriter {
-    file: tokio::fs::File,
+    file: Arc<std::fs::File>,
     part: PathBuf,
     done: PathBuf,
     sync: bool,
 }
 
+impl FileWriter {
+    /// Runs `op` on the file on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &str,
+        op: impl FnOnce(&std::fs::File) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || op(&file))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+            .map_err(|e| io(what, &self.part, e))
+    }
+}
+
 #[async_trait]
 impl BlobWrite for FileWriter {
     async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
-        self.file
-            .write_all(chunk)
+        self.write_bytes(Bytes::copy_from_slice(chunk)).await
+    }
+
+    fn write_now(&mut self, chunk: &[u8]) -> Option<Result<(), StoreError>> {
+        Some(
+            (&*self.file)
+                .write_all(chunk)
+                .map_err(|e| io("cannot write", &self.part, e)),
+        )
+    }
+
+    async fn write_bytes(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        self.blocking("cannot write", move |mut f| f.write_all(&chunk))
             .await
-            .map_err(|e| io("cannot write", &self.part, e))
     }
 
     async fn finish(mut self: Box<Self>) -> Result<(), StoreError> {
-        self.file
-            .flush()
-            .await
-            .map_err(|e| io("cannot write", &self.part, e))?;
         if self.sync {
-            self.file
-                .sync_all()
-                .await
-                .map_err(|e| io("cannot sync", &self.part, e))?;
+            self.blocking("cannot sync", |f| f.sync_all()).await?;
         }
         tokio::fs::rename(&self.part, &self.done)
             .await

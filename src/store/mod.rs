@@ -152,6 +152,17 @@ pub struct BlobInfo {
 #[async_trait]
 pub trait BlobWrite: Send {
     async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError>;
+    /// The same, taking the chunk as it arrived: a backend that writes on another thread
+    /// (the blob files) takes the received buffer itself instead of copying it.
+    async fn write_bytes(&mut self, chunk: bytes::Bytes) -> Result<(), StoreError> {
+        self.write(&chunk).await
+    }
+    /// Writes `chunk` at once, blocking the calling thread (a blob spool's blocking
+    /// job, never a runtime worker); `None` when this backend only writes
+    /// asynchronously (then `write_bytes` is used).
+    fn write_now(&mut self, _chunk: &[u8]) -> Option<Result<(), StoreError>> {
+        None
+    }
     /// Makes the blob durable under its key.
     async fn finish(self: Box<Self>) -> Result<(), StoreError>;
     /// Drops a partial blob, leaving nothing behind.
