@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -83,6 +84,8 @@ struct Entry {
     fate: Fate,
     /// Taken by a write-behind batch that has not committed yet.
     committing: bool,
+    /// When it was handed out: the write-behind takes it once it is old enough.
+    at: Instant,
 }
 
 /// A message the fast path took (`LiveMailbox::deliver`).
@@ -187,6 +190,7 @@ impl LiveMailbox {
                 answer: Some(answer),
                 fate,
                 committing: false,
+                at: Instant::now(),
             },
         );
         let schedule = !s.scheduled;
@@ -205,18 +209,23 @@ impl LiveMailbox {
         s.reserved = s.reserved.max(upto);
     }
 
-    /// For a write-behind batch: the uncommitted messages not yet taken.
-    pub fn take_for_commit(&self) -> Vec<Arc<StoredMessage>> {
+    /// For a write-behind batch: the uncommitted messages not yet taken that were
+    /// handed out at or before `cutoff`, and whether younger ones remain (the mailbox
+    /// then stays on the task's list).
+    pub fn take_for_commit(&self, cutoff: Instant) -> (Vec<Arc<StoredMessage>>, bool) {
         let mut s = self.lock();
-        s.scheduled = false;
-        s.uncommitted
-            .values_mut()
-            .filter(|e| !e.committing)
-            .map(|e| {
-                e.committing = true;
-                e.msg.clone()
-            })
-            .collect()
+        let mut younger = false;
+        let mut taken = Vec::new();
+        for e in s.uncommitted.values_mut().filter(|e| !e.committing) {
+            if e.at > cutoff {
+                younger = true;
+                continue;
+            }
+            e.committing = true;
+            taken.push(e.msg.clone());
+        }
+        s.scheduled = younger;
+        (taken, younger)
     }
 
     /// A write-behind batch with `seqs` ended: stored (their senders hear `delivered`),
@@ -407,8 +416,8 @@ mod tests {
         // 1..=4 uncommitted; 3 and 4 go into a write-behind batch
         assert_eq!(live.acked(&[(1, 1)]), (Vec::<(u64, u64)>::new(), 1));
         assert_eq!(rxs[0].try_recv().unwrap().unwrap(), Fate::Delivered);
-        let taken = live.take_for_commit();
-        assert_eq!(taken.len(), 3);
+        let (taken, younger) = live.take_for_commit(Instant::now());
+        assert_eq!((taken.len(), younger), (3, false));
         // an ack of 0..=3 while 2 and 3 are being written: all of it goes to the store
         assert_eq!(live.acked(&[(0, 3)]), (vec![(0, 3)], 0));
         let (acked, again) = live.committed(&[2, 3, 4], &Ok(()));
@@ -422,7 +431,14 @@ mod tests {
         let live = LiveMailbox::default();
         live.open(0, 0, 100);
         let mut rx = live.deliver(0, msg, |_| true).unwrap().answer;
-        let seqs: Vec<u64> = live.take_for_commit().iter().map(|m| m.seq).collect();
+        let past = Instant::now() - std::time::Duration::from_secs(1);
+        assert_eq!(live.take_for_commit(past), (vec![], true));
+        let seqs: Vec<u64> = live
+            .take_for_commit(Instant::now())
+            .0
+            .iter()
+            .map(|m| m.seq)
+            .collect();
         let (_, again) = live.committed(&seqs, &Err(StoreError::Unavailable("disk".into())));
         assert!(again);
         assert!(rx.try_recv().unwrap().is_err());

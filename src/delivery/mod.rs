@@ -50,9 +50,45 @@ enum Way {
     Done(Accepted),
 }
 
+/// A sender's answer that may not be known yet: a live message's comes once the
+/// recipient acknowledged it or it was written.
+pub enum Pending {
+    Ready(Accepted),
+    Live(u64, oneshot::Receiver<Result<Fate, StoreError>>),
+}
+
+impl Pending {
+    /// Waits for the answer (it is then `Ready`).
+    pub async fn ready(&mut self) {
+        if let Pending::Live(seq, rx) = self {
+            let answer = live_answer(*seq, rx).await;
+            *self = Pending::Ready(answer);
+        }
+    }
+
+    /// The answer, when it is known (once: later calls say it was taken).
+    pub fn take_ready(&mut self) -> Option<Accepted> {
+        if let Pending::Live(seq, rx) = self {
+            return match rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => None,
+                Ok(Ok(fate)) => Some(Ok((*seq, fate, false))),
+                Ok(Err(e)) => Some(Err(ProtocolError::new(ErrorCode::from(&e), e.to_string()))),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    Some(Err(unavailable("the message could not be stored")))
+                }
+            };
+        }
+        match std::mem::replace(self, Pending::Ready(Err(unavailable("answered already")))) {
+            Pending::Ready(a) => Some(a),
+            Pending::Live(..) => None,
+        }
+    }
+}
+
 /// Accepts a session's sends, in order, and routes each: the live ones at once, the
-/// others in one store round trip.
-pub async fn accept_many(app: &App, batch: Vec<NewMessage>) -> Vec<Accepted> {
+/// others in one store round trip. The answers of live ones may come later: a session
+/// goes on reading its client's frames meanwhile.
+pub async fn accept_many_pending(app: &App, batch: Vec<NewMessage>) -> Vec<Pending> {
     let mut ways = Vec::with_capacity(batch.len());
     let mut to_store = Vec::new();
     // Once a recipient's message went to the store, the rest of the batch for it does
@@ -83,25 +119,28 @@ pub async fn accept_many(app: &App, batch: Vec<NewMessage>) -> Vec<Accepted> {
             }));
         }
     }
-    let mut answers = Vec::with_capacity(ways.len());
-    for way in ways {
-        answers.push(match way {
-            Way::Live(seq, rx) => live_answer(seq, rx).await,
-            Way::Store(i) => stored
-                .get_mut(i)
-                .and_then(Option::take)
-                .unwrap_or_else(|| Err(unavailable("no answer from the store"))),
-            Way::Done(a) => a,
-        });
-    }
-    answers
+    ways.into_iter()
+        .map(|way| match way {
+            Way::Live(seq, rx) => Pending::Live(seq, rx),
+            Way::Store(i) => Pending::Ready(
+                stored
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .unwrap_or_else(|| Err(unavailable("no answer from the store"))),
+            ),
+            Way::Done(a) => Pending::Ready(a),
+        })
+        .collect()
 }
 
-/// Accepts one message.
+/// Accepts one message and waits for its answer.
 pub async fn accept(app: &App, msg: NewMessage) -> Accepted {
-    accept_many(app, vec![msg])
-        .await
-        .pop()
+    let Some(mut pending) = accept_many_pending(app, vec![msg]).await.pop() else {
+        return Err(unavailable("no answer"));
+    };
+    pending.ready().await;
+    pending
+        .take_ready()
         .unwrap_or_else(|| Err(unavailable("no answer")))
 }
 
@@ -112,7 +151,7 @@ async fn accept_owned(app: &App, mut msg: NewMessage) -> Accepted {
     loop {
         tokio::time::sleep(Duration::from_millis(1)).await;
         msg = match try_live(app, msg).await {
-            Ok(Way::Live(seq, rx)) => return live_answer(seq, rx).await,
+            Ok(Way::Live(seq, mut rx)) => return live_answer(seq, &mut rx).await,
             Ok(Way::Done(a)) => return a,
             Ok(Way::Store(_)) => return Err(unavailable("unexpected way")),
             Err(msg) => msg,
@@ -124,7 +163,7 @@ async fn accept_owned(app: &App, mut msg: NewMessage) -> Accepted {
     }
 }
 
-async fn live_answer(seq: u64, rx: oneshot::Receiver<Result<Fate, StoreError>>) -> Accepted {
+async fn live_answer(seq: u64, rx: &mut oneshot::Receiver<Result<Fate, StoreError>>) -> Accepted {
     match rx.await {
         Ok(Ok(fate)) => Ok((seq, fate, false)),
         Ok(Err(e)) => Err(ProtocolError::new(ErrorCode::from(&e), e.to_string())),

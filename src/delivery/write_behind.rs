@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -97,10 +97,18 @@ async fn run(
         while let Ok(b) = rx.try_recv() {
             boxes.push(b);
         }
+        // Only what had `delay` to be acknowledged; younger ones wait for the next round.
+        let cutoff = Instant::now()
+            .checked_sub(delay)
+            .unwrap_or_else(Instant::now);
         let mut batch = Vec::new();
         let mut spans = Vec::with_capacity(boxes.len());
+        let mut next_round = Vec::new();
         for b in &boxes {
-            let msgs = b.take_for_commit();
+            let (msgs, younger) = b.take_for_commit(cutoff);
+            if younger {
+                next_round.push(b.clone());
+            }
             let user = msgs.first().map(|m| m.recipient.clone());
             spans.push((msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), user));
             batch.extend(msgs.into_iter().map(|msg| LiveMessage {
@@ -141,13 +149,14 @@ async fn run(
                     Err(e) => tracing::warn!(error = %e, "ack after write-behind failed"),
                 }
             }
-            if again {
+            if again && !next_round.iter().any(|x| Arc::ptr_eq(x, &b)) {
                 retry.push(b);
             }
         }
         if !retry.is_empty() {
             tokio::time::sleep(RETRY_PAUSE).await;
-            boxes = retry;
+            next_round.extend(retry);
         }
+        boxes = next_round;
     }
 }

@@ -51,6 +51,9 @@ use std::collections::HashMap;
 /// Legacy sessions ask the kernel which written messages the client's TCP acknowledged
 /// after this much quiet (doubling, up to `ACK_POLL_MAX`, while nothing new was)...
 const ACK_DELAY: Duration = Duration::from_millis(5);
+/// How long a session's end waits for the answers to its last sends (live messages
+/// are answered once acknowledged or written).
+const ANSWERS_AT_END: Duration = Duration::from_secs(2);
 /// How long a legacy session's end waits for the client's TCP to acknowledge the last
 /// messages written (see `settle`), before a session taking over may start.
 const ACK_SETTLE: Duration = Duration::from_millis(250);
@@ -138,6 +141,8 @@ pub async fn run<S>(
         transfers: Transfers::default(),
         last_to: None,
         pending: Vec::new(),
+        answers: Default::default(),
+        answering: false,
         peer,
         authenticated: None,
         credential: None,
@@ -180,8 +185,10 @@ pub async fn run<S>(
         reader
             .read_loop(&mut stream, &mut stop, &mut shutdown)
             .await;
-        // Sends read before the socket ended are stored all the same.
+        // Sends read before the socket ended are stored all the same (and answered,
+        // should the socket still take it).
         reader.flush_sends().await;
+        let _ = tokio::time::timeout(ANSWERS_AT_END, reader.write_answers(true)).await;
     }
     reader.transfers.abort_all("sender_gone").await;
     shared.stop(StopReason::Closed);

@@ -2,6 +2,7 @@
 //! and acts on them: sends go through `delivery` in batches, blob chunks to the transfer
 //! relay, acks to the store; everything for the client goes to the writer's queue.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +41,25 @@ const PRELOGIN_TOO_BIG_REASON: &str = "too many bytes before login: limits.prelo
 const LEGACY_SPOOL_PIECE: usize = 1024 * 1024;
 /// Sends read off the socket before they are stored together.
 const READ_BATCH: usize = 64;
+/// Sends whose answers may wait (live messages not acknowledged or written yet) before
+/// the session stops reading new frames until the oldest is answered.
+const MAX_AWAITED: usize = 256;
+
+/// A send whose answer is not written yet (answers go out in the order of the sends).
+pub(super) struct Awaited {
+    dialect: Dialect,
+    id: Option<String>,
+    to: String,
+    answer: delivery::Pending,
+}
+
+/// Completes once the oldest awaited answer is known (never without one).
+async fn oldest_answered(answers: &mut VecDeque<Awaited>) {
+    match answers.front_mut() {
+        Some(a) => a.answer.ready().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Sleeps until `deadline`, or forever without one.
 async fn sleep_until(deadline: Option<Instant>) {
@@ -66,6 +86,11 @@ pub(super) struct Reader {
     pub(super) last_to: Option<String>,
     /// Sends read but not yet stored (at most `READ_BATCH`).
     pub(super) pending: Vec<NewMessage>,
+    /// Sends accepted whose answers are not written yet, oldest first (at most
+    /// `MAX_AWAITED`).
+    pub(super) answers: VecDeque<Awaited>,
+    /// Writing those answers (they must not wait for themselves, see `push`).
+    pub(super) answering: bool,
     pub(super) peer: Option<IpAddr>,
     /// The user a token in the URL proved, before the first frame picked the dialect.
     pub(super) authenticated: Option<String>,
@@ -128,6 +153,12 @@ impl Reader {
                 }
                 _ = sleep_until(self.transfers.next_deadline(blob_idle)) => {
                     if self.expire_transfers(blob_idle).await == Flow::Close {
+                        return;
+                    }
+                    continue;
+                }
+                _ = oldest_answered(&mut self.answers), if !self.answers.is_empty() => {
+                    if self.write_answers(false).await == Flow::Close {
                         return;
                     }
                     continue;
@@ -552,20 +583,56 @@ impl Reader {
             .iter()
             .map(|m| (m.client_id.clone(), m.recipient.clone()))
             .collect();
-        let results = delivery::accept_many(&self.app, batch).await;
-        for ((id, to), result) in keys.into_iter().zip(results) {
-            let flow = match result {
-                Ok(accepted) => {
-                    self.answer_sent(dialect, id.as_deref(), &to, accepted)
-                        .await
-                }
-                Err(e) => self.refuse(dialect, e).await,
-            };
-            if flow == Flow::Close {
+        let answers = delivery::accept_many_pending(&self.app, batch).await;
+        for ((id, to), answer) in keys.into_iter().zip(answers) {
+            self.answers.push_back(Awaited {
+                dialect,
+                id,
+                to,
+                answer,
+            });
+        }
+        if self.write_answers(false).await == Flow::Close {
+            return Flow::Close;
+        }
+        while self.answers.len() > MAX_AWAITED {
+            oldest_answered(&mut self.answers).await;
+            if self.write_answers(false).await == Flow::Close {
                 return Flow::Close;
             }
         }
         Flow::Continue
+    }
+
+    /// Writes the answers that are known, oldest first, up to the first that is not
+    /// (`wait`: waits for every one).
+    pub(super) async fn write_answers(&mut self, wait: bool) -> Flow {
+        loop {
+            let Some(oldest) = self.answers.front_mut() else {
+                return Flow::Continue;
+            };
+            if wait {
+                oldest.answer.ready().await;
+            }
+            let Some(result) = oldest.answer.take_ready() else {
+                return Flow::Continue;
+            };
+            let Some(a) = self.answers.pop_front() else {
+                return Flow::Continue;
+            };
+            self.answering = true;
+            let flow = match result {
+                Ok(accepted) => {
+                    self.answer_sent(a.dialect, a.id.as_deref(), &a.to, accepted)
+                        .await
+                }
+                Err(e) => self.refuse(a.dialect, e).await,
+            };
+            self.answering = false;
+            if flow == Flow::Close {
+                return Flow::Close;
+            }
+        }
     }
 
     /// Tells the sender an accepted message's fate: `accepted` is (seq, fate, duplicate).
@@ -710,9 +777,15 @@ impl Reader {
     }
 
     pub(super) async fn push(&mut self, out: Outgoing) -> Flow {
+        // Earlier sends are answered first, so answers keep the order of the frames.
         // Boxed: flushing answers through `push` again (with nothing pending by then).
-        if !self.pending.is_empty() && Box::pin(self.flush_sends()).await == Flow::Close {
-            return Flow::Close;
+        if !self.answering {
+            if !self.pending.is_empty() && Box::pin(self.flush_sends()).await == Flow::Close {
+                return Flow::Close;
+            }
+            if !self.answers.is_empty() && Box::pin(self.write_answers(true)).await == Flow::Close {
+                return Flow::Close;
+            }
         }
         match self.tx.send(out).await {
             Ok(()) => Flow::Continue,
