@@ -9,6 +9,12 @@
 //! WebSocket in password mode that has not logged in yet may send only
 //! `[limits] prelogin_bytes` (a login frame's worth); past it every read fails, so a
 //! client that sends a huge login frame costs the server that budget, not the frame.
+//!
+//! `ReadAhead` sits between tungstenite and the upgraded socket: tungstenite reads at most
+//! `[websocket] read_buffer_bytes` per call (and keeps a buffer that large per
+//! connection, idle or not), so a small buffer would mean a syscall per small piece of a
+//! large frame. `ReadAhead` reads the socket in pieces of `[websocket] read_ahead_bytes`
+//! while data keeps coming, and gives that buffer back as soon as the socket is drained.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -52,6 +58,11 @@ impl Wire {
     /// Lifts the read budget (the client logged in).
     pub fn unlimit_reads(&self) {
         self.read_limit.store(u64::MAX, Ordering::Release);
+    }
+
+    /// Whether a read budget is set (not lifted yet).
+    pub fn reads_limited(&self) -> bool {
+        self.read_limit.load(Ordering::Acquire) != u64::MAX
     }
 
     /// Whether reads fail because the budget is spent.
@@ -179,6 +190,135 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+/// A stream whose small reads are served from one large read of the socket (see the
+/// module doc). Idle, it holds no buffer.
+pub struct ReadAhead<S> {
+    inner: S,
+    /// Bytes read from `inner` and not yet taken: `ahead[pos..]`. Empty (unallocated)
+    /// unless the last read filled the caller's buffer and the socket was not drained yet.
+    ahead: Vec<u8>,
+    pos: usize,
+    /// How much to read at once while reading ahead.
+    chunk: usize,
+    /// While the connection has a read budget (before login), reads are not made larger
+    /// than the caller's, so the budget is overshot by no more than before.
+    wire: Option<Arc<Wire>>,
+}
+
+impl<S> ReadAhead<S> {
+    pub fn new(inner: S, chunk: usize, wire: Option<Arc<Wire>>) -> ReadAhead<S> {
+        ReadAhead {
+            inner,
+            ahead: Vec::new(),
+            pos: 0,
+            chunk,
+            wire,
+        }
+    }
+
+    /// Gives the read-ahead buffer back (nothing is waiting in it).
+    fn release(&mut self) {
+        self.ahead = Vec::new();
+        self.pos = 0;
+    }
+
+    /// Copies what was read ahead into `buf`; `false` when nothing was waiting.
+    fn take_ahead(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        let waiting = &self.ahead[self.pos.min(self.ahead.len())..];
+        if waiting.is_empty() {
+            return false;
+        }
+        let n = waiting.len().min(buf.remaining());
+        buf.put_slice(&waiting[..n]);
+        self.pos += n;
+        true
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.take_ahead(buf) {
+            return Poll::Ready(Ok(()));
+        }
+        let wanted = buf.remaining();
+        let limited = this.wire.as_ref().is_some_and(|w| w.reads_limited());
+        if this.ahead.capacity() == 0 || wanted >= this.chunk || limited {
+            // Straight into the caller's buffer. Filled to the brim, more is probably
+            // waiting (a large frame): read ahead from the next call on.
+            this.release();
+            let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+            if matches!(r, Poll::Ready(Ok(())))
+                && wanted > 0
+                && buf.remaining() == 0
+                && wanted < this.chunk
+                && !limited
+            {
+                this.ahead = Vec::with_capacity(this.chunk);
+            }
+            return r;
+        }
+        this.ahead.resize(this.chunk, 0);
+        this.pos = 0;
+        let mut ahead = ReadBuf::new(&mut this.ahead);
+        match Pin::new(&mut this.inner).poll_read(cx, &mut ahead) {
+            Poll::Ready(Ok(())) => {
+                let n = ahead.filled().len();
+                if n == 0 {
+                    this.release(); // the end of the stream
+                    return Poll::Ready(Ok(()));
+                }
+                this.ahead.truncate(n);
+                this.take_ahead(buf);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                this.release();
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => {
+                // Drained: the connection is idle again and holds no buffer.
+                this.release();
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +383,34 @@ mod tests {
         wire.unlimit_reads();
         assert!(!wire.read_budget_spent());
         s.read_exact(&mut buf).await.unwrap();
+    }
+
+    /// Small reads of a large write come from one read ahead, in order, and the buffer
+    /// is given back once the socket is drained.
+    #[tokio::test]
+    async fn read_ahead_serves_small_reads_and_lets_go_when_drained() {
+        let (mut peer, socket) = tokio::io::duplex(1 << 20);
+        let mut s = ReadAhead::new(socket, 64 * 1024, None);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&data).await.unwrap();
+        let mut got = Vec::new();
+        let mut piece = [0u8; 1000];
+        while got.len() < data.len() {
+            let n = s.read(&mut piece).await.unwrap();
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(got, data);
+        assert!(
+            s.ahead.capacity() > 0,
+            "reads ahead while data keeps coming"
+        );
+        // Drained: the next read waits, and waiting holds no buffer.
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), s.read(&mut piece)).await;
+        assert!(waiting.is_err());
+        assert_eq!(s.ahead.capacity(), 0);
+        peer.write_all(b"after").await.unwrap();
+        let n = s.read(&mut piece).await.unwrap();
+        assert_eq!(&piece[..n], b"after");
     }
 }
