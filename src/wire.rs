@@ -14,7 +14,7 @@
 //! `[websocket] read_buffer_bytes` per call (and keeps a buffer that large per
 //! connection, idle or not), so a small buffer would mean a syscall per small piece of a
 //! large frame. `ReadAhead` reads the socket in pieces of `[websocket] read_ahead_bytes`
-//! while data keeps coming, and gives that buffer back as soon as the socket is drained.
+//! and gives that buffer back as soon as the socket is drained.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -194,8 +194,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 /// module doc). Idle, it holds no buffer.
 pub struct ReadAhead<S> {
     inner: S,
-    /// Bytes read from `inner` and not yet taken: `ahead[pos..]`. Empty (unallocated)
-    /// unless the last read filled the caller's buffer and the socket was not drained yet.
+    /// Bytes read from `inner` and not yet taken: `ahead[pos..]`. Allocated when the
+    /// caller asks for bytes, freed once the socket is drained (idle: unallocated).
     ahead: Vec<u8>,
     pos: usize,
     /// How much to read at once while reading ahead.
@@ -247,24 +247,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         }
         let wanted = buf.remaining();
         let limited = this.wire.as_ref().is_some_and(|w| w.reads_limited());
-        if this.ahead.capacity() == 0 || wanted >= this.chunk || limited {
-            // Straight into the caller's buffer. Filled to the brim, more is probably
-            // waiting (a large frame): read ahead from the next call on.
+        if wanted >= this.chunk || limited {
+            // Straight into the caller's buffer.
             this.release();
-            let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-            if matches!(r, Poll::Ready(Ok(())))
-                && wanted > 0
-                && buf.remaining() == 0
-                && wanted < this.chunk
-                && !limited
-            {
-                this.ahead = Vec::with_capacity(this.chunk);
-            }
-            return r;
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
-        this.ahead.resize(this.chunk, 0);
+        // Whatever the socket holds, in one read (a flood of small frames too, so that
+        // the kernel's queue is drained as before the read buffer was made small).
+        this.ahead.clear();
+        this.ahead.reserve(this.chunk);
         this.pos = 0;
-        let mut ahead = ReadBuf::new(&mut this.ahead);
+        // Not zero-filled first (it is allocated at every wake-up of a session): only
+        // what the read filled counts.
+        let spare = this.ahead.spare_capacity_mut();
+        let room = spare.len().min(this.chunk);
+        let mut ahead = ReadBuf::uninit(&mut spare[..room]);
         match Pin::new(&mut this.inner).poll_read(cx, &mut ahead) {
             Poll::Ready(Ok(())) => {
                 let n = ahead.filled().len();
@@ -272,7 +269,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
                     this.release(); // the end of the stream
                     return Poll::Ready(Ok(()));
                 }
-                this.ahead.truncate(n);
+                // SAFETY: `ReadBuf` guarantees its first `filled().len()` bytes, the start
+                // of `ahead`'s spare capacity, were initialized by the read.
+                unsafe { this.ahead.set_len(n) };
                 this.take_ahead(buf);
                 Poll::Ready(Ok(()))
             }
