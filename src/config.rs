@@ -370,8 +370,8 @@ pub struct WebSocketConfig {
     /// tokio-tungstenite read buffer per connection (held by every idle session too; a
     /// larger frame grows it as needed), and the most it reads per call.
     pub read_buffer_bytes: usize,
-    /// While data keeps arriving, the socket is read in pieces this large (then served
-    /// to tungstenite `read_buffer_bytes` at a time); given back when drained.
+    /// The socket is read in pieces this large (then served to tungstenite
+    /// `read_buffer_bytes` at a time); given back when drained (0: no read-ahead).
     pub read_ahead_bytes: usize,
     /// Bytes gathered before the writer writes to the socket (a flush always writes).
     pub write_buffer_bytes: usize,
