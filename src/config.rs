@@ -377,8 +377,12 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct WebSocketConfig {
-    /// tokio-tungstenite read buffer per connection.
+    /// tokio-tungstenite read buffer per connection (held by every idle session too; a
+    /// larger frame grows it as needed), and the most it reads per call.
     pub read_buffer_bytes: usize,
+    /// The socket is read in pieces this large (then served to tungstenite
+    /// `read_buffer_bytes` at a time); given back when drained (0: no read-ahead).
+    pub read_ahead_bytes: usize,
     /// Bytes gathered before the writer writes to the socket (a flush always writes).
     pub write_buffer_bytes: usize,
     /// Most bytes buffered for writing before a write fails (slow reader).
@@ -388,7 +392,8 @@ pub struct WebSocketConfig {
 impl Default for WebSocketConfig {
     fn default() -> Self {
         WebSocketConfig {
-            read_buffer_bytes: 4096,
+            read_buffer_bytes: 1024,
+            read_ahead_bytes: 64 * 1024,
             write_buffer_bytes: 4096,
             max_write_buffer_bytes: 4 * 1024 * 1024,
         }

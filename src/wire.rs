@@ -9,6 +9,12 @@
 //! WebSocket in password mode that has not logged in yet may send only
 //! `[limits] prelogin_bytes` (a login frame's worth); past it every read fails, so a
 //! client that sends a huge login frame costs the server that budget, not the frame.
+//!
+//! `ReadAhead` sits between tungstenite and the upgraded socket: tungstenite reads at most
+//! `[websocket] read_buffer_bytes` per call (and keeps a buffer that large per
+//! connection, idle or not), so a small buffer would mean a syscall per small piece of a
+//! large frame. `ReadAhead` reads the socket in pieces of `[websocket] read_ahead_bytes`
+//! and gives that buffer back as soon as the socket is drained.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -42,8 +48,7 @@ impl Wire {
     }
 
     /// From now on, at most about `bytes` more may be read (one read of the reader's
-    /// buffer may overshoot it, and so may bytes `Counted` read ahead before the
-    /// budget was set: at most `READ_AHEAD`); then reads fail with `ReadBudgetSpent`.
+    /// buffer may overshoot it); then reads fail with `ReadBudgetSpent`.
     pub fn limit_reads(&self, bytes: u64) {
         let read = self.read.load(Ordering::Acquire);
         self.read_limit
@@ -53,6 +58,11 @@ impl Wire {
     /// Lifts the read budget (the client logged in).
     pub fn unlimit_reads(&self) {
         self.read_limit.store(u64::MAX, Ordering::Release);
+    }
+
+    /// Whether a read budget is set (not lifted yet).
+    pub fn reads_limited(&self) -> bool {
+        self.read_limit.load(Ordering::Acquire) != u64::MAX
     }
 
     /// Whether reads fail because the budget is spent.
@@ -98,35 +108,6 @@ fn unacked_bytes(_fd: RawFd) -> Option<u64> {
 pub struct Counted<S> {
     inner: S,
     wire: Arc<Wire>,
-    /// Bytes read from the socket ahead of the reader, while a burst lasts.
-    ahead: Option<Box<Ahead>>,
-    /// The last read filled the reader's buffer: more bytes are probably waiting.
-    streaming: bool,
-}
-
-/// Read-ahead, so that a reader with a small buffer (tungstenite reads at most
-/// `[websocket] read_buffer_bytes`, 4 KiB, per call whatever the frame) costs one
-/// `recv` per `READ_AHEAD` bytes of a large frame (a blob chunk) instead of one per 4
-/// KiB. It exists only while a burst lasts: made when a read filled the reader's buffer
-/// and no read budget applies (a connection before login never gets one), freed when a
-/// read finds the socket empty, so an idle connection holds none.
-struct Ahead {
-    data: Box<[u8]>,
-    start: usize,
-    end: usize,
-}
-
-/// Bytes one read-ahead `recv` may take.
-const READ_AHEAD: usize = 64 * 1024;
-
-impl Ahead {
-    /// Copies what the reader has room for; whether anything is left.
-    fn serve(&mut self, buf: &mut ReadBuf<'_>) -> bool {
-        let n = buf.remaining().min(self.end - self.start);
-        buf.put_slice(&self.data[self.start..self.start + n]);
-        self.start += n;
-        self.start < self.end
-    }
 }
 
 impl<S: std::os::fd::AsRawFd> Counted<S> {
@@ -137,12 +118,7 @@ impl<S: std::os::fd::AsRawFd> Counted<S> {
             read: AtomicU64::new(0),
             read_limit: AtomicU64::new(u64::MAX),
         });
-        Counted {
-            inner,
-            wire,
-            ahead: None,
-            streaming: false,
-        }
+        Counted { inner, wire }
     }
 }
 
@@ -170,51 +146,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
                 ReadBudgetSpent,
             )));
         }
-        let this = &mut *self;
-        if let Some(ahead) = this.ahead.as_mut() {
-            if ahead.start < ahead.end {
-                ahead.serve(buf);
-                return Poll::Ready(Ok(()));
-            }
-        }
-        let unlimited = this.wire.read_limit.load(Ordering::Acquire) == u64::MAX;
-        if this.streaming && unlimited && buf.remaining() < READ_AHEAD / 2 {
-            let ahead = this.ahead.get_or_insert_with(|| {
-                Box::new(Ahead {
-                    data: vec![0; READ_AHEAD].into_boxed_slice(),
-                    start: 0,
-                    end: 0,
-                })
-            });
-            let mut into = ReadBuf::new(&mut ahead.data);
-            return match Pin::new(&mut this.inner).poll_read(cx, &mut into) {
-                Poll::Ready(Ok(())) => {
-                    let n = into.filled().len();
-                    this.wire.read.fetch_add(n as u64, Ordering::AcqRel);
-                    ahead.start = 0;
-                    ahead.end = n;
-                    ahead.serve(buf);
-                    if n == 0 {
-                        this.streaming = false; // end of stream
-                        this.ahead = None;
-                    }
-                    Poll::Ready(Ok(()))
-                }
-                other => {
-                    // Nothing waiting (or an error): the burst is over.
-                    this.streaming = false;
-                    this.ahead = None;
-                    other
-                }
-            };
-        }
         let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             let n = buf.filled().len().saturating_sub(before);
-            this.wire.read.fetch_add(n as u64, Ordering::AcqRel);
-            this.streaming = n > 0 && buf.remaining() == 0;
-            this.ahead = None;
+            self.wire.read.fetch_add(n as u64, Ordering::AcqRel);
         }
         r
     }
@@ -239,6 +175,134 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.count(&r);
         r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A stream whose small reads are served from one large read of the socket (see the
+/// module doc). Idle, it holds no buffer.
+pub struct ReadAhead<S> {
+    inner: S,
+    /// Bytes read from `inner` and not yet taken: `ahead[pos..]`. Allocated when the
+    /// caller asks for bytes, freed once the socket is drained (idle: unallocated).
+    ahead: Vec<u8>,
+    pos: usize,
+    /// How much to read at once while reading ahead.
+    chunk: usize,
+    /// While the connection has a read budget (before login), reads are not made larger
+    /// than the caller's, so the budget is overshot by no more than before.
+    wire: Option<Arc<Wire>>,
+}
+
+impl<S> ReadAhead<S> {
+    pub fn new(inner: S, chunk: usize, wire: Option<Arc<Wire>>) -> ReadAhead<S> {
+        ReadAhead {
+            inner,
+            ahead: Vec::new(),
+            pos: 0,
+            chunk,
+            wire,
+        }
+    }
+
+    /// Gives the read-ahead buffer back (nothing is waiting in it).
+    fn release(&mut self) {
+        self.ahead = Vec::new();
+        self.pos = 0;
+    }
+
+    /// Copies what was read ahead into `buf`; `false` when nothing was waiting.
+    fn take_ahead(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        let waiting = &self.ahead[self.pos.min(self.ahead.len())..];
+        if waiting.is_empty() {
+            return false;
+        }
+        let n = waiting.len().min(buf.remaining());
+        buf.put_slice(&waiting[..n]);
+        self.pos += n;
+        true
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.take_ahead(buf) {
+            return Poll::Ready(Ok(()));
+        }
+        let wanted = buf.remaining();
+        let limited = this.wire.as_ref().is_some_and(|w| w.reads_limited());
+        if wanted >= this.chunk || limited {
+            // Straight into the caller's buffer.
+            this.release();
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        // Whatever the socket holds, in one read (a flood of small frames too, so that
+        // the kernel's queue is drained as before the read buffer was made small).
+        this.ahead.clear();
+        this.ahead.reserve(this.chunk);
+        this.pos = 0;
+        // Not zero-filled first (it is allocated at every wake-up of a session): only
+        // what the read filled counts.
+        let spare = this.ahead.spare_capacity_mut();
+        let room = spare.len().min(this.chunk);
+        let mut ahead = ReadBuf::uninit(&mut spare[..room]);
+        match Pin::new(&mut this.inner).poll_read(cx, &mut ahead) {
+            Poll::Ready(Ok(())) => {
+                let n = ahead.filled().len();
+                if n == 0 {
+                    this.release(); // the end of the stream
+                    return Poll::Ready(Ok(()));
+                }
+                // SAFETY: `ReadBuf` guarantees its first `filled().len()` bytes, the start
+                // of `ahead`'s spare capacity, were initialized by the read.
+                unsafe { this.ahead.set_len(n) };
+                this.take_ahead(buf);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                this.release();
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => {
+                // Drained: the connection is idle again and holds no buffer.
+                this.release();
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -318,5 +382,34 @@ mod tests {
         wire.unlimit_reads();
         assert!(!wire.read_budget_spent());
         s.read_exact(&mut buf).await.unwrap();
+    }
+
+    /// Small reads of a large write come from one read ahead, in order, and the buffer
+    /// is given back once the socket is drained.
+    #[tokio::test]
+    async fn read_ahead_serves_small_reads_and_lets_go_when_drained() {
+        let (mut peer, socket) = tokio::io::duplex(1 << 20);
+        let mut s = ReadAhead::new(socket, 64 * 1024, None);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&data).await.unwrap();
+        let mut got = Vec::new();
+        let mut piece = [0u8; 1000];
+        while got.len() < data.len() {
+            let n = s.read(&mut piece).await.unwrap();
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(got, data);
+        assert!(
+            s.ahead.capacity() > 0,
+            "reads ahead while data keeps coming"
+        );
+        // Drained: the next read waits, and waiting holds no buffer.
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), s.read(&mut piece)).await;
+        assert!(waiting.is_err());
+        assert_eq!(s.ahead.capacity(), 0);
+        peer.write_all(b"after").await.unwrap();
+        let n = s.read(&mut piece).await.unwrap();
+        assert_eq!(&piece[..n], b"after");
     }
 }

@@ -25,7 +25,7 @@ use crate::names::canonical_username;
 use crate::protocol::close;
 use crate::protocol::{Dialect, ErrorCode, ProtocolError};
 use crate::session::{self, Greeting};
-use crate::wire::Wire;
+use crate::wire::{ReadAhead, Wire};
 
 /// The tungstenite settings every session uses, from `[websocket]` and `[limits]`.
 pub fn websocket_config(config: &Config) -> WebSocketConfig {
@@ -175,7 +175,8 @@ fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, req: Request) -> Response {
         _ => None,
     };
     let links = crate::links::base(req.headers(), ctx.app.config.tls.enabled());
-    handshake(ctx, req, ws_config, move |ws, ctx, peer, wire| async move {
+    // No `async` block around `session::run`: it would hold a second copy of the socket.
+    handshake(ctx, req, ws_config, move |ws, ctx, peer, wire| {
         if let (Some(bytes), Some(wire)) = (budget, &wire) {
             wire.limit_reads(bytes);
         }
@@ -188,12 +189,11 @@ fn upgrade(ctx: Arc<Ctx>, greeting: Greeting, req: Request) -> Response {
             links,
             ctx.shutdown.clone(),
         )
-        .await
     })
 }
 
 /// The upgraded socket every WebSocket route gets.
-pub(super) type Ws = WebSocketStream<TokioIo<Upgraded>>;
+pub(super) type Ws = WebSocketStream<ReadAhead<TokioIo<Upgraded>>>;
 
 /// Checks the upgrade request, answers 101 and runs `serve` on the upgraded socket (with
 /// the server's tungstenite settings) in a tracked task that holds the connection permit.
@@ -252,9 +252,9 @@ where
                 return;
             }
         };
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
-                .await;
+        let chunk = task_ctx.app.config.websocket.read_ahead_bytes;
+        let socket = ReadAhead::new(TokioIo::new(upgraded), chunk, wire.clone());
+        let ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(ws_config)).await;
         serve(ws, task_ctx, peer, wire).await;
         drop(guard);
     });

@@ -4,7 +4,7 @@
 //! (`StopReason`), and the wait for a replaced session on another node (`KickWait`).
 //! Data only; the session's life is in `session/mod.rs`.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,7 +94,10 @@ pub struct SessionShared {
     /// The user's mailbox while this session owns it (the live path, `delivery`).
     pub live: Arc<LiveMailbox>,
     stop: watch::Sender<Option<StopReason>>,
-    done: watch::Sender<bool>,
+    /// `mark_done` was called; `done_wakers` wakes `wait_done` (a `Notify`, not a second
+    /// `watch`: one waits rarely, and a `watch` costs every session ~330 bytes).
+    done: AtomicBool,
+    done_wakers: Notify,
 }
 
 impl SessionShared {
@@ -107,7 +110,8 @@ impl SessionShared {
             unacked_senders: Default::default(),
             live: Arc::default(),
             stop: watch::channel(None).0,
-            done: watch::channel(false).0,
+            done: AtomicBool::new(false),
+            done_wakers: Notify::new(),
         })
     }
 
@@ -148,14 +152,22 @@ impl SessionShared {
 
     /// Marks the session finished: its writer has stopped and its acks are recorded.
     pub fn mark_done(&self) {
-        self.done.send_replace(true);
+        self.done.store(true, Ordering::Release);
+        self.done_wakers.notify_waiters();
     }
 
-    /// Waits until `mark_done` (or until the session is gone).
+    /// Waits until `mark_done`.
     pub async fn wait_done(&self) {
-        let mut rx = self.done.subscribe();
-        // An error means the sender is gone, which also means done.
-        let _ = rx.wait_for(|d| *d).await;
+        loop {
+            let woken = self.done_wakers.notified();
+            tokio::pin!(woken);
+            // Registered before the check: a `mark_done` in between still wakes it.
+            woken.as_mut().enable();
+            if self.done.load(Ordering::Acquire) {
+                return;
+            }
+            woken.await;
+        }
     }
 }
 

@@ -92,19 +92,24 @@ pub enum Greeting {
 /// Runs the session to its end. `wire` counts the connection's bytes (legacy dialects:
 /// a message counts as received once the client's TCP acknowledged its bytes; without a
 /// `wire` none ever does, and they stay in the mailbox).
-pub async fn run<S>(
+///
+/// Not an `async fn`: the socket is split, the writer started and the reader made before
+/// the future is, so that the future does not carry them for its life (an `async fn`
+/// keeps its arguments, and values it moved away, in its state).
+pub fn run<S>(
     ws: WebSocketStream<S>,
     app: Arc<App>,
     greeting: Greeting,
     peer: Option<IpAddr>,
     wire: Option<Arc<Wire>>,
     links: Option<Arc<str>>,
-    mut shutdown: watch::Receiver<bool>,
-) where
+    shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     inc(&app.metrics.sessions_open);
-    let (sink, mut stream) = ws.split();
+    let (sink, stream) = ws.split();
     let (tx, rx) = mpsc::channel(app.config.limits.session_queue);
     let shared = SessionShared::new(app.config.limits.blob_relay_bytes);
     let read_budget = wire.clone();
@@ -127,9 +132,11 @@ pub async fn run<S>(
         write_timeout: Duration::from_secs(app.config.limits.write_timeout_secs),
         links,
     };
-    let writer = tokio::spawn(writer.run(rx, shared.stop_signal()));
+    // Boxed: the writer's future would otherwise hold it twice (as argument and local).
+    let writer = tokio::spawn(Box::new(writer).run(rx, shared.stop_signal()));
 
-    let mut reader = Reader {
+    // Boxed, as the writer.
+    let reader = Box::new(Reader {
         app: app.clone(),
         tx,
         shared: shared.clone(),
@@ -158,9 +165,34 @@ pub async fn run<S>(
             app.config.limits.rate_strikes,
             Instant::now(),
         ),
-    };
+    });
+    serve(
+        stream,
+        app,
+        Box::new(greeting),
+        reader,
+        writer,
+        shared,
+        shutdown,
+    )
+}
+
+/// `run` once the socket is split, the writer started and the reader made. Everything
+/// but the wait for the client's next frame is boxed (`Box::pin`), so that an idle
+/// session's future is only as large as that wait.
+async fn serve<S>(
+    mut stream: SplitStream<WebSocketStream<S>>,
+    app: Arc<App>,
+    greeting: Box<Greeting>,
+    mut reader: Box<Reader>,
+    writer: tokio::task::JoinHandle<TcpAcks>,
+    shared: Arc<SessionShared>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut stop = shared.stop_signal();
-    let flow = match greeting {
+    let flow = match *greeting {
         Greeting::Anonymous => Flow::Continue,
         Greeting::Named {
             user,
@@ -168,7 +200,7 @@ pub async fn run<S>(
             credential,
         } => {
             reader.credential = credential;
-            reader.identify(user, dialect, true).await
+            Box::pin(reader.identify(user, dialect, true)).await
         }
         Greeting::Authenticated { user, credential } => {
             reader.authenticated = Some(user);
@@ -179,7 +211,7 @@ pub async fn run<S>(
             dialect,
             error,
             close,
-        } => reader.refuse_and_close(dialect, error, close).await,
+        } => Box::pin(reader.refuse_and_close(dialect, error, close)).await,
     };
     if flow == Flow::Continue {
         reader
@@ -187,16 +219,30 @@ pub async fn run<S>(
             .await;
         // Sends read before the socket ended are stored all the same (and answered,
         // should the socket still take it).
-        reader.flush_sends().await;
-        let _ = tokio::time::timeout(ANSWERS_AT_END, reader.write_answers(true)).await;
+        Box::pin(reader.flush_sends()).await;
+        let _ = tokio::time::timeout(ANSWERS_AT_END, Box::pin(reader.write_answers(true))).await;
     }
-    reader.transfers.abort_all("sender_gone").await;
+    Box::pin(reader.transfers.abort_all("sender_gone")).await;
     shared.stop(StopReason::Closed);
     let shutdown_end = match *shutdown.borrow() {
         true => Some(Instant::now() + shutdown_linger(&app)),
         false => None,
     };
+    Box::pin(end(app, shared, reader, writer, stream, shutdown_end)).await;
+}
 
+/// The session's end, after its reader stopped: the writer's goodbye, the last TCP
+/// acknowledgements, the linger.
+async fn end<S>(
+    app: Arc<App>,
+    shared: Arc<SessionShared>,
+    reader: Box<Reader>,
+    writer: tokio::task::JoinHandle<TcpAcks>,
+    mut stream: SplitStream<WebSocketStream<S>>,
+    shutdown_end: Option<Instant>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // The writer says goodbye (kick notice, close frame) and records its acks; meanwhile
     // what the client still sends is read and dropped, so that nothing unread is left in
     // the socket (closing it then would make the kernel reset the connection). Room for

@@ -61,10 +61,19 @@ async fn oldest_answered(answers: &mut VecDeque<Awaited>) {
     }
 }
 
-/// Sleeps until `deadline`, or forever without one.
+/// Sleeps until `deadline`, or forever without one. The timer is boxed: an idle
+/// session's future holds no timer (only blob transfers have a deadline).
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
+        Some(d) => Box::pin(tokio::time::sleep_until(d.into())).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for `timer`, or forever without one.
+async fn wait_for(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
         None => std::future::pending().await,
     }
 }
@@ -113,9 +122,12 @@ impl Reader {
     {
         let login_timeout = Duration::from_secs(self.app.config.limits.login_timeout_secs);
         let blob_idle = Duration::from_secs(self.app.config.limits.blob_idle_secs);
-        let login_deadline = tokio::time::sleep(login_timeout);
-        tokio::pin!(login_deadline);
+        // Boxed and dropped at login: a logged-in session holds no login timer.
+        let mut login_deadline = Some(Box::pin(tokio::time::sleep(login_timeout)));
         loop {
+            if self.user.is_some() {
+                login_deadline = None;
+            }
             // While sends are pending, take only frames that are already here; when none
             // is, store the pending ones before waiting.
             if !self.pending.is_empty() {
@@ -129,7 +141,7 @@ impl Reader {
                         continue;
                     }
                     None => {
-                        if self.flush_sends().await == Flow::Close {
+                        if Box::pin(self.flush_sends()).await == Flow::Close {
                             return;
                         }
                     }
@@ -138,13 +150,13 @@ impl Reader {
             let frame = tokio::select! {
                 biased;
                 _ = stop.changed() => return,
-                _ = &mut login_deadline, if self.user.is_none() => {
+                _ = wait_for(&mut login_deadline), if self.user.is_none() => {
                     let e = ProtocolError::new(
                         ErrorCode::LoginTimeout,
                         format!("no login within {} s", login_timeout.as_secs()),
                     );
                     let dialect = self.dialect.unwrap_or(Dialect::Pigeon);
-                    self.refuse_and_close(dialect, e, close::LOGIN_TIMEOUT).await;
+                    Box::pin(self.refuse_and_close(dialect, e, close::LOGIN_TIMEOUT)).await;
                     return;
                 }
                 _ = crate::shutdown::shutdown_requested(shutdown) => {
@@ -152,7 +164,7 @@ impl Reader {
                     return;
                 }
                 _ = sleep_until(self.transfers.next_deadline(blob_idle)) => {
-                    if self.expire_transfers(blob_idle).await == Flow::Close {
+                    if Box::pin(self.expire_transfers(blob_idle)).await == Flow::Close {
                         return;
                     }
                     continue;

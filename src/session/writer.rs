@@ -38,6 +38,11 @@ const ACK_BATCH: u64 = 64;
 /// How soon a legacy session asks its TCP again while live messages wait for it.
 const LIVE_ACK_POLL: Duration = Duration::from_millis(1);
 
+/// Sleeps for `d`; the timer is boxed, so that an idle writer's future holds none.
+async fn pause(d: Duration) {
+    Box::pin(tokio::time::sleep(d)).await
+}
+
 /// Completes once the session is replaced or the server shuts down.
 pub(super) async fn cut_short(stop: &mut watch::Receiver<Option<StopReason>>) {
     let cut =
@@ -216,7 +221,7 @@ where
     /// Serves until the session stops; returns the legacy messages still waiting for the
     /// client's TCP, for one last look after the linger.
     pub(super) async fn run(
-        mut self,
+        mut self: Box<Self>,
         mut rx: mpsc::Receiver<Outgoing>,
         mut stop: watch::Receiver<Option<StopReason>>,
     ) -> TcpAcks {
@@ -240,28 +245,27 @@ where
             let _ = match reason {
                 Some(StopReason::Replaced) => {
                     let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
-                    self.goodbye(
+                    Box::pin(self.goodbye(
                         Some(KickReason::Replaced),
                         close::REPLACED,
                         "session_replaced",
                         wait,
-                    )
+                    ))
                     .await
                 }
                 Some(StopReason::Revoked(reason)) => {
                     let wait = Duration::from_millis(self.app.config.server.takeover_wait_ms);
-                    self.goodbye(Some(reason), close::AUTH, reason.as_str(), wait)
-                        .await
+                    Box::pin(self.goodbye(Some(reason), close::AUTH, reason.as_str(), wait)).await
                 }
                 Some(StopReason::Shutdown) => {
                     let wait = shutdown_linger(&self.app) / 2;
-                    self.goodbye(None, close::GOING_AWAY, "server shutting down", wait)
+                    Box::pin(self.goodbye(None, close::GOING_AWAY, "server shutting down", wait))
                         .await
                 }
-                Some(StopReason::Closed) | None => self.flush().await,
+                Some(StopReason::Closed) | None => Box::pin(self.flush()).await,
             };
         }
-        self.ack_written().await;
+        Box::pin(self.ack_written()).await;
         if let Some(handover) = self.unfinished_handover.take() {
             handover.await;
         }
@@ -320,7 +324,7 @@ where
                     // frame) still goes out. Take-over and shutdown cut straight through.
                     if *stop.borrow() == Some(StopReason::Closed) {
                         while let Ok(out) = rx.try_recv() {
-                            self.handle(out).await?;
+                            Box::pin(self.handle(out)).await?;
                         }
                     }
                     return Ok(());
@@ -328,8 +332,8 @@ where
                 out = rx.recv() => out,
                 // Legacy dialects: record what the client's TCP acknowledged once things
                 // are quiet, rather than one syscall and store round trip per flush.
-                _ = tokio::time::sleep(self.ack_wait), if self.ack_due() => {
-                    let recorded = self.ack_written().await;
+                _ = pause(self.ack_wait), if self.ack_due() => {
+                    let recorded = Box::pin(self.ack_written()).await;
                     self.ack_wait = match (self.live_waiting(), recorded) {
                         (true, _) => LIVE_ACK_POLL,
                         (false, true) => ACK_DELAY,
@@ -348,13 +352,13 @@ where
                 }
             }
             if self.user.is_some() && self.shared.lagging.swap(false, Ordering::AcqRel) {
-                self.catch_up(false).await?;
+                Box::pin(self.catch_up(false)).await?;
             }
-            self.flush().await?;
+            Box::pin(self.flush()).await?;
             // Live messages wait for their acknowledgement to be spared the store write
             // (and their senders for their answer): ask the kernel at once.
             if self.unacked_writes >= ACK_BATCH || self.live_waiting() {
-                self.ack_written().await;
+                Box::pin(self.ack_written()).await;
                 if self.live_waiting() {
                     self.ack_wait = LIVE_ACK_POLL;
                 }
