@@ -270,15 +270,15 @@ impl LiveMailbox {
     }
 
     /// The user acknowledged `ranges`: the uncommitted messages among them are never
-    /// written (their senders hear `delivered` now). Returns the ranges the store must
-    /// still acknowledge (stored messages, and those being written right now), and how
-    /// many were never written.
-    pub fn acked(&self, ranges: &[(u64, u64)]) -> (Vec<(u64, u64)>, u64) {
+    /// written. Returns the ranges the store must still acknowledge (stored messages,
+    /// and those being written right now), and the answers of those never written (the
+    /// caller tells their senders `delivered`).
+    pub fn acked(&self, ranges: &[(u64, u64)]) -> (Vec<(u64, u64)>, Vec<Answer>) {
         let mut s = self.lock();
         if s.uncommitted.is_empty() {
-            return (ranges.to_vec(), 0);
+            return (ranges.to_vec(), Vec::new());
         }
-        let mut unwritten = 0;
+        let mut unwritten = Vec::new();
         let mut rest = Vec::with_capacity(ranges.len());
         for &(lo, hi) in ranges {
             let mut start = lo;
@@ -291,10 +291,7 @@ impl LiveMailbox {
                 }
                 if let Some(e) = s.uncommitted.remove(&seq) {
                     s.held = s.held.saturating_sub(1);
-                    unwritten += 1;
-                    if let Some(a) = e.answer {
-                        let _ = a.send(Ok(Fate::Delivered));
-                    }
+                    unwritten.extend(e.answer);
                 }
                 if seq > start {
                     rest.push((start, seq - 1));
@@ -414,12 +411,17 @@ mod tests {
             rxs.push(live.deliver(0, msg, |_| i < 3).unwrap().answer);
         }
         // 1..=4 uncommitted; 3 and 4 go into a write-behind batch
-        assert_eq!(live.acked(&[(1, 1)]), (Vec::<(u64, u64)>::new(), 1));
+        let (rest, answers) = live.acked(&[(1, 1)]);
+        assert_eq!((rest, answers.len()), (vec![], 1));
+        for a in answers {
+            a.send(Ok(Fate::Delivered)).unwrap();
+        }
         assert_eq!(rxs[0].try_recv().unwrap().unwrap(), Fate::Delivered);
         let (taken, younger) = live.take_for_commit(Instant::now());
         assert_eq!((taken.len(), younger), (3, false));
         // an ack of 0..=3 while 2 and 3 are being written: all of it goes to the store
-        assert_eq!(live.acked(&[(0, 3)]), (vec![(0, 3)], 0));
+        let (rest, answers) = live.acked(&[(0, 3)]);
+        assert_eq!((rest, answers.len()), (vec![(0, 3)], 0));
         let (acked, again) = live.committed(&[2, 3, 4], &Ok(()));
         assert_eq!((acked, again), (vec![(2, 3)], false));
         assert_eq!(rxs[3].try_recv().unwrap().unwrap(), Fate::Stored);

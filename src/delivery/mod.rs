@@ -199,10 +199,13 @@ async fn try_live(app: &App, msg: NewMessage) -> Result<Way, NewMessage> {
     let mailbox_max = app.config.limits.mailbox_max;
     // Messages whose retries must be recognised even after a crash, and blobs, are
     // written before they are routed.
-    // So are those of a sender who went over a quota, where it can still refuse them.
+    // So are those of a sender who went over a quota, where it can still refuse them,
+    // and everything while the store fails: nothing reaches a recipient that could not
+    // be written (and the first write that works ends it).
     let write_first = msg.client_id.is_some()
         || matches!(msg.body, Body::Blob(_))
-        || wb.over_quota().contains(&msg.sender);
+        || wb.over_quota().contains(&msg.sender)
+        || wb.store_failing();
     loop {
         let taken = match write_first {
             true => live.allocate(mailbox_max).map(|seq| (seq, None)),
@@ -284,6 +287,9 @@ async fn write_then_route(
         None => None,
     }
     .unwrap_or_else(|| Err(StoreError::Backend("no write-behind in this store".into())));
+    if let Some(wb) = &app.write_behind {
+        wb.saw(&result);
+    }
     match result {
         Ok(Enqueued::New { .. }) => {
             if let Some(wb) = &app.write_behind {
@@ -313,6 +319,9 @@ async fn write_then_route(
 
 /// After the store answered for `msg`: hands a new message to its recipient.
 async fn route(app: &App, msg: NewMessage, stored: Result<Enqueued, StoreError>) -> Accepted {
+    if let Some(wb) = &app.write_behind {
+        wb.saw(&stored);
+    }
     match stored {
         Ok(Enqueued::New { seq }) => {
             let stored = Arc::new(StoredMessage {
@@ -366,8 +375,12 @@ pub async fn acked(
     live: &LiveMailbox,
     ranges: &[(u64, u64)],
 ) -> Result<u64, StoreError> {
-    let (rest, unwritten) = live.acked(ranges);
+    let (rest, answers) = live.acked(ranges);
+    let unwritten = answers.len() as u64;
     add(&app.metrics.messages_acked_unwritten, unwritten);
+    for a in answers {
+        let _ = a.send(Ok(Fate::Delivered));
+    }
     if rest.is_empty() {
         return Ok(unwritten);
     }
@@ -402,14 +415,24 @@ const RELEASE_TRIES: u32 = 5;
 /// `user`'s session ends: what it still holds uncommitted is written, then the mailbox
 /// goes back to the store. Senders still waiting hear `delivered`, or the error when
 /// the store refused every try (their messages are then lost, and they know it).
-pub async fn release(app: &App, user: &str, live: &LiveMailbox) {
+/// `deleted`: the account was deleted; its messages are dropped (senders hear
+/// `no_such_user`), so that a later account of that name starts empty.
+pub async fn release(app: &App, user: &str, live: &LiveMailbox, deleted: bool) {
     let Some((entries, last)) = live.close() else {
         return;
     };
     let Some(seqs) = app.store.live_seqs() else {
         return;
     };
-    if !entries.is_empty() {
+    if deleted {
+        for (_, answer) in entries {
+            if let Some((a, _)) = answer {
+                let _ = a.send(Err(StoreError::NoSuchUser {
+                    user: user.to_string(),
+                }));
+            }
+        }
+    } else if !entries.is_empty() {
         let batch: Vec<LiveMessage> = entries
             .iter()
             .map(|(msg, _)| LiveMessage {

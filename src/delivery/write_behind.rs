@@ -3,6 +3,7 @@
 //! transaction, then tells their senders `delivered`.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,8 @@ use crate::store::{LiveMessage, Store, StoreError};
 pub struct WriteBehind {
     tx: mpsc::UnboundedSender<Arc<LiveMailbox>>,
     over_quota: Arc<OverQuota>,
+    /// The last write (a write-behind batch or a message written first) failed.
+    failing: Arc<AtomicBool>,
 }
 
 /// Senders whose written-behind messages passed a quota (`""`: the store cap). Their
@@ -60,17 +63,48 @@ impl WriteBehind {
         // than there are sessions.
         let (tx, rx) = mpsc::unbounded_channel();
         let over_quota = Arc::new(OverQuota::default());
-        tokio::spawn(run(store, metrics, over_quota.clone(), delay, rx));
-        WriteBehind { tx, over_quota }
+        let failing = Arc::new(AtomicBool::new(false));
+        tokio::spawn(run(
+            store,
+            metrics,
+            over_quota.clone(),
+            failing.clone(),
+            delay,
+            rx,
+        ));
+        WriteBehind {
+            tx,
+            over_quota,
+            failing,
+        }
     }
 
     pub fn over_quota(&self) -> &OverQuota {
         &self.over_quota
     }
 
+    /// The store failed the last write: messages are written before they are routed
+    /// until a write works again.
+    pub fn store_failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
+    }
+
+    /// Notes the outcome of a write.
+    pub fn saw<T>(&self, result: &Result<T, StoreError>) {
+        self.failing.store(is_failure(result), Ordering::Release);
+    }
+
     pub fn schedule(&self, live: Arc<LiveMailbox>) {
         let _ = self.tx.send(live);
     }
+}
+
+/// Whether a write failed for the store's sake (not a refusal such as a quota).
+fn is_failure<T>(result: &Result<T, StoreError>) -> bool {
+    matches!(
+        result,
+        Err(StoreError::Unavailable(_) | StoreError::Backend(_))
+    )
 }
 
 /// After a failed write, the pause before the next try.
@@ -80,6 +114,7 @@ async fn run(
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     over_quota: Arc<OverQuota>,
+    failing: Arc<AtomicBool>,
     delay: Duration,
     mut rx: mpsc::UnboundedReceiver<Arc<LiveMailbox>>,
 ) {
@@ -123,6 +158,8 @@ async fn run(
                 add(&metrics.messages_written_behind, batch.len() as u64);
                 let out = live.put(batch).await;
                 over_quota.add(out.over_quota);
+                let failed = out.answers.iter().any(is_failure);
+                failing.store(failed, Ordering::Release);
                 out.answers
             }
             (false, None) => batch

@@ -3,10 +3,12 @@
 //! while a separate writer task owns the socket's sink.
 //!
 //! The writer is fed by one bounded channel (`Outgoing`): replies to this client and live
-//! deliveries from the router. Because every message is in the store before it is routed,
-//! the writer can always fall back on the mailbox: at login it flushes it, when the
-//! router found the queue full (`lagging`) it re-reads it, and when a live delivery
-//! arrives out of order it reads the gap from it. It never sends a seq twice in a session.
+//! deliveries. Every message is in the store or in the session's own live mailbox
+//! (`delivery::live`: taken at login, handed back at the end after writing what was not
+//! acknowledged), so the writer can always fall back on the mailbox: at login it flushes
+//! it, when a delivery found the queue full (`lagging`) it re-reads it, and when a live
+//! delivery arrives out of order it reads the gap from it. It never sends a seq twice in
+//! a session.
 //!
 //! Authentication (`[auth] mode = "password"`): identities from the URL arrive already
 //! checked (`http::upgrade::resolve`); a login frame carries a password or token; a hash frame
@@ -282,7 +284,13 @@ async fn end<S>(
     if let Some(user) = &reader.user {
         // What the user did not acknowledge is stored before the session counts as done
         // (a session taking over flushes it from the mailbox).
-        crate::delivery::release(&app, user, &shared.live).await;
+        let deleted = matches!(
+            *shared.stop_signal().borrow(),
+            Some(StopReason::Revoked(
+                crate::protocol::KickReason::AccountDeleted
+            ))
+        );
+        crate::delivery::release(&app, user, &shared.live, deleted).await;
         app.router.unregister(user, reader.generation);
         if let Some(c) = &app.cluster {
             c.release(user, reader.generation).await;

@@ -1,6 +1,9 @@
 //! The offline mailbox: the `Store` trait every backend implements, and the types it
-//! speaks. Pigeon writes every accepted message here *before* routing it (write-ahead), so
-//! the store is the single source of truth for what a user has not yet acknowledged.
+//! speaks. A message to a recipient without a live session here is written before it is
+//! routed (write-ahead); one to a recipient whose session owns its mailbox (`LiveSeqs`,
+//! `delivery::live`) is written only if still unacknowledged when the write-behind comes.
+//! What the store and the live sessions hold together is what users have not
+//! acknowledged yet.
 //!
 //! Contract every backend keeps (the conformance tests in `tests/store_conformance.rs`
 //! check it against each backend):
