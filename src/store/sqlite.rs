@@ -1353,6 +1353,42 @@ fn release_usage(
     Ok(())
 }
 
+/// The seq and fingerprint remembered for `(sender, id)` since `since` (Unix ms).
+fn seen_client_id(
+    tx: &rusqlite::Transaction<'_>,
+    sender: &str,
+    id: &str,
+    since: i64,
+) -> Result<Option<(i64, Option<i64>)>, StoreError> {
+    tx.prepare_cached(
+        "SELECT seq, fingerprint FROM client_id
+         WHERE sender = ?1 AND client_id = ?2 AND accepted_at >= ?3",
+    )
+    .and_then(|mut s| {
+        s.query_row(params![sender, id, since], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+    })
+    .map_err(sql)
+}
+
+/// Remembers `(sender, id)` as the message stored under `seq` (retries are recognised).
+fn remember_client_id(
+    tx: &rusqlite::Transaction<'_>,
+    sender: &str,
+    id: &str,
+    seq: i64,
+    accepted_at: i64,
+    fingerprint: Option<i64>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO client_id (sender, client_id, seq, accepted_at, fingerprint)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut s| s.execute(params![sender, id, seq, accepted_at, fingerprint]))
+    .map_err(sql)?;
+    Ok(())
+}
+
 fn enqueue(
     tx: &rusqlite::Transaction<'_>,
     msg: &NewMessage,
@@ -1361,19 +1397,7 @@ fn enqueue(
 ) -> Result<Enqueued, StoreError> {
     let mailbox_max = limits.mailbox_max;
     if let Some(id) = &msg.client_id {
-        let seen: Option<(i64, Option<i64>)> = tx
-            .prepare_cached(
-                "SELECT seq, fingerprint FROM client_id
-                 WHERE sender = ?1 AND client_id = ?2 AND accepted_at >= ?3",
-            )
-            .and_then(|mut s| {
-                s.query_row(
-                    params![msg.sender, id, msg.accepted_at - dedupe_window_ms],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-            })
-            .map_err(sql)?;
+        let seen = seen_client_id(tx, &msg.sender, id, msg.accepted_at - dedupe_window_ms)?;
         if let Some((seq, fingerprint)) = seen {
             super::check_retry(msg, fingerprint)?;
             return Ok(Enqueued::Duplicate { seq: seq as u64 });
@@ -1441,20 +1465,7 @@ fn enqueue(
     })
     .map_err(sql)?;
     if let Some(id) = &msg.client_id {
-        tx.prepare_cached(
-            "INSERT OR REPLACE INTO client_id (sender, client_id, seq, accepted_at, fingerprint)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                msg.sender,
-                id,
-                seq,
-                msg.accepted_at,
-                msg.fingerprint()
-            ])
-        })
-        .map_err(sql)?;
+        remember_client_id(tx, &msg.sender, id, seq, msg.accepted_at, msg.fingerprint())?;
     }
     Ok(Enqueued::New { seq: seq as u64 })
 }
@@ -1497,19 +1508,7 @@ fn put(
 ) -> Result<(Enqueued, bool), StoreError> {
     let msg = &live.msg;
     if let Some(id) = &msg.client_id {
-        let seen: Option<(i64, Option<i64>)> = tx
-            .prepare_cached(
-                "SELECT seq, fingerprint FROM client_id
-                 WHERE sender = ?1 AND client_id = ?2 AND accepted_at >= ?3",
-            )
-            .and_then(|mut s| {
-                s.query_row(
-                    params![msg.sender, id, msg.accepted_at - dedupe_window_ms],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-            })
-            .map_err(sql)?;
+        let seen = seen_client_id(tx, &msg.sender, id, msg.accepted_at - dedupe_window_ms)?;
         if let Some((seq, fingerprint)) = seen {
             super::check_fingerprint(Some(id), live.fingerprint, fingerprint)?;
             return Ok((Enqueued::Duplicate { seq: seq as u64 }, false));
@@ -1558,20 +1557,8 @@ fn put(
     .and_then(|mut s| s.execute(params![msg.recipient, to_i64(msg.seq)]))
     .map_err(sql)?;
     if let Some(id) = &msg.client_id {
-        tx.prepare_cached(
-            "INSERT OR REPLACE INTO client_id (sender, client_id, seq, accepted_at, fingerprint)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                msg.sender,
-                id,
-                to_i64(msg.seq),
-                msg.accepted_at,
-                live.fingerprint
-            ])
-        })
-        .map_err(sql)?;
+        let seq = to_i64(msg.seq);
+        remember_client_id(tx, &msg.sender, id, seq, msg.accepted_at, live.fingerprint)?;
     }
     Ok((Enqueued::New { seq: msg.seq }, over))
 }
