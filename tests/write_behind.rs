@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::{free_port, http_get, test_config, Client, Frame, ServerProcess, TestServer};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 /// A counter from `/metrics`.
 async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
@@ -169,6 +170,85 @@ async fn a_recipient_who_leaves_without_acknowledging_gets_everything_next_time(
     drop(bob);
     srv.stop().await;
     assert_eq!(store_rows(dir.path(), "bob"), (0, 12));
+}
+
+/// Sends with ids to a live recipient are written before they are routed, a
+/// pipelined batch of them in one store round trip: a retry and a reused id in the
+/// middle of such a batch are answered as one at a time would be, and the recipient
+/// gets each message once, in the order sent, under the seq its sender was told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_with_ids_keep_order_retries_and_conflicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(test_config(dir.path())).await;
+    let base = format!("ws://{}", srv.addr);
+    let (mut bob, _) = Client::pigeon(&base, "bob").await;
+    let (mut alice, _) = Client::pigeon(&base, "alice").await;
+    let mut frames = Vec::new();
+    for i in 0..40 {
+        if i == 20 {
+            frames.push(json!({"type":"send","id":"p5","to":"bob","body":"b5"}));
+        }
+        if i == 30 {
+            frames.push(json!({"type":"send","id":"p7","to":"bob","body":"not b7"}));
+        }
+        frames.push(json!({"type":"send","id":format!("p{i}"),"to":"bob","body":format!("b{i}")}));
+    }
+    // All at once, so that the server reads them as one batch (or a few).
+    let text: Vec<Message> = frames
+        .iter()
+        .map(|f| Message::text(f.to_string()))
+        .collect();
+    for m in text {
+        alice.try_send(m).await.unwrap();
+    }
+    let mut told: HashMap<String, u64> = HashMap::new();
+    let mut last = 0;
+    for f in &frames {
+        let id = f["id"].as_str().unwrap();
+        let answer = alice.json_except_receipts().await;
+        assert_eq!(
+            answer["id"], id,
+            "answers come in the order of the sends: {answer}"
+        );
+        match (f["body"].as_str().unwrap(), told.get(id)) {
+            ("not b7", _) => {
+                assert_eq!(answer["type"], "error", "{answer}");
+                assert_eq!(answer["code"], "id_conflict", "{answer}");
+            }
+            (_, Some(first)) => {
+                assert_eq!(answer["type"], "sent", "{answer}");
+                assert_eq!(answer["duplicate"], true, "{answer}");
+                assert_eq!(answer["seq"], *first, "{answer}");
+            }
+            (_, None) => {
+                assert_eq!(answer["type"], "sent", "{answer}");
+                assert_eq!(answer["duplicate"], false, "{answer}");
+                let seq = answer["seq"].as_u64().unwrap();
+                assert!(
+                    seq > last,
+                    "seqs grow in the order sent: {answer} after {last}"
+                );
+                last = seq;
+                told.insert(id.to_string(), seq);
+            }
+        }
+    }
+    for i in 0..40 {
+        let m = next_of(&mut bob, "msg").await;
+        assert_eq!(m["body"], format!("b{i}"), "once each, in order: {m}");
+        assert_eq!(m["seq"], told[&format!("p{i}")], "{m}");
+    }
+    bob.ack(last).await;
+    bob.ping().await;
+    assert_eq!(
+        bob.try_recv(Duration::from_millis(300)).await,
+        None,
+        "no second copy reaches the recipient"
+    );
+    alice.close().await;
+    bob.close().await;
+    srv.stop().await;
+    assert_eq!(store_rows(dir.path(), "bob").0, 0, "acknowledged: deleted");
 }
 
 /// A frame a recipient saw: (sender, body).

@@ -45,9 +45,26 @@ const OWNER_WAIT: Duration = Duration::from_secs(10);
 enum Way {
     /// On the live path: its seq, and the answer that comes once it is safe.
     Live(u64, oneshot::Receiver<Result<Fate, StoreError>>),
+    /// On the live path but written first: index into the batch of those.
+    WriteFirst(usize),
     /// Index into the batch that goes to the store.
     Store(usize),
     Done(Accepted),
+}
+
+/// A live-path message that is written before it is routed, under the seq its
+/// recipient's session gave it.
+struct WrittenFirst {
+    seq: u64,
+    msg: NewMessage,
+    handle: SessionHandle,
+    live: Arc<LiveMailbox>,
+}
+
+/// What `try_live` made of a message.
+enum Taken {
+    Way(Way),
+    WriteFirst(WrittenFirst),
 }
 
 /// A sender's answer that may not be known yet: a live message's comes once the
@@ -85,30 +102,49 @@ impl Pending {
     }
 }
 
-/// Accepts a session's sends, in order, and routes each: the live ones at once, the
-/// others in one store round trip. The answers of live ones may come later: a session
-/// goes on reading its client's frames meanwhile.
+/// Accepts a session's sends, in order, and routes each: the live ones at once, those
+/// written first in one store round trip, the others in one more. The answers of live
+/// ones may come later: a session goes on reading its client's frames meanwhile.
 pub async fn accept_many_pending(app: &App, batch: Vec<NewMessage>) -> Vec<Pending> {
     let mut ways = Vec::with_capacity(batch.len());
     let mut to_store = Vec::new();
+    let mut first = Vec::new();
     // Once a recipient's message went to the store, the rest of the batch for it does
-    // too, so that a mailbox changing hands mid-batch cannot reorder them.
+    // too, so that a mailbox changing hands mid-batch cannot reorder them; once one is
+    // written first, the rest for it is too (it reaches the recipient after that write).
     let mut via_store: HashSet<String> = HashSet::new();
+    let mut via_first: HashSet<String> = HashSet::new();
     for msg in batch {
         let msg = match via_store.contains(&msg.recipient) {
             true => msg,
-            false => match try_live(app, msg).await {
-                Ok(way) => {
-                    ways.push(way);
-                    continue;
+            false => {
+                let force = via_first.contains(&msg.recipient);
+                match try_live(app, msg, force).await {
+                    Ok(Taken::Way(way)) => {
+                        ways.push(way);
+                        continue;
+                    }
+                    Ok(Taken::WriteFirst(w)) => {
+                        via_first.insert(w.msg.recipient.clone());
+                        ways.push(Way::WriteFirst(first.len()));
+                        first.push(w);
+                        continue;
+                    }
+                    Err(msg) => msg,
                 }
-                Err(msg) => msg,
-            },
+            }
         };
         via_store.insert(msg.recipient.clone());
         ways.push(Way::Store(to_store.len()));
         to_store.push(msg);
     }
+    // Written first before the store's batch: a recipient's messages that went to the
+    // store come after its written-first ones in the batch.
+    let mut written: Vec<Option<Accepted>> = write_then_route(app, first)
+        .await
+        .into_iter()
+        .map(Some)
+        .collect();
     let mut stored: Vec<Option<Accepted>> = Vec::new();
     if !to_store.is_empty() {
         let results = app.store.enqueue_many(to_store.clone()).await;
@@ -119,14 +155,21 @@ pub async fn accept_many_pending(app: &App, batch: Vec<NewMessage>) -> Vec<Pendi
             }));
         }
     }
+    let missing = || Err(unavailable("no answer from the store"));
     ways.into_iter()
         .map(|way| match way {
             Way::Live(seq, rx) => Pending::Live(seq, rx),
+            Way::WriteFirst(i) => Pending::Ready(
+                written
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .unwrap_or_else(missing),
+            ),
             Way::Store(i) => Pending::Ready(
                 stored
                     .get_mut(i)
                     .and_then(Option::take)
-                    .unwrap_or_else(|| Err(unavailable("no answer from the store"))),
+                    .unwrap_or_else(missing),
             ),
             Way::Done(a) => Pending::Ready(a),
         })
@@ -150,10 +193,16 @@ async fn accept_owned(app: &App, mut msg: NewMessage) -> Accepted {
     let deadline = Instant::now() + OWNER_WAIT;
     loop {
         tokio::time::sleep(Duration::from_millis(1)).await;
-        msg = match try_live(app, msg).await {
-            Ok(Way::Live(seq, mut rx)) => return live_answer(seq, &mut rx).await,
-            Ok(Way::Done(a)) => return a,
-            Ok(Way::Store(_)) => return Err(unavailable("unexpected way")),
+        msg = match try_live(app, msg, false).await {
+            Ok(Taken::Way(Way::Live(seq, mut rx))) => return live_answer(seq, &mut rx).await,
+            Ok(Taken::Way(Way::Done(a))) => return a,
+            Ok(Taken::WriteFirst(w)) => {
+                return write_then_route(app, vec![w])
+                    .await
+                    .pop()
+                    .unwrap_or_else(|| Err(unavailable("no answer from the store")));
+            }
+            Ok(Taken::Way(_)) => return Err(unavailable("unexpected way")),
             Err(msg) => msg,
         };
         match app.store.enqueue(msg.clone()).await {
@@ -187,8 +236,9 @@ fn stored_message(seq: u64, msg: &NewMessage) -> StoredMessage {
 }
 
 /// The live path, when the recipient's session here owns its mailbox; gives the
-/// message back otherwise.
-async fn try_live(app: &App, msg: NewMessage) -> Result<Way, NewMessage> {
+/// message back otherwise. `write_first`: an earlier message of the batch to the same
+/// recipient is written first, so this one must be too.
+async fn try_live(app: &App, msg: NewMessage, write_first: bool) -> Result<Taken, NewMessage> {
     let Some(wb) = &app.write_behind else {
         return Err(msg);
     };
@@ -202,7 +252,8 @@ async fn try_live(app: &App, msg: NewMessage) -> Result<Way, NewMessage> {
     // So are those of a sender who went over a quota, where it can still refuse them,
     // and everything while the store fails: nothing reaches a recipient that could not
     // be written (and the first write that works ends it).
-    let write_first = msg.client_id.is_some()
+    let write_first = write_first
+        || msg.client_id.is_some()
         || matches!(msg.body, Body::Blob(_))
         || wb.over_quota().contains(&msg.sender)
         || wb.store_failing();
@@ -227,10 +278,14 @@ async fn try_live(app: &App, msg: NewMessage) -> Result<Way, NewMessage> {
                 }),
         };
         match taken {
-            Ok((seq, Some(rx))) => return Ok(Way::Live(seq, rx)),
+            Ok((seq, Some(rx))) => return Ok(Taken::Way(Way::Live(seq, rx))),
             Ok((seq, None)) => {
-                let accepted = write_then_route(app, &handle, &live, seq, msg).await;
-                return Ok(Way::Done(accepted));
+                return Ok(Taken::WriteFirst(WrittenFirst {
+                    seq,
+                    msg,
+                    handle,
+                    live,
+                }))
             }
             Err(Refusal::NotOwned) => return Err(msg),
             Err(Refusal::MailboxFull) => {
@@ -238,7 +293,7 @@ async fn try_live(app: &App, msg: NewMessage) -> Result<Way, NewMessage> {
                     recipient: msg.recipient.clone(),
                     limit: mailbox_max,
                 };
-                return Ok(Way::Done(Err(refusal(&msg, &e))));
+                return Ok(Taken::Way(Way::Done(Err(refusal(&msg, &e)))));
             }
             Err(Refusal::Exhausted(upto)) => {
                 let reserved = match app.store.live_seqs() {
@@ -247,7 +302,7 @@ async fn try_live(app: &App, msg: NewMessage) -> Result<Way, NewMessage> {
                 };
                 match reserved {
                     Ok(()) => live.extended(upto),
-                    Err(e) => return Ok(Way::Done(Err(refusal(&msg, &e)))),
+                    Err(e) => return Ok(Taken::Way(Way::Done(Err(refusal(&msg, &e))))),
                 }
             }
         }
@@ -267,54 +322,78 @@ fn push(handle: &SessionHandle, msg: Arc<StoredMessage>) -> bool {
     }
 }
 
-/// A live-path message that is written first (client id, blob), under the seq `seq`
-/// its recipient's session gave it.
-async fn write_then_route(
-    app: &App,
-    handle: &SessionHandle,
-    live: &LiveMailbox,
-    seq: u64,
-    msg: NewMessage,
-) -> Accepted {
-    let stored = Arc::new(stored_message(seq, &msg));
-    let entry = LiveMessage {
-        msg: stored.clone(),
-        fingerprint: msg.fingerprint(),
-        refusable: true,
-    };
-    let result = match app.store.live_seqs() {
-        Some(s) => s.put(vec![entry]).await.answers.pop(),
-        None => None,
+/// Live-path messages that are written first (client id, blob, ...): one store round
+/// trip for them all, then each goes to its recipient's queue, in order. The answers
+/// are in the order of `batch`.
+async fn write_then_route(app: &App, batch: Vec<WrittenFirst>) -> Vec<Accepted> {
+    if batch.is_empty() {
+        return Vec::new();
     }
-    .unwrap_or_else(|| Err(StoreError::Backend("no write-behind in this store".into())));
-    if let Some(wb) = &app.write_behind {
-        wb.saw(&result);
+    let entries: Vec<LiveMessage> = batch
+        .iter()
+        .map(|w| LiveMessage {
+            msg: Arc::new(stored_message(w.seq, &w.msg)),
+            fingerprint: w.msg.fingerprint(),
+            refusable: true,
+        })
+        .collect();
+    let stored: Vec<Arc<StoredMessage>> = entries.iter().map(|e| e.msg.clone()).collect();
+    let mut results = match app.store.live_seqs() {
+        Some(s) => s.put(entries).await.answers,
+        None => Vec::new(),
     }
-    match result {
-        Ok(Enqueued::New { .. }) => {
-            if let Some(wb) = &app.write_behind {
-                wb.over_quota().clear(&msg.sender);
+    .into_iter();
+    let mut accepted = Vec::with_capacity(batch.len());
+    let mut refused = Vec::new();
+    let mut again = Vec::new();
+    for (w, stored) in batch.iter().zip(stored) {
+        let result = results
+            .next()
+            .unwrap_or_else(|| Err(StoreError::Backend("no write-behind in this store".into())));
+        if let Some(wb) = &app.write_behind {
+            wb.saw(&result);
+        }
+        accepted.push(match result {
+            Ok(Enqueued::New { .. }) => {
+                if let Some(wb) = &app.write_behind {
+                    wb.over_quota().clear(&w.msg.sender);
+                }
+                let fate = match push(&w.handle, stored) {
+                    true => Fate::Delivered,
+                    false => Fate::Stored,
+                };
+                match fate {
+                    Fate::Delivered => inc(&app.metrics.messages_delivered),
+                    Fate::Stored => inc(&app.metrics.messages_stored),
+                }
+                Ok((w.seq, fate, false))
             }
-            let fate = match push(handle, stored) {
-                true => Fate::Delivered,
-                false => Fate::Stored,
-            };
-            match fate {
-                Fate::Delivered => inc(&app.metrics.messages_delivered),
-                Fate::Stored => inc(&app.metrics.messages_stored),
+            Ok(Enqueued::Duplicate { seq: first }) => {
+                refused.push(w);
+                inc(&app.metrics.messages_duplicate);
+                Ok((first, Fate::Stored, true))
             }
-            Ok((seq, fate, false))
-        }
-        Ok(Enqueued::Duplicate { seq: first }) => {
-            live.refused(seq);
-            inc(&app.metrics.messages_duplicate);
-            Ok((first, Fate::Stored, true))
-        }
-        Err(e) => {
-            live.refused(seq);
-            Err(refusal(&msg, &e))
+            Err(StoreError::Owned { .. }) => {
+                // The recipient's session ended before the write: routed again below.
+                again.push(accepted.len());
+                Err(unavailable("not routed yet"))
+            }
+            Err(e) => {
+                refused.push(w);
+                Err(refusal(&w.msg, &e))
+            }
+        });
+    }
+    // Latest first: a mailbox's seqs go back only from its end.
+    for w in refused.into_iter().rev() {
+        w.live.refused(w.seq);
+    }
+    for i in again {
+        if let (Some(w), Some(slot)) = (batch.get(i), accepted.get_mut(i)) {
+            *slot = Box::pin(accept_owned(app, w.msg.clone())).await;
         }
     }
+    accepted
 }
 
 /// After the store answered for `msg`: hands a new message to its recipient.

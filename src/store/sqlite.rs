@@ -14,7 +14,7 @@
 //! With `offline_ttl_secs > 0` a timer thread asks the store thread to sweep expired
 //! messages (and their blob files) every `sweep_every(ttl)`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -266,7 +266,7 @@ impl SqliteStore {
             dedupe_window_ms: (cfg.dedupe_window_secs as i64).saturating_mul(1000),
             offline_ttl_ms,
             last_prune: Instant::now() - PRUNE_EVERY,
-            owned: HashSet::new(),
+            owned: HashMap::new(),
         };
         // Checkpoints (copying the WAL into the database, with an fsync) run on a thread
         // of their own, so the store thread never stalls on them; SQLite's own
@@ -703,8 +703,10 @@ struct Worker {
     offline_ttl_ms: i64,
     last_prune: Instant,
     /// Mailboxes whose seqs a live session hands out (`LiveSeqs::claim`): `enqueue`
-    /// refuses them with `StoreError::Owned`. In memory only: after a crash nobody owns.
-    owned: HashSet<String>,
+    /// refuses them with `StoreError::Owned`, and `put` a message not yet routed whose
+    /// seq is not the current owner's (at most the last seq before its claim: handed out
+    /// by a session that ended). In memory only: after a crash nobody owns.
+    owned: HashMap<String, u64>,
 }
 
 /// A request's answer, held until its transaction commits.
@@ -775,8 +777,8 @@ impl Worker {
                     set_last_seq(tx, &recipient, base.saturating_add(block))?;
                     Ok((base, held))
                 });
-                if claimed.is_ok() {
-                    self.owned.insert(recipient);
+                if let Ok((base, _)) = &claimed {
+                    self.owned.insert(recipient, *base);
                 }
                 let _ = reply.send(claimed);
             }
@@ -975,7 +977,7 @@ fn run_requests(
     batch: &[Request],
     limits: &StoreLimits,
     dedupe_window_ms: i64,
-    owned: &HashSet<String>,
+    owned: &HashMap<String, u64>,
 ) -> Result<(Vec<Answer>, Vec<String>), StoreError> {
     let mut answers = Vec::with_capacity(batch.len());
     let mut dead_blobs = Vec::new();
@@ -984,6 +986,16 @@ fn run_requests(
             Request::Put(msgs, _) => {
                 let mut out = PutOutcome::default();
                 for m in msgs {
+                    let recipient = &m.msg.recipient;
+                    let current = owned.get(recipient).is_some_and(|base| m.msg.seq > *base);
+                    if m.refusable && !current {
+                        // Its session ended before it was written: the caller routes it
+                        // again, under a seq of the mailbox's new owner or the store's.
+                        out.answers.push(Err(StoreError::Owned {
+                            recipient: recipient.clone(),
+                        }));
+                        continue;
+                    }
                     match put(tx, m, limits, dedupe_window_ms) {
                         Err(
                             e @ (StoreError::IdConflict { .. }
@@ -1004,7 +1016,7 @@ fn run_requests(
             Request::Enqueue(msgs, _) => {
                 let mut each = Vec::with_capacity(msgs.len());
                 for msg in msgs {
-                    if owned.contains(&msg.recipient) {
+                    if owned.contains_key(&msg.recipient) {
                         each.push(Err(StoreError::Owned {
                             recipient: msg.recipient.clone(),
                         }));
