@@ -1407,6 +1407,90 @@ mod sqlite_only {
         assert_eq!(seqs(&store, "bob").await[..2], [3, 4]);
     }
 
+    /// The live path's seqs (`LiveSeqs`): a claimed mailbox refuses `enqueue`; a message
+    /// not routed yet (`refusable`) is stored only under a seq its current owner handed
+    /// out, so one whose session ended before the write (released, or claimed again by
+    /// the next session) is refused with `Owned` and routed again by the caller; a
+    /// message already delivered (not refusable) is stored whatever the owner.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_seqs_store_only_the_current_owners_messages() {
+        use pigeon::message::StoredMessage;
+        use pigeon::store::LiveMessage;
+        let t = sqlite_target();
+        let store = t.open(100).await;
+        let seqs = store.live_seqs().expect("SQLite offers the live path");
+        let live = |seq: u64, body: &str, refusable: bool| LiveMessage {
+            msg: Arc::new(StoredMessage {
+                seq,
+                sender: "alice".into(),
+                recipient: "bob".into(),
+                client_id: None,
+                body: Body::Text(body.into()),
+                accepted_at: 1,
+            }),
+            fingerprint: None,
+            refusable,
+        };
+        let owned = |r: &Result<Enqueued, StoreError>| matches!(r, Err(StoreError::Owned { .. }));
+        let (base, held) = seqs.claim("bob", 10).await.unwrap();
+        assert_eq!((base, held), (0, 0));
+        assert!(owned(&store.enqueue(text("alice", "bob", "x", None)).await));
+        let out = seqs
+            .put(vec![live(1, "one", true), live(2, "two", true)])
+            .await;
+        assert!(
+            out.answers
+                .iter()
+                .all(|r| matches!(r, Ok(Enqueued::New { .. }))),
+            "{:?}",
+            out.answers
+        );
+        // The session ends having handed out seqs up to 3; the write of 3 comes late.
+        seqs.release("bob", 3).await;
+        let out = seqs.put(vec![live(3, "late", true)]).await;
+        assert!(owned(&out.answers[0]), "no owner: {:?}", out.answers);
+        // The next session claims: seqs up to 3 are the old session's.
+        let (base, _) = seqs.claim("bob", 10).await.unwrap();
+        assert_eq!(base, 3);
+        let out = seqs
+            .put(vec![live(3, "late", true), live(4, "four", true)])
+            .await;
+        assert!(
+            owned(&out.answers[0]),
+            "the old owner's seq: {:?}",
+            out.answers
+        );
+        assert!(
+            matches!(out.answers[1], Ok(Enqueued::New { seq: 4 })),
+            "{:?}",
+            out.answers
+        );
+        // Delivered already: written whatever the owner (its seq was the old session's).
+        let out = seqs.put(vec![live(3, "delivered", false)]).await;
+        assert!(
+            matches!(out.answers[0], Ok(Enqueued::New { seq: 3 })),
+            "{:?}",
+            out.answers
+        );
+        seqs.release("bob", 4).await;
+        let bodies: Vec<(u64, String)> = store
+            .fetch("bob", 0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.seq, m.body.as_str().to_string()))
+            .collect();
+        assert_eq!(
+            bodies,
+            [
+                (1, "one".into()),
+                (2, "two".into()),
+                (3, "delivered".into()),
+                (4, "four".into())
+            ]
+        );
+    }
+
     /// A database from a newer Pigeon is refused with a message that says so.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn newer_schema_is_refused() {

@@ -326,7 +326,9 @@ pub trait LiveSeqs: Send + Sync {
     /// Stores messages with the seqs their sessions gave them, in one transaction: like
     /// `enqueue` (a retried client id is `Duplicate`, a reused one `IdConflict`, quotas
     /// for `refusable` ones) but without allocating a seq or checking the mailbox cap
-    /// (the owner counts that).
+    /// (the owner counts that). A `refusable` message whose seq the mailbox's current
+    /// owner did not hand out (its session ended before the write) answers
+    /// `StoreError::Owned`: the caller routes it again.
     async fn put(&self, msgs: Vec<LiveMessage>) -> PutOutcome;
 }
 
