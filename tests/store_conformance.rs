@@ -1411,7 +1411,8 @@ mod sqlite_only {
     /// not routed yet (`refusable`) is stored only under a seq its current owner handed
     /// out, so one whose session ended before the write (released, or claimed again by
     /// the next session) is refused with `Owned` and routed again by the caller; a
-    /// message already delivered (not refusable) is stored whatever the owner.
+    /// message already delivered (not refusable) is stored whatever the owner. A session
+    /// that ends after the next one claimed cannot extend or undo that claim.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn live_seqs_store_only_the_current_owners_messages() {
         use pigeon::message::StoredMessage;
@@ -1446,12 +1447,23 @@ mod sqlite_only {
             out.answers
         );
         // The session ends having handed out seqs up to 3; the write of 3 comes late.
-        seqs.release("bob", 3).await;
+        seqs.release("bob", 0, 3).await;
         let out = seqs.put(vec![live(3, "late", true)]).await;
         assert!(owned(&out.answers[0]), "no owner: {:?}", out.answers);
         // The next session claims: seqs up to 3 are the old session's.
         let (base, _) = seqs.claim("bob", 10).await.unwrap();
         assert_eq!(base, 3);
+        // The first session, ending late, can neither extend nor undo the new claim.
+        assert!(matches!(
+            seqs.reserve("bob", 0, 100).await,
+            Err(StoreError::Owned { .. })
+        ));
+        seqs.release("bob", 0, 2).await;
+        assert!(
+            owned(&store.enqueue(text("alice", "bob", "x", None)).await),
+            "still claimed"
+        );
+        seqs.reserve("bob", 3, 20).await.unwrap();
         let out = seqs
             .put(vec![live(3, "late", true), live(4, "four", true)])
             .await;
@@ -1472,7 +1484,7 @@ mod sqlite_only {
             "{:?}",
             out.answers
         );
-        seqs.release("bob", 4).await;
+        seqs.release("bob", 3, 4).await;
         let bodies: Vec<(u64, String)> = store
             .fetch("bob", 0, 10)
             .await

@@ -251,6 +251,61 @@ async fn pipelined_sends_with_ids_keep_order_retries_and_conflicts() {
     assert_eq!(store_rows(dir.path(), "bob").0, 0, "acknowledged: deleted");
 }
 
+/// Two senders to one live recipient, one whose sends carry ids (written before they
+/// are routed, a batch at a time) and one whose do not (routed at once): the recipient
+/// still gets its mailbox in seq order, each message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn written_first_and_live_messages_reach_the_recipient_in_seq_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(test_config(dir.path())).await;
+    let base = format!("ws://{}", srv.addr);
+    let (mut bob, _) = Client::pigeon(&base, "bob").await;
+    let (mut alice, _) = Client::pigeon(&base, "alice").await;
+    let (mut carol, _) = Client::pigeon(&base, "carol").await;
+    const EACH: usize = 300;
+    let with_ids = tokio::spawn(async move {
+        for i in 0..EACH {
+            let f = json!({"type":"send","id":format!("a{i}"),"to":"bob","body":format!("a{i}")});
+            alice.try_send(Message::text(f.to_string())).await.unwrap();
+        }
+        alice
+    });
+    let without = tokio::spawn(async move {
+        for i in 0..EACH {
+            let f = json!({"type":"send","to":"bob","body":format!("c{i}")});
+            carol.try_send(Message::text(f.to_string())).await.unwrap();
+        }
+        carol
+    });
+    let mut last = 0;
+    let mut bodies = Vec::new();
+    while bodies.len() < 2 * EACH {
+        let m = next_of(&mut bob, "msg").await;
+        let seq = m["seq"].as_u64().unwrap();
+        assert!(seq > last, "seq {seq} after {last}: {m}");
+        last = seq;
+        bodies.push(m["body"].as_str().unwrap().to_string());
+        if bodies.len() % 50 == 0 {
+            bob.ack(seq).await;
+        }
+    }
+    for prefix in ["a", "c"] {
+        let mine: Vec<&String> = bodies.iter().filter(|b| b.starts_with(prefix)).collect();
+        let expected: Vec<String> = (0..EACH).map(|i| format!("{prefix}{i}")).collect();
+        assert_eq!(
+            mine,
+            expected.iter().collect::<Vec<_>>(),
+            "each sender's in order, once"
+        );
+    }
+    let alice = with_ids.await.unwrap();
+    let carol = without.await.unwrap();
+    alice.close().await;
+    carol.close().await;
+    bob.close().await;
+    srv.stop().await;
+}
+
 /// A frame a recipient saw: (sender, body).
 fn hash_message(t: &str) -> Option<(String, String)> {
     let (from, rest) = t.split_once('#')?;

@@ -1,5 +1,5 @@
 //! Scenario 1, pairs: pairs of online users sending to each other with a window of
-//! messages in flight, in the hash dialect (every server) and in Pigeon JSON (Pigeon);
+//! messages in flight, in the hash dialect (every server) and in Pigeon JSON (Pigeon, sends with and without an `id`);
 //! throughput, latency, CPU and peak RSS. `pairs_measure` also serves cluster and hostile.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +22,8 @@ use crate::servers::{start, Server};
 
 type Sink = Arc<Mutex<SplitSink<Ws, Message>>>;
 
-/// One row per server and window in the hash dialect, and one for Pigeon JSON.
+/// One row per server and window in the hash dialect, and two for Pigeon JSON: sends
+/// with an `id` (written before they are routed) and without (the live path).
 pub async fn rows(cli: &Cli, peers: &[Peer]) -> Vec<Row> {
     let mut rows = Vec::new();
     for &w in &cli.windows {
@@ -30,6 +31,7 @@ pub async fn rows(cli: &Cli, peers: &[Peer]) -> Vec<Row> {
         // does not land on one server only; the figures add the rounds up.
         let mut hash: Vec<Option<Result<Figure>>> = peers.iter().map(|_| None).collect();
         let mut json: Option<Result<Figure>> = None;
+        let mut json_no_id: Option<Result<Figure>> = None;
         for _ in 0..cli.rounds.max(1) {
             for (k, &peer) in peers.iter().enumerate() {
                 let f = pairs_run(cli, peer, w, Dialect::Hash).await;
@@ -37,6 +39,8 @@ pub async fn rows(cli: &Cli, peers: &[Peer]) -> Vec<Row> {
             }
             let f = pairs_run(cli, Peer::Pigeon, w, Dialect::Json).await;
             json = Some(merge(json.take(), f));
+            let f = pairs_run(cli, Peer::Pigeon, w, Dialect::JsonNoId).await;
+            json_no_id = Some(merge(json_no_id.take(), f));
         }
         let scenario = format!("pairs {} w={w} hash", cli.pairs);
         for (k, &peer) in peers.iter().enumerate() {
@@ -46,6 +50,10 @@ pub async fn rows(cli: &Cli, peers: &[Peer]) -> Vec<Row> {
         }
         if let Some(f) = json {
             let scenario = format!("pairs {} w={w} JSON", cli.pairs);
+            rows.push(row(&scenario, "pigeon", f));
+        }
+        if let Some(f) = json_no_id {
+            let scenario = format!("pairs {} w={w} JSON no id", cli.pairs);
             rows.push(row(&scenario, "pigeon", f));
         }
     }
@@ -104,6 +112,7 @@ pub async fn pairs_measure(
     let tag = match dialect {
         Dialect::Hash => "h",
         Dialect::Json => "j",
+        Dialect::JsonNoId => "n",
     };
     let users: Vec<String> = (0..n)
         .map(|i| format!("p{tag}{}{}", i / 2, i % 2))
@@ -238,6 +247,9 @@ async fn pairs_sender(
                 Dialect::Json => {
                     format!(r#"{{"type":"send","id":"{id}","to":"{to}","body":"{t:020}{pad}"}}"#)
                 }
+                Dialect::JsonNoId => {
+                    format!(r#"{{"type":"send","to":"{to}","body":"{t:020}{pad}"}}"#)
+                }
             };
             sink.feed(Message::text(frame)).await?;
             if batch >= size {
@@ -292,7 +304,7 @@ async fn pairs_reader(
                 let body = t.split('#').nth(1).unwrap_or("");
                 body.get(..20).and_then(|v| v.parse::<u64>().ok())
             }
-            Dialect::Json => {
+            Dialect::Json | Dialect::JsonNoId => {
                 let v: serde_json::Value = serde_json::from_str(t)?;
                 match v["type"].as_str() {
                     Some("msg") => {

@@ -13,7 +13,7 @@
 //! Also counted here while owned: the messages the mailbox holds (stored or not), for
 //! `limits.mailbox_max`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -63,12 +63,19 @@ enum Phase {
 #[derive(Default)]
 struct State {
     phase: Phase,
+    /// The last seq handed out before this session's claim: names the claim to the
+    /// store (`LiveSeqs::reserve`, `release`).
+    base: u64,
     /// The next seq to hand out, and the highest one the store reserved.
     next: u64,
     reserved: u64,
     /// Messages the mailbox holds: stored or here, not acknowledged.
     held: u64,
     uncommitted: BTreeMap<u64, Entry>,
+    /// Seqs `allocate`d to messages being written before they are routed: the session
+    /// writes nothing after the first of them until it is routed (`routed`) or refused,
+    /// so that its recipient gets the mailbox in seq order.
+    in_flight: BTreeSet<u64>,
     /// Seqs acknowledged while their write was under way: acknowledged in the store
     /// once it committed.
     acked_while_committing: Vec<u64>,
@@ -121,6 +128,7 @@ impl LiveMailbox {
             return;
         }
         s.phase = Phase::Owned;
+        s.base = base;
         s.next = base + 1;
         s.reserved = base.saturating_add(block);
         s.held = held;
@@ -128,6 +136,11 @@ impl LiveMailbox {
 
     pub fn is_owned(&self) -> bool {
         self.lock().phase == Phase::Owned
+    }
+
+    /// The last seq handed out before this session claimed the mailbox (0 before).
+    pub fn base(&self) -> u64 {
+        self.lock().base
     }
 
     fn take_seq(s: &mut State, mailbox_max: u64) -> Result<u64, Refusal> {
@@ -150,13 +163,30 @@ impl LiveMailbox {
     /// remember): the caller stores it (`LiveSeqs::put`), then routes it, or gives the
     /// slot back with `refused`.
     pub fn allocate(&self, mailbox_max: u64) -> Result<u64, Refusal> {
-        Self::take_seq(&mut self.lock(), mailbox_max)
+        let mut s = self.lock();
+        let seq = Self::take_seq(&mut s, mailbox_max)?;
+        s.in_flight.insert(seq);
+        Ok(seq)
+    }
+
+    /// The message `allocate` gave `seq` was stored and goes to the session's queue now
+    /// (or it was given up: its sender's session ended during the write). False when it
+    /// was routed or refused already.
+    pub fn routed(&self, seq: u64) -> bool {
+        self.lock().in_flight.remove(&seq)
+    }
+
+    /// The first seq that is being written before it is routed: the session writes
+    /// nothing from it on yet.
+    pub fn first_in_flight(&self) -> Option<u64> {
+        self.lock().in_flight.first().copied()
     }
 
     /// The message allocated `seq` with `allocate` was not stored after all (a retry,
     /// a refusal): the seq is handed out again when nothing came after it.
     pub fn refused(&self, seq: u64) {
         let mut s = self.lock();
+        s.in_flight.remove(&seq);
         s.held = s.held.saturating_sub(1);
         if s.phase == Phase::Owned && s.next == seq + 1 {
             s.next = seq;
@@ -399,6 +429,23 @@ mod tests {
         let (entries, last) = live.close().unwrap();
         assert_eq!((entries.len(), last), (1, 10));
         assert_eq!(live.allocate(0), Err(Refusal::NotOwned));
+    }
+
+    #[test]
+    fn seqs_being_written_first_hold_the_session_back_until_routed_or_refused() {
+        let live = LiveMailbox::default();
+        live.open(0, 0, 100);
+        assert_eq!(live.first_in_flight(), None);
+        let (a, b) = (live.allocate(0).unwrap(), live.allocate(0).unwrap());
+        assert_eq!((a, b), (1, 2));
+        assert_eq!(live.first_in_flight(), Some(1));
+        assert!(live.routed(a));
+        assert!(!live.routed(a), "once");
+        assert_eq!(live.first_in_flight(), Some(2));
+        // The last seq refused goes back and holds nothing any more.
+        live.refused(b);
+        assert_eq!(live.first_in_flight(), None);
+        assert_eq!(live.allocate(0).unwrap(), 2);
     }
 
     #[test]

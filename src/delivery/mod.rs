@@ -61,6 +61,17 @@ struct WrittenFirst {
     live: Arc<LiveMailbox>,
 }
 
+impl Drop for WrittenFirst {
+    /// Normally routed or refused by now. When the sender's session ended during the
+    /// write (its task aborted), the recipient's session must not go on holding later
+    /// messages back for this one: it reads on from the mailbox.
+    fn drop(&mut self) {
+        if self.live.routed(self.seq) && self.handle.tx.try_send(Outgoing::CatchUp).is_err() {
+            self.handle.shared.lagging.store(true, Ordering::Release);
+        }
+    }
+}
+
 /// What `try_live` made of a message.
 enum Taken {
     Way(Way),
@@ -140,11 +151,13 @@ pub async fn accept_many_pending(app: &App, batch: Vec<NewMessage>) -> Vec<Pendi
     }
     // Written first before the store's batch: a recipient's messages that went to the
     // store come after its written-first ones in the batch.
-    let mut written: Vec<Option<Accepted>> = write_then_route(app, first)
-        .await
-        .into_iter()
-        .map(Some)
-        .collect();
+    let mut written: Vec<Option<Accepted>> = Vec::with_capacity(first.len());
+    for w in write_then_route(app, first).await {
+        written.push(Some(match w {
+            Written::Answer(a) => a,
+            Written::Again(msg) => accept_owned(app, msg).await,
+        }));
+    }
     let mut stored: Vec<Option<Accepted>> = Vec::new();
     if !to_store.is_empty() {
         let results = app.store.enqueue_many(to_store.clone()).await;
@@ -196,12 +209,11 @@ async fn accept_owned(app: &App, mut msg: NewMessage) -> Accepted {
         msg = match try_live(app, msg, false).await {
             Ok(Taken::Way(Way::Live(seq, mut rx))) => return live_answer(seq, &mut rx).await,
             Ok(Taken::Way(Way::Done(a))) => return a,
-            Ok(Taken::WriteFirst(w)) => {
-                return write_then_route(app, vec![w])
-                    .await
-                    .pop()
-                    .unwrap_or_else(|| Err(unavailable("no answer from the store")));
-            }
+            Ok(Taken::WriteFirst(w)) => match write_then_route(app, vec![w]).await.pop() {
+                Some(Written::Answer(a)) => return a,
+                Some(Written::Again(m)) if Instant::now() < deadline => m,
+                _ => return Err(unavailable("the mailbox is changing hands; try again")),
+            },
             Ok(Taken::Way(_)) => return Err(unavailable("unexpected way")),
             Err(msg) => msg,
         };
@@ -297,11 +309,13 @@ async fn try_live(app: &App, msg: NewMessage, write_first: bool) -> Result<Taken
             }
             Err(Refusal::Exhausted(upto)) => {
                 let reserved = match app.store.live_seqs() {
-                    Some(s) => s.reserve(&msg.recipient, upto).await,
+                    Some(s) => s.reserve(&msg.recipient, live.base(), upto).await,
                     None => Err(StoreError::Backend("no write-behind in this store".into())),
                 };
                 match reserved {
                     Ok(()) => live.extended(upto),
+                    // A new session claimed the mailbox while this one is ending.
+                    Err(StoreError::Owned { .. }) => return Err(msg),
                     Err(e) => return Ok(Taken::Way(Way::Done(Err(refusal(&msg, &e))))),
                 }
             }
@@ -322,10 +336,17 @@ fn push(handle: &SessionHandle, msg: Arc<StoredMessage>) -> bool {
     }
 }
 
+/// What became of a message written first.
+enum Written {
+    Answer(Accepted),
+    /// Its recipient's session ended before the write: to be routed again.
+    Again(NewMessage),
+}
+
 /// Live-path messages that are written first (client id, blob, ...): one store round
 /// trip for them all, then each goes to its recipient's queue, in order. The answers
 /// are in the order of `batch`.
-async fn write_then_route(app: &App, batch: Vec<WrittenFirst>) -> Vec<Accepted> {
+async fn write_then_route(app: &App, batch: Vec<WrittenFirst>) -> Vec<Written> {
     if batch.is_empty() {
         return Vec::new();
     }
@@ -345,7 +366,6 @@ async fn write_then_route(app: &App, batch: Vec<WrittenFirst>) -> Vec<Accepted> 
     .into_iter();
     let mut accepted = Vec::with_capacity(batch.len());
     let mut refused = Vec::new();
-    let mut again = Vec::new();
     for (w, stored) in batch.iter().zip(stored) {
         let result = results
             .next()
@@ -353,11 +373,12 @@ async fn write_then_route(app: &App, batch: Vec<WrittenFirst>) -> Vec<Accepted> 
         if let Some(wb) = &app.write_behind {
             wb.saw(&result);
         }
-        accepted.push(match result {
+        let answer: Accepted = match result {
             Ok(Enqueued::New { .. }) => {
                 if let Some(wb) = &app.write_behind {
                     wb.over_quota().clear(&w.msg.sender);
                 }
+                let _ = w.live.routed(w.seq);
                 let fate = match push(&w.handle, stored) {
                     true => Fate::Delivered,
                     false => Fate::Stored,
@@ -373,24 +394,43 @@ async fn write_then_route(app: &App, batch: Vec<WrittenFirst>) -> Vec<Accepted> 
                 inc(&app.metrics.messages_duplicate);
                 Ok((first, Fate::Stored, true))
             }
-            Err(StoreError::Owned { .. }) => {
-                // The recipient's session ended before the write: routed again below.
-                again.push(accepted.len());
-                Err(unavailable("not routed yet"))
+            Err(StoreError::Owned { recipient }) => {
+                refused.push(w);
+                match w.live.is_owned() {
+                    // The recipient's session ended before the write: routed again.
+                    false => {
+                        accepted.push(Written::Again(w.msg.clone()));
+                        continue;
+                    }
+                    // The store and the session disagree on who owns the mailbox.
+                    true => {
+                        tracing::error!(user = %crate::escape::Escaped(&recipient), "the store refused a live session's seq");
+                        Err(unavailable("the mailbox is changing hands; try again"))
+                    }
+                }
             }
             Err(e) => {
                 refused.push(w);
                 Err(refusal(&w.msg, &e))
             }
-        });
+        };
+        accepted.push(Written::Answer(answer));
     }
     // Latest first: a mailbox's seqs go back only from its end.
+    let mut wake: Vec<&SessionHandle> = Vec::new();
     for w in refused.into_iter().rev() {
         w.live.refused(w.seq);
+        if !wake
+            .iter()
+            .any(|h| Arc::ptr_eq(&h.shared, &w.handle.shared))
+        {
+            wake.push(&w.handle);
+        }
     }
-    for i in again {
-        if let (Some(w), Some(slot)) = (batch.get(i), accepted.get_mut(i)) {
-            *slot = Box::pin(accept_owned(app, w.msg.clone())).await;
+    // Their sessions may hold later messages back for them.
+    for handle in wake {
+        if handle.tx.try_send(Outgoing::CatchUp).is_err() {
+            handle.shared.lagging.store(true, Ordering::Release);
         }
     }
     accepted
@@ -547,5 +587,5 @@ pub async fn release(app: &App, user: &str, live: &LiveMailbox, deleted: bool) {
             }
         }
     }
-    seqs.release(user, last).await;
+    seqs.release(user, live.base(), last).await;
 }

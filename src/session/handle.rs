@@ -52,6 +52,9 @@ pub enum Outgoing {
     Receipt { from: Arc<str>, upto: u64 },
     /// A live blob will not complete.
     BlobAbort { key: Arc<str>, reason: &'static str },
+    /// A message the session held back for (one written before it is routed) was
+    /// refused: read on from the mailbox.
+    CatchUp,
 }
 
 /// What a session's writer needs to start delivering (boxed: rare and large, while

@@ -439,6 +439,7 @@ where
                 drop(permit); // the bytes are in the socket's hands: the sender may go on
                 Ok(())
             }
+            Outgoing::CatchUp => self.catch_up(false).await,
             Outgoing::Receipt { from, upto } => {
                 if self.dialect != Dialect::Pigeon || self.user.is_none() {
                     return Ok(()); // the legacy dialects have no receipts
@@ -635,7 +636,15 @@ where
                 msgs.sort_by_key(|m| m.seq);
                 msgs.dedup_by_key(|m| m.seq);
             }
+            // A seq handed out to a message that is being written before it is routed:
+            // nothing from it on goes out before it (it comes through the queue, then
+            // the rest: `lagging`).
+            let hold = self.shared.live.first_in_flight();
             for m in &msgs {
+                if hold.is_some_and(|h| m.seq >= h) {
+                    self.shared.lagging.store(true, Ordering::Release);
+                    return Ok(());
+                }
                 if self.written.contains(m.seq) {
                     continue;
                 }

@@ -315,13 +315,16 @@ pub trait LiveSeqs: Send + Sync {
     /// handed out before and how many messages the mailbox holds.
     async fn claim(&self, recipient: &str, block: u64) -> Result<(u64, u64), StoreError>;
 
-    /// Moves the reservation of an owned mailbox up to `upto`.
-    async fn reserve(&self, recipient: &str, upto: u64) -> Result<(), StoreError>;
+    /// Moves the reservation of an owned mailbox up to `upto`. `base` names the claim
+    /// (what `claim` returned): when the mailbox was claimed again since (a new session
+    /// took over while this one was ending), `StoreError::Owned` and nothing changes.
+    async fn reserve(&self, recipient: &str, base: u64, upto: u64) -> Result<(), StoreError>;
 
-    /// Ends the ownership: the last seq handed out was `last` (the reservation shrinks
-    /// back to it, so a clean hand-back leaves no gap). The mailbox is no longer owned
-    /// even when the write fails.
-    async fn release(&self, recipient: &str, last: u64);
+    /// Ends the ownership of the claim `base`: the last seq handed out was `last` (the
+    /// reservation shrinks back to it, so a clean hand-back leaves no gap). The mailbox is
+    /// no longer owned even when the write fails. When it was claimed again since, this
+    /// does nothing: the new owner's claim stands (the old one's seqs stay a gap).
+    async fn release(&self, recipient: &str, base: u64, last: u64);
 
     /// Stores messages with the seqs their sessions gave them, in one transaction: like
     /// `enqueue` (a retried client id is `Duplicate`, a reused one `IdConflict`, quotas

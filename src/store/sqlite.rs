@@ -189,13 +189,16 @@ enum Request {
         block: u64,
         reply: Reply<(u64, u64)>,
     },
+    /// `base`: the claim they are for (a later claim wins over them).
     Reserve {
         recipient: String,
+        base: u64,
         upto: u64,
         reply: Reply<()>,
     },
     Release {
         recipient: String,
+        base: u64,
         last: u64,
         reply: Reply<()>,
     },
@@ -643,21 +646,23 @@ impl LiveSeqs for SqliteStore {
         .await
     }
 
-    async fn reserve(&self, recipient: &str, upto: u64) -> Result<(), StoreError> {
+    async fn reserve(&self, recipient: &str, base: u64, upto: u64) -> Result<(), StoreError> {
         let recipient = recipient.to_string();
         self.call(|reply| Request::Reserve {
             recipient,
+            base,
             upto,
             reply,
         })
         .await
     }
 
-    async fn release(&self, recipient: &str, last: u64) {
+    async fn release(&self, recipient: &str, base: u64, last: u64) {
         let recipient = recipient.to_string();
         let released = self
             .call(|reply| Request::Release {
                 recipient: recipient.clone(),
+                base,
                 last,
                 reply,
             })
@@ -784,9 +789,14 @@ impl Worker {
             }
             Request::Reserve {
                 recipient,
+                base,
                 upto,
                 reply,
             } => {
+                if self.owned.get(&recipient) != Some(&base) {
+                    let _ = reply.send(Err(StoreError::Owned { recipient }));
+                    return;
+                }
                 let _ = reply.send(self.own_tx(|tx| {
                     let (last, _) = mailbox_row(tx, &recipient)?;
                     set_last_seq(tx, &recipient, last.max(upto))
@@ -794,9 +804,16 @@ impl Worker {
             }
             Request::Release {
                 recipient,
+                base,
                 last,
                 reply,
             } => {
+                // A session that ended after the next one claimed (a take-over that
+                // stopped waiting for it) must not undo that claim.
+                if self.owned.get(&recipient) != Some(&base) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
                 self.owned.remove(&recipient);
                 let _ = reply.send(self.own_tx(|tx| set_last_seq(tx, &recipient, last)));
             }
