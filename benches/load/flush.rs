@@ -52,7 +52,10 @@ async fn flush_inner(cli: &Cli, store: StoreKind, m: u64) -> Result<(Figure, Fig
     // One sender stores all of them: above the default sender quota (50,000 messages).
     let mut env = vec![
         ("PIGEON_LIMITS_MAILBOX_MAX", (m + 1000).to_string()),
-        ("PIGEON_LIMITS_SENDER_QUOTA_MESSAGES", (m + 1000).to_string()),
+        (
+            "PIGEON_LIMITS_SENDER_QUOTA_MESSAGES",
+            (m + 1000).to_string(),
+        ),
     ];
     if store == StoreKind::Mongodb {
         match mongo_env(cli, &fresh_db("flush")) {

@@ -122,16 +122,18 @@ impl LiveMailbox {
 
     /// The session owns the mailbox from now on: `base` was the last seq handed out,
     /// the store reserved up to `base + block`, and the mailbox holds `held` messages.
-    pub fn open(&self, base: u64, held: u64, block: u64) {
+    /// False when the session ended (or opened) already: the caller hands the claim back.
+    pub fn open(&self, base: u64, held: u64, block: u64) -> bool {
         let mut s = self.lock();
         if s.phase != Phase::Unowned {
-            return;
+            return false;
         }
         s.phase = Phase::Owned;
         s.base = base;
         s.next = base + 1;
         s.reserved = base.saturating_add(block);
         s.held = held;
+        true
     }
 
     pub fn is_owned(&self) -> bool {
@@ -412,7 +414,7 @@ mod tests {
     fn seqs_follow_the_base_and_refuse_when_not_owned_or_full() {
         let live = LiveMailbox::default();
         assert_eq!(live.allocate(0), Err(Refusal::NotOwned));
-        live.open(7, 1, 2);
+        assert!(live.open(7, 1, 2));
         let d = live.deliver(3, msg, |_| true).unwrap();
         assert_eq!((d.seq, d.schedule, d.fate), (8, true, Fate::Delivered));
         assert_eq!(live.allocate(3), Ok(9));
@@ -446,6 +448,18 @@ mod tests {
         live.refused(b);
         assert_eq!(live.first_in_flight(), None);
         assert_eq!(live.allocate(0).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_claim_that_completes_after_the_session_ended_is_not_opened() {
+        let live = LiveMailbox::default();
+        assert!(live.close().is_none(), "never owned: nothing to hand back");
+        assert!(!live.open(5, 0, 100), "the claimer hands it back itself");
+        assert!(!live.is_owned());
+        let live = LiveMailbox::default();
+        assert!(live.open(5, 0, 100));
+        assert!(!live.open(9, 0, 100), "opened once");
+        assert_eq!(live.base(), 5);
     }
 
     #[test]

@@ -511,21 +511,33 @@ pub async fn acked(
 /// `user`'s session starts delivering: it takes over the mailbox's seqs when this
 /// server has the live path. Returns the last seq the store handed out before (the
 /// session's mailbox flush covers everything up to it).
-pub async fn claim(app: &App, user: &str, live: &LiveMailbox) -> Option<u64> {
+pub async fn claim(app: &Arc<App>, user: &str, live: &Arc<LiveMailbox>) -> Option<u64> {
     app.write_behind.as_ref()?;
-    let seqs = app.store.live_seqs()?;
-    match seqs.claim(user, live::BLOCK).await {
-        Ok((base, held)) => {
-            live.open(base, held, live::BLOCK);
-            Some(base)
+    app.store.live_seqs()?;
+    // In a task of its own: when the session's writer is aborted while the store claims
+    // (a session end that gave up waiting for it), the claim still completes and is
+    // handed back, rather than leaving the mailbox owned by nobody (every send to it
+    // would wait for an owner, then fail, until the user's next login).
+    let (app, user, live) = (app.clone(), user.to_string(), live.clone());
+    let task = tokio::spawn(async move {
+        let seqs = app.store.live_seqs()?;
+        match seqs.claim(&user, live::BLOCK).await {
+            Ok((base, held)) => match live.open(base, held, live::BLOCK) {
+                true => Some(base),
+                false => {
+                    seqs.release(&user, base, base).await;
+                    None
+                }
+            },
+            Err(e) => {
+                // The session still works, on the store-first way.
+                inc(&app.metrics.store_errors);
+                tracing::warn!(user = %crate::escape::Escaped(&user), error = %e, "claiming the mailbox failed");
+                None
+            }
         }
-        Err(e) => {
-            // The session still works, on the store-first way.
-            inc(&app.metrics.store_errors);
-            tracing::warn!(user = %crate::escape::Escaped(user), error = %e, "claiming the mailbox failed");
-            None
-        }
-    }
+    });
+    task.await.ok().flatten()
 }
 
 /// Tries before a session's end gives up writing its uncommitted messages.
