@@ -306,6 +306,68 @@ async fn written_first_and_live_messages_reach_the_recipient_in_seq_order() {
     srv.stop().await;
 }
 
+/// A take-over whose old session ends late: bob's first session reads nothing, so its
+/// goodbye is stuck behind megabytes in the socket and its end takes longer than
+/// `takeover_wait_ms`; the new session claims the mailbox meanwhile. The old session's
+/// hand-back, when it finally comes, must not undo that claim: messages to bob, written
+/// first (with ids) or live, still reach the new session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_session_ending_after_the_take_over_leaves_the_new_claim_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.server.takeover_wait_ms = 200;
+    let srv = TestServer::start(cfg).await;
+    let base = format!("ws://{}", srv.addr);
+    let (stuck, _) = Client::pigeon(&base, "bob").await;
+    let (mut alice, _) = Client::pigeon(&base, "alice").await;
+    // Far more than the loopback socket buffers hold: the session's writes block.
+    let big = "x".repeat(60 * 1024);
+    const BIG: usize = 300;
+    for _ in 0..BIG {
+        let f = json!({"type":"send","to":"bob","body":big});
+        alice.try_send(Message::text(f.to_string())).await.unwrap();
+    }
+    for _ in 0..BIG {
+        let sent = next_of(&mut alice, "sent").await;
+        assert!(sent["seq"].as_u64().is_some(), "{sent}");
+    }
+    let started = std::time::Instant::now();
+    let (mut bob, flushed) = Client::pigeon(&base, "bob").await;
+    let got = flushed.iter().filter(|v| v["type"] == "msg").count();
+    // Read the rest of the big ones, whatever was not in the flush.
+    let mut left = BIG.saturating_sub(got);
+    while left > 0 {
+        next_of(&mut bob, "msg").await;
+        left -= 1;
+    }
+    // The old session's end gives up after 3 × takeover_wait_ms; then it hands back.
+    let settle = Duration::from_millis(1_500).saturating_sub(started.elapsed());
+    tokio::time::sleep(settle).await;
+    for (i, id) in [Some("late-1"), None, Some("late-2")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut f = json!({"type":"send","to":"bob","body":format!("after {i}")});
+        if let Some(id) = id {
+            f["id"] = json!(id);
+        }
+        alice.send_json(f).await;
+        let sent = tokio::time::timeout(Duration::from_secs(5), next_of(&mut alice, "sent"))
+            .await
+            .expect("answered");
+        assert_eq!(sent["type"], "sent", "{sent}");
+        let m = tokio::time::timeout(Duration::from_secs(5), next_of(&mut bob, "msg"))
+            .await
+            .expect("the new session gets it");
+        assert_eq!(m["body"], format!("after {i}"), "{m}");
+        assert_eq!(m["seq"], sent["seq"], "{m} {sent}");
+    }
+    drop(stuck);
+    alice.close().await;
+    bob.close().await;
+    srv.stop().await;
+}
+
 /// A frame a recipient saw: (sender, body).
 fn hash_message(t: &str) -> Option<(String, String)> {
     let (from, rest) = t.split_once('#')?;
