@@ -66,8 +66,8 @@ impl Drop for WrittenFirst {
     /// write (its task aborted), the recipient's session must not go on holding later
     /// messages back for this one: it reads on from the mailbox.
     fn drop(&mut self) {
-        if self.live.routed(self.seq) && self.handle.tx.try_send(Outgoing::CatchUp).is_err() {
-            self.handle.shared.lagging.store(true, Ordering::Release);
+        if self.live.routed(self.seq) {
+            read_on(&self.handle);
         }
     }
 }
@@ -429,11 +429,17 @@ async fn write_then_route(app: &App, batch: Vec<WrittenFirst>) -> Vec<Written> {
     }
     // Their sessions may hold later messages back for them.
     for handle in wake {
-        if handle.tx.try_send(Outgoing::CatchUp).is_err() {
-            handle.shared.lagging.store(true, Ordering::Release);
-        }
+        read_on(handle);
     }
     accepted
+}
+
+/// A message the session held back for will not come through its queue: it reads on
+/// from the mailbox (at once, or after its current batch when the queue is full).
+fn read_on(handle: &SessionHandle) {
+    if handle.tx.try_send(Outgoing::CatchUp).is_err() {
+        handle.shared.lagging.store(true, Ordering::Release);
+    }
 }
 
 /// After the store answered for `msg`: hands a new message to its recipient.
